@@ -1,0 +1,381 @@
+"""The one training loop every recipe runs on.
+
+Per step: draw ``gradient_accumulation_steps`` micro-batches, then for each phase the recipe names, run the
+phase's loss on every micro-batch, syncing gradients of the phase's model only on the last micro-batch (DDP
+``no_sync`` before it), handle non-finite gradients, clip, step that model's optimiser and update its EMA.
+Models that are not being stepped are used unwrapped (DDP) with ``requires_grad`` off, so a backward pass that
+runs through them (SiD's generator loss runs through the fake score) neither all-reduces nor stores their
+gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
+from torch import nn
+from tqdm.auto import tqdm
+
+from engine.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
+from engine.config import TrainConfig, config_to_dict, save_config
+from engine.data import BatchStream
+from engine.ema import EMA
+from engine.images import make_grid, save_grid
+from engine.recipe import Recipe, RecipeParts, TrainedModel
+from engine.seeding import seed_everything
+
+_SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def build_accelerator(config: TrainConfig) -> Accelerator:
+    """One Accelerator from the config; distribution (DDP, DeepSpeed, FSDP) comes from ``accelerate launch``."""
+    trackers = [t.strip() for t in config.log_with.split(",") if t.strip() and t.strip() != "none"]
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        # without this, processes started by torchrun/accelerate on a machine with no GPU each report
+        # DistributedType.NO instead of forming one gloo group
+        cpu=config.cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=config.output_dir + "/logs"
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+
+
+class PhaseModels(Mapping[str, nn.Module]):
+    """``models[name]`` as a loss should call it during the current phase."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self._trainer = trainer
+        self.phase: str | None = None
+
+    def __getitem__(self, name: str) -> nn.Module:
+        t = self._trainer
+        if name in t.frozen:
+            return t.frozen[name]
+        if name not in t.trained:
+            raise KeyError(f"No model named {name!r}; known: {sorted([*t.trained, *t.frozen])}")
+        if name == self.phase or t.accelerator.distributed_type in _SHARDED:
+            return t.trained[name].module
+        return t.accelerator.unwrap_model(t.trained[name].module)
+
+    def ema(self, name: str) -> nn.Module:
+        return self._trainer.emas[name].module
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._trainer.trained, *self._trainer.frozen])
+
+    def __len__(self) -> int:
+        return len(self._trainer.trained) + len(self._trainer.frozen)
+
+
+class Trainer:
+    """Runs a :class:`Recipe` under one Accelerator: prepare, resume, loop, log, evaluate, checkpoint."""
+
+    def __init__(self, config: TrainConfig, recipe: Recipe, accelerator: Accelerator | None = None) -> None:
+        self.config = config
+        self.recipe = recipe
+        self.accelerator = accelerator or build_accelerator(config)
+        self.output_dir = Path(config.output_dir)
+        resume_path = resolve_resume(config.resume_from, config.output_dir)  # bad path: fail before any work
+        seed_everything(config.seed, self.accelerator.process_index, config.deterministic)
+        parts = recipe.setup(self)
+        self._check_parts(parts)
+        self.trained: dict[str, TrainedModel] = parts.trained
+        self.frozen: dict[str, nn.Module] = {}
+        self._prepare(parts)
+        self.models = PhaseModels(self)
+        self.emas: dict[str, EMA] = {
+            name: EMA(self.accelerator.unwrap_model(tm.module), tm.ema_halflife_images, tm.ema_rampup_ratio)
+            for name, tm in self.trained.items()
+            if tm.ema_halflife_images
+        }
+        self.step = 0
+        self.images_seen = 0
+        self.nonfinite_steps: dict[str, int] = dict.fromkeys(self.trained, 0)
+        self.samples_per_step = config.batch_size * config.gradient_accumulation_steps * self.num_processes
+        if resume_path is not None:
+            self.load(resume_path)
+
+    # ----------------------------------------------------------------------------------------- setup
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def _check_parts(self, parts: RecipeParts) -> None:
+        if not parts.trained:
+            raise ValueError("Recipe.setup returned no trained models")
+        overlap = set(parts.trained) & set(parts.frozen)
+        if overlap:
+            raise ValueError(f"Models {sorted(overlap)} are listed as both trained and frozen")
+        frozen_params = {id(p) for m in parts.frozen.values() for p in m.parameters()}
+        for name, tm in parts.trained.items():
+            owned = {id(p) for p in tm.module.parameters()}
+            for group in tm.optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) in frozen_params:
+                        raise ValueError(f"Optimiser of {name!r} holds a parameter of a frozen model")
+                    if id(p) not in owned:
+                        raise ValueError(f"Optimiser of {name!r} holds a parameter that is not in {name!r}")
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED and len(parts.trained) > 1:
+            raise ValueError(
+                f"DeepSpeed trains one model per Accelerator, this recipe trains {sorted(parts.trained)}: "
+                "launch it with a DDP or FSDP config instead (see accelerate_configs/)"
+            )
+        self.recipe._trained_names = tuple(parts.trained)
+
+    def _prepare(self, parts: RecipeParts) -> None:
+        acc = self.accelerator
+        names = list(parts.trained)
+        modules = [parts.trained[n].module for n in names]
+        optimizers = [parts.trained[n].optimizer for n in names]
+        schedulers = [
+            parts.trained[n].lr_scheduler for n in names if parts.trained[n].lr_scheduler is not None
+        ]
+        extra = [parts.dataloader] if parts.dataloader is not None else []
+        prepared = acc.prepare(*modules, *optimizers, *schedulers, *extra)
+        prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        k = len(names)
+        sched_iter = iter(prepared[2 * k : 2 * k + len(schedulers)])
+        for i, n in enumerate(names):
+            tm = parts.trained[n]
+            tm.module, tm.optimizer = prepared[i], prepared[k + i]
+            if tm.lr_scheduler is not None:
+                tm.lr_scheduler = next(sched_iter)
+        self.stream = BatchStream(acc, prepared[-1]) if extra else None
+        self._trainable = {
+            n: [p for p in acc.unwrap_model(parts.trained[n].module).parameters() if p.requires_grad]
+            for n in names
+        }
+        for n, module in parts.frozen.items():
+            module.requires_grad_(False).eval()
+            self.frozen[n] = module.to(acc.device)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, float]:
+        """Train to ``max_steps`` (or ``max_minutes``), checkpointing and evaluating on the way."""
+        cfg, acc = self.config, self.accelerator
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+        if acc.log_with:
+            acc.init_trackers(cfg.project_name, config=_flat_scalars(config_to_dict(cfg)))
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.is_main and cfg.progress_bar))
+        sums: dict[str, torch.Tensor] = {}
+        count, t_start, t_log = 0, time.perf_counter(), time.perf_counter()
+        last_metrics: dict[str, float] = {}
+        while self.step < cfg.max_steps:
+            for key, value in self.train_step().items():
+                sums[key] = sums.get(key, 0) + value
+            count += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - t_log
+                logs = {k: float(v) for k, v in self._reduce_mean(sums, count).items()}
+                logs["samples_per_s"] = count * self.samples_per_step / max(elapsed, 1e-9)
+                logs["images_seen"] = self.images_seen
+                logs.update({f"{n}/nonfinite_steps": c for n, c in self.nonfinite_steps.items()})
+                acc.log(logs, step=self.step)
+                bar.set_postfix(
+                    {k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")}
+                    | {"img/s": f"{logs['samples_per_s']:.0f}"}
+                )
+                sums, count, t_log = {}, 0, time.perf_counter()
+            out_of_time = self._out_of_time(t_start)
+            done = self.step == cfg.max_steps or out_of_time
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not done:
+                last_metrics = self.evaluate()
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not done:
+                self.save()
+            if out_of_time:
+                break
+        bar.close()
+        last_metrics = self.evaluate()
+        self.save()
+        acc.end_training()
+        return last_metrics
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimisation step: every phase once, over ``gradient_accumulation_steps`` micro-batches."""
+        accum = self.config.gradient_accumulation_steps
+        micro_batches = [next(self.stream) if self.stream is not None else None for _ in range(accum)]
+        logs: dict[str, torch.Tensor] = {}
+        for phase in self.recipe.phases(self.step):
+            logs.update(self._run_phase(phase, micro_batches))
+        self.step += 1
+        self.images_seen += self.samples_per_step
+        return logs
+
+    def _run_phase(self, phase: str, micro_batches: list[Any]) -> dict[str, torch.Tensor]:
+        acc, tm = self.accelerator, self.trained[phase]
+        self._enter_phase(phase)
+        n = len(micro_batches)
+        logs: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro_batches):
+            last = i == n - 1
+            # accelerate reads this flag (DeepSpeed/FSDP accumulation, optimizer wrapper); DDP needs no_sync too
+            acc.gradient_state._set_sync_gradients(last)
+            sync = contextlib.nullcontext() if last else acc.no_sync(tm.module)
+            with sync:
+                with acc.autocast():
+                    out = self.recipe.loss(phase, batch, self.models)
+                loss, extra = (out, {}) if isinstance(out, torch.Tensor) else out
+                acc.backward(loss / n)
+            for key, value in {"loss": loss, **extra}.items():
+                v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+                logs[f"{phase}/{key}"] = logs.get(f"{phase}/{key}", 0) + v / n
+        if self._finish_gradients(phase):
+            tm.optimizer.step()
+            if tm.lr_scheduler is not None:
+                tm.lr_scheduler.step()
+        tm.optimizer.zero_grad(set_to_none=True)
+        if phase in self.emas:
+            seen_after = self.images_seen + self.samples_per_step
+            self.emas[phase].update(acc.unwrap_model(tm.module), self.samples_per_step, seen_after)
+        return logs
+
+    def _enter_phase(self, phase: str) -> None:
+        self.models.phase = phase
+        for name, params in self._trainable.items():
+            flag = name == phase
+            for p in params:
+                p.requires_grad_(flag)
+        self.trained[phase].module.train()
+
+    def _finish_gradients(self, phase: str) -> bool:
+        """Unscale, handle non-finite gradients and clip; return whether the optimiser should step."""
+        cfg, acc, tm = self.config, self.accelerator, self.trained[phase]
+        params = self._trainable[phase]
+        if acc.distributed_type in _SHARDED:
+            if cfg.max_grad_norm:
+                acc.clip_grad_norm_(tm.module.parameters(), cfg.max_grad_norm)
+            return True
+        if acc.scaler is not None:
+            acc.unscale_gradients(optimizer=tm.optimizer)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        norm = torch.nn.utils.get_total_norm(grads)
+        if not torch.isfinite(norm):
+            self.nonfinite_steps[phase] += 1
+            if cfg.nonfinite_grads == "error":
+                raise FloatingPointError(f"Non-finite gradient in phase {phase!r} at step {self.step}")
+            if acc.scaler is not None:
+                return True  # the fp16 scaler skips this step and lowers its scale; zeroing would hide that
+            if cfg.nonfinite_grads == "skip":
+                return False
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            norm = torch.nn.utils.get_total_norm(grads)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm)
+        return True
+
+    def _out_of_time(self, t_start: float) -> bool:
+        if not self.config.max_minutes:
+            return False
+        flag = torch.tensor(
+            float(time.perf_counter() - t_start > 60 * self.config.max_minutes), device=self.device
+        )
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _reduce_mean(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]).to(self.device)
+        stacked = self.accelerator.reduce(stacked, reduction="mean") / count
+        return dict(zip(keys, stacked.cpu()))
+
+    # ---------------------------------------------------------------------------- eval and logging
+    def evaluate(self) -> dict[str, float]:
+        metrics = self.recipe.evaluate(self, self.step) or {}
+        if metrics:
+            self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.step)
+            if self.is_main:
+                pretty = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                tqdm.write(f"[step {self.step} | {self.images_seen} samples] {pretty}")
+        return metrics
+
+    def log_images(self, tag: str, images: torch.Tensor, upscale: int = 1) -> Path | None:
+        """Save ``images`` ([N,C,H,W] in [-1,1]) as ``samples/<tag>_<step>.png`` and send them to trackers."""
+        if not self.is_main:
+            return None
+        path = save_grid(images, self.output_dir / "samples" / f"{tag}_{self.step:07d}.png", upscale=upscale)
+        grid = make_grid(images, upscale=upscale)[None]
+        for tracker in self.accelerator.trackers:
+            with contextlib.suppress(NotImplementedError, TypeError, AttributeError):
+                tracker.log_images({tag: grid}, step=self.step, dataformats="NHWC")
+        return path
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "nonfinite_steps": self.nonfinite_steps,
+            "data": self.stream.state_dict() if self.stream is not None else None,
+            "num_processes": self.num_processes,
+        }
+
+    def save(self) -> Path:
+        writers = [
+            (lambda folder, n=name, e=ema: e.save(Path(folder) / f"ema_{n}.safetensors"))
+            for name, ema in self.emas.items()
+        ]
+        return save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            self.step,
+            self.state_dict(),
+            extra_writers=writers,
+            total_limit=self.config.checkpoints_total_limit,
+        )
+
+    def load(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        state = load_trainer_state(folder)
+        if state.get("num_processes", self.num_processes) != self.num_processes:
+            raise ValueError(
+                f"Checkpoint {folder} was written by {state['num_processes']} processes, this run has "
+                f"{self.num_processes}: data position and per-process RNG states would not match"
+            )
+        self.accelerator.load_state(str(folder))
+        for name, ema in self.emas.items():
+            ema.load(folder / f"ema_{name}.safetensors")
+        self.step = int(state["step"])
+        self.images_seen = int(state["images_seen"])
+        self.nonfinite_steps.update(state.get("nonfinite_steps", {}))
+        if self.stream is not None and state.get("data") is not None:
+            self.stream.load_state_dict(state["data"])
+        if self.is_main:
+            tqdm.write(f"Resumed from {folder} at step {self.step}")
+
+
+def _flat_scalars(values: dict[str, Any]) -> dict[str, Any]:
+    """Trackers (TensorBoard hparams) accept scalars and strings only."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, (int, float, str, bool)) and not (
+            isinstance(value, float) and math.isnan(value)
+        ):
+            out[key] = value
+        else:
+            out[key] = str(value)
+    return out
