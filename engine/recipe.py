@@ -60,5 +60,9 @@ class Recipe(ABC):
         """Periodic evaluation (every ``eval_every`` steps and at the end); returns scalars to log."""
         return {}
 
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """Called on every process after the final evaluation, before the final checkpoint (export here)."""
+        return None
+
     # set by the engine after setup
     _trained_names: tuple[str, ...] = ()

@@ -207,6 +207,7 @@ class Trainer:
                 break
         bar.close()
         last_metrics = self.evaluate()
+        self.recipe.on_train_end(self, last_metrics)
         self.save()
         acc.end_training()
         return last_metrics

@@ -1,0 +1,201 @@
+"""Score identity Distillation: a one-step (or k-step) generator from any supported diffusers teacher.
+
+    accelerate launch recipes/sid.py                      # the embedded default teacher, this machine
+    accelerate launch recipes/sid.py --teacher PATH_OR_ID --config recipes/configs/sid_digits.yaml
+
+Algorithm (Zhou et al. 2024, with SiD-LSG guidance for conditional teachers), one iteration:
+  0. teacher f_phi frozen; fake score f_psi and generator G both start as copies of the teacher;
+  1. fake-score step: x_g = G(sigma_init z) without grad; sigma ~ LogNormal(P_mean, P_std);
+     loss = lambda(sigma) ||f_psi(x_g + sigma n) - x_g||^2;
+  2. generator step: x_g = G(sigma_init z) with grad; t ~ U[0, tmax/1000] -> sigma;
+     x_t = x_g + sigma n; loss = SiD(x_g, f_phi(x_t), f_psi(x_t), alpha) (gradient through x_t, both scores);
+  3. EMA of G; periodically evaluate G_ema (one-step FD on the default data), finally export it as a diffusers
+     pipeline folder with a model card.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from distill.denoiser import Condition, Denoiser
+from distill.edm import sample_lognormal_sigmas
+from distill.export import export_generator
+from distill.quality import QualityTracker
+from distill.sid import fake_score_loss, sample_generator_sigmas, sid_generator_loss
+from distill.teachers import load_teacher
+from engine.config import TrainConfig, parse_config
+from engine.recipe import Recipe, RecipeParts, TrainedModel
+from engine.trainer import Trainer
+
+
+@dataclass
+class SiDConfig(TrainConfig):
+    output_dir: str = "outputs/sid"
+    teacher: str = field(default="default", metadata={"help": "'default', a diffusers folder, or a hub id."})
+    alpha: float = 1.2
+    student_sigmas: list[float] = field(
+        default_factory=lambda: [2.5], metadata={"help": "Generator input noise levels; k entries = k steps."}
+    )
+    tmax: float = 800.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    lr_generator: float = 1e-4
+    lr_fake_score: float = 1e-4
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    fake_score_updates: int = field(default=1, metadata={"help": "f_psi steps per generator step."})
+    ema_halflife_images: float = 50_000.0
+    ema_rampup_ratio: float = 0.05
+    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale kappa (conditional teachers)."})
+    label_dropout: float = field(default=0.1, metadata={"help": "Share of conditions set to null for f_psi."})
+    num_classes: int | None = field(
+        default=None, metadata={"help": "Classes of a class-conditional teacher."}
+    )
+    batch_size: int = 128
+    max_steps: int = 2000
+    eval_every: int = 250
+    eval_samples: int = 5000
+    eval_seed: int = 12345
+    student: Literal["full", "lora"] = "full"
+    export_dir: str | None = None
+
+
+class SiDRecipe(Recipe):
+    def __init__(self, config: SiDConfig) -> None:
+        self.config = config
+
+    # 0. networks ---------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer) -> RecipeParts:
+        cfg = self.config
+        if cfg.student != "full":
+            raise ValueError(f"student={cfg.student!r} is not available yet; use 'full'")
+        teacher = load_teacher(cfg.teacher)
+        self.shape = (teacher.in_channels, teacher.sample_size, teacher.sample_size)
+        embeds = teacher.num_class_embeds
+        self.num_classes = (
+            cfg.num_classes if cfg.num_classes is not None else (embeds - 1 if embeds else None)
+        )
+        fake_score, generator = copy.deepcopy(teacher), copy.deepcopy(teacher)
+
+        def adam(module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+            betas = (float(cfg.adam_beta1), float(cfg.adam_beta2))
+            return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=cfg.adam_eps)
+
+        self.quality = QualityTracker(trainer, cfg.eval_samples, cfg.eval_seed, self.shape, self.num_classes)
+        return RecipeParts(
+            trained={
+                "fake_score": TrainedModel(fake_score, adam(fake_score, cfg.lr_fake_score)),
+                "generator": TrainedModel(
+                    generator,
+                    adam(generator, cfg.lr_generator),
+                    ema_halflife_images=cfg.ema_halflife_images,
+                    ema_rampup_ratio=cfg.ema_rampup_ratio,
+                ),
+            },
+            frozen={"teacher": teacher},
+        )
+
+    def phases(self, step: int) -> list[str]:
+        return ["fake_score"] * self.config.fake_score_updates + ["generator"]
+
+    # generator sampling ----------------------------------------------------------------------------
+    def _conditions(self, n: int, device) -> tuple[Condition | None, Condition | None]:
+        if self.num_classes is None:
+            return None, None
+        labels = torch.randint(0, self.num_classes, (n,), device=device)
+        null = torch.full_like(labels, self.num_classes)
+        return Condition(class_labels=labels), Condition(class_labels=null)
+
+    def generate(self, generator: Denoiser, z: torch.Tensor, cond: Condition | None) -> torch.Tensor:
+        """k-step student: x = G(sigma_0 z); re-noise to sigma_i and apply G again (inputs detached)."""
+        sigmas = self.config.student_sigmas
+        step = torch.randint(len(sigmas), ()).item() if len(sigmas) > 1 else 0
+        x = z * sigmas[0]
+        for i in range(step):
+            with torch.no_grad():
+                x0 = generator(x, torch.full((z.shape[0],), sigmas[i], device=z.device), cond)
+            x = x0 + sigmas[i + 1] * torch.randn_like(z)
+        return generator(x, torch.full((z.shape[0],), sigmas[step], device=z.device), cond)
+
+    # 1-2. losses -----------------------------------------------------------------------------------
+    def loss(self, phase, batch, models):
+        cfg, device = self.config, self.quality.device
+        n = cfg.batch_size
+        z = torch.randn(n, *self.shape, device=device)
+        cond, null = self._conditions(n, device)
+        guide = {"guidance_scale": cfg.guidance_scale, "null_cond": null} if cond is not None else {}
+        if phase == "fake_score":
+            with torch.no_grad():
+                x_g = self.generate(models["generator"], z, cond)
+            sigma = sample_lognormal_sigmas(n, cfg.p_mean, cfg.p_std, device=device)
+            x_t = x_g + sigma.view(-1, 1, 1, 1) * torch.randn_like(x_g)
+            train_cond = cond
+            if cond is not None and cfg.label_dropout > 0:
+                drop = torch.rand(n, device=device) < cfg.label_dropout
+                train_cond = Condition(class_labels=torch.where(drop, null.class_labels, cond.class_labels))
+            y_fake = models["fake_score"](x_t, sigma, train_cond, **guide)
+            return fake_score_loss(y_fake, x_g, sigma).mean()
+        x_g = self.generate(models["generator"], z, cond)
+        sigma = sample_generator_sigmas(n, cfg.tmax, device=device)
+        x_t = x_g + sigma.view(-1, 1, 1, 1) * torch.randn_like(x_g)
+        y_real = models["teacher"](x_t, sigma, cond, **guide)
+        y_fake = models["fake_score"](x_t, sigma, cond, **guide)
+        loss = sid_generator_loss(x_g, y_real, y_fake, cfg.alpha).mean()
+        return loss, {"x_g_std": x_g.detach().float().std()}
+
+    # 3. evaluation and export -------------------------------------------------------------------------
+    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
+        ema = trainer.models.ema("generator")
+        return self.quality.evaluate(lambda z, c: self.sample_with(ema, z, c), tag="generator_ema")
+
+    @torch.no_grad()
+    def sample_with(self, generator: Denoiser, z: torch.Tensor, cond: Condition | None) -> torch.Tensor:
+        sigmas = self.config.student_sigmas
+        x = z * sigmas[0]
+        for i, sigma in enumerate(sigmas):
+            x0 = generator(x, torch.full((z.shape[0],), sigma, device=z.device), cond)
+            if i + 1 < len(sigmas):
+                x = x0 + sigmas[i + 1] * torch.randn_like(z)
+        return x0
+
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if not trainer.is_main:
+            return
+        cfg = self.config
+        out = Path(cfg.export_dir or Path(cfg.output_dir) / "student")
+        facts = {
+            "method": "SiD",
+            "alpha": cfg.alpha,
+            "student_steps": len(cfg.student_sigmas),
+            "student_sigmas": json.dumps(cfg.student_sigmas),
+            "training_steps": trainer.step,
+            "generated_images_seen": trainer.images_seen,
+            "guidance_scale": cfg.guidance_scale,
+            **{f"final_{k}": v for k, v in metrics.items()},
+            **{f"best_{k}": v for k, v in self.quality.best.items()},
+        }
+        export_generator(
+            trainer.models.ema("generator"),
+            out,
+            step_sigmas=cfg.student_sigmas,
+            base_model=cfg.teacher,
+            method="Score identity Distillation (Zhou et al. 2024), EMA generator",
+            facts=facts,
+            sample_grid=self.quality.last_grid,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(SiDConfig, argv)
+    Trainer(config, SiDRecipe(config)).fit()
+
+
+if __name__ == "__main__":
+    main()
