@@ -91,6 +91,7 @@ class QualityTracker:
         self.noise = torch.randn(num_samples, *shape, generator=noise_gen)
         self.labels = None if num_classes is None else torch.arange(num_samples) % num_classes
         self.best: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
         self.last_grid: str | None = None
 
     @torch.no_grad()
@@ -112,6 +113,9 @@ class QualityTracker:
         metrics = metrics_for(images.cpu())
         path = self.trainer.log_images(tag, images[:100], upscale=4)
         self.last_grid = str(path) if path else None
+        self.history.append(
+            {**metrics, "images_seen": float(self.trainer.images_seen), "step": float(self.trainer.step)}
+        )
         if "fd" in metrics and metrics["fd"] < self.best.get("fd", float("inf")):
             self.best = {**metrics, "images_seen": float(self.trainer.images_seen)}
         return metrics

@@ -44,6 +44,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
         default="no", metadata={"help": "Autocast precision."}
     )
+    fp16_initial_scale: float = field(
+        default=65536.0, metadata={"help": "Initial loss scale of the fp16 GradScaler (dynamic afterwards)."}
+    )
     max_grad_norm: float = field(
         default=0.0, metadata={"help": "Clip gradient norm to this; 0 = no clipping."}
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedType, GradScalerKwargs, ProjectConfiguration
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -37,7 +37,7 @@ _SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 def build_accelerator(config: TrainConfig) -> Accelerator:
     """One Accelerator from the config; distribution (DDP, DeepSpeed, FSDP) comes from ``accelerate launch``."""
     trackers = [t.strip() for t in config.log_with.split(",") if t.strip() and t.strip() != "none"]
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         # without this, processes started by torchrun/accelerate on a machine with no GPU each report
         # DistributedType.NO instead of forming one gloo group
@@ -47,7 +47,21 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             project_dir=config.output_dir, logging_dir=config.output_dir + "/logs"
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        kwargs_handlers=[GradScalerKwargs(init_scale=config.fp16_initial_scale)],
     )
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
+        _enable_cpu_fp16(accelerator, config.fp16_initial_scale)
+    return accelerator
+
+
+def _enable_cpu_fp16(accelerator: Accelerator, init_scale: float) -> None:
+    """Accelerate silently ignores fp16 on CPU (no autocast, no loss scaling); turn both on instead.
+
+    torch supports float16 autocast and a GradScaler on CPU, so the fp16 path (scaled losses, unscaling, skipped
+    steps on overflow) runs and is tested on machines without a GPU.
+    """
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
 
 
 class PhaseModels(Mapping[str, nn.Module]):

@@ -63,6 +63,9 @@ class SiDConfig(TrainConfig):
     eval_every: int = 250
     eval_samples: int = 5000
     eval_seed: int = 12345
+    fp16_initial_scale: float = field(
+        default=128.0, metadata={"help": "SiD's fp16 runs use small fixed scales (1 for f_psi, 100 for G)."}
+    )
     student: Literal["full", "lora"] = "full"
     export_dir: str | None = None
 

@@ -119,3 +119,24 @@ def test_two_processes_then_resume(tmp_path, teacher_dir):
     assert "Resumed from" in out.stdout + out.stderr
     assert (tmp_path / "checkpoints" / "step_3" / "ema_generator.safetensors").is_file()
     assert (tmp_path / "student" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_stay_finite(tmp_path, teacher_dir, precision):
+    trainer = make(tmp_path, teacher_dir, mixed_precision=precision)
+    scaler = trainer.accelerator.scaler
+    if precision == "fp16":
+        assert scaler is not None  # losses are scaled; overflowing steps are skipped and the scale lowered
+        start_scale = scaler.get_scale()
+    before = [p.detach().clone() for p in trainer._trainable["fake_score"]]
+    for _ in range(3):
+        logs = trainer.train_step()
+        assert all(torch.isfinite(v) for v in logs.values())
+    for name in ("generator", "fake_score"):
+        net = trainer.accelerator.unwrap_model(trainer.trained[name].module)
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer._trainable["fake_score"]))
+    if precision == "bf16":
+        assert trainer.nonfinite_steps == {"fake_score": 0, "generator": 0}
+    elif sum(trainer.nonfinite_steps.values()):
+        assert scaler.get_scale() < start_scale  # skipped steps were counted and lowered the scale

@@ -1,0 +1,118 @@
+"""Distil the default digits teacher with SiD for M minutes of wall time and compare with the teacher.
+
+Measures the teacher's FD at 1, 4 and 35 NFE (Euler 1 and 4, Heun 35) and the one-step EMA generator's FD along
+the run, all on the same number of samples with fixed evaluation noise against the held-out digits. Prints
+``RESULT teacher_fd=.. student_fd=.. ratio=.. images=..`` (student_fd = the last evaluation; the best one is
+printed too) and writes a PNG of FD vs. generated images seen with the teacher's figures as horizontal lines.
+
+    python benchmarks/sid_digits.py --minutes 30
+    python benchmarks/sid_digits.py --minutes 30 --student lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from distill.quality import evaluate_sampler
+from distill.teachers import load_teacher
+from engine.trainer import Trainer
+from recipes.sid import SiDConfig, SiDRecipe
+
+
+def teacher_reference(num_samples: int) -> dict[int, float]:
+    teacher = load_teacher("default").eval()
+    out = {}
+    for nfe, method in ((1, "euler"), (4, "euler"), (35, "heun")):
+        metrics, _ = evaluate_sampler(teacher, num_samples, nfe=nfe, method=method, seed=1)
+        out[nfe] = metrics["fd"]
+        print(
+            f"teacher nfe={nfe} ({method}) fd={metrics['fd']:.3f} precision={metrics['precision']:.3f} "
+            f"recall={metrics['recall']:.3f}",
+            flush=True,
+        )
+    return out
+
+
+def plot(history: list[dict[str, float]], teacher: dict[int, float], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = [h["images_seen"] for h in history]
+    ax.plot(xs, [h["fd"] for h in history], marker="o", label="SiD one-step generator (EMA)")
+    for (nfe, fd), color in zip(sorted(teacher.items()), ("tab:red", "tab:orange", "tab:green")):
+        ax.axhline(fd, ls="--", color=color, label=f"teacher, {nfe} NFE")
+    ax.set(
+        yscale="log", xlabel="generated images seen", ylabel="FD (digits classifier features)", title=title
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--student", choices=["full", "lora"], default="full")
+    parser.add_argument("--eval-samples", type=int, default=5000)
+    parser.add_argument("--eval-every", type=int, default=200, help="SiD iterations between evaluations")
+    parser.add_argument("--output-dir", default="outputs/bench_sid_digits")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra SiD config overrides, e.g. alpha=1.0 lr_generator=2e-5"
+    )
+    args = parser.parse_args()
+
+    teacher = teacher_reference(args.eval_samples)
+    overrides = dict(o.split("=", 1) for o in args.overrides)
+    cfg_kwargs = dict(
+        output_dir=args.output_dir,
+        max_steps=10**9,
+        max_minutes=args.minutes,
+        eval_every=args.eval_every,
+        eval_samples=args.eval_samples,
+        student=args.student,
+        log_every=50,
+        checkpoint_every=0,
+    )
+    fields = SiDConfig.__dataclass_fields__
+    for key, value in overrides.items():
+        if key not in fields:
+            raise SystemExit(f"unknown SiD config field {key!r}")
+        cfg_kwargs[key] = json.loads(value) if value[:1] in "[{" else type(fields[key].default)(value)
+    config = SiDConfig(**cfg_kwargs)
+    start = time.perf_counter()
+    trainer = Trainer(config, SiDRecipe(config))
+    trainer.fit()
+    minutes = (time.perf_counter() - start) / 60
+    history = trainer.recipe.quality.history
+    last, best = history[-1], min(history, key=lambda h: h["fd"])
+    for h in history:
+        print(
+            f"  images={int(h['images_seen'])} step={int(h['step'])} fd={h['fd']:.3f} "
+            f"precision={h['precision']:.3f} recall={h['recall']:.3f}"
+        )
+    tag = f"SiD ({args.student}) on the default digits teacher, {args.minutes:g} min"
+    plot(history, teacher, Path(args.output_dir) / "fd_vs_images.png", tag)
+    print(
+        f"wall minutes={minutes:.1f} steps={trainer.step} best_fd={best['fd']:.3f} at images={int(best['images_seen'])}"
+    )
+    print(
+        f"RESULT teacher_fd={teacher[35]:.3f} student_fd={last['fd']:.3f} ratio={last['fd'] / teacher[35]:.3f} "
+        f"images={trainer.images_seen} best_student_fd={best['fd']:.3f} teacher_fd_1nfe={teacher[1]:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
