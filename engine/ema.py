@@ -1,31 +1,32 @@
-"""Exponential moving average of a trained model, with EDM's half-life measured in training samples.
+"""Exponential moving averages of trained weights, with EDM's half-life measured in training samples.
 
 diffusers' ``EMAModel`` parameterises the average by a per-step decay; distillation papers (EDM, SiD) specify it
 as a half-life in images with a ramp-up (half-life = min(H, ratio * images seen)), which keeps the average
-meaningful when the batch size changes. This class implements that rule and nothing else.
+meaningful when the batch size changes. :class:`EMA` averages a whole model (a frozen copy you can call);
+:class:`ParameterEMA` averages only named parameters (LoRA adapters on a shared base, where a copy of the whole
+model would cost what the adapters save) and swaps the averages in when you need them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 
-class EMA:
-    """Holds a frozen copy of ``model`` whose floating-point tensors track the model's."""
-
-    def __init__(self, model: nn.Module, halflife_images: float, rampup_ratio: float | None = 0.05) -> None:
+class _HalfLife:
+    def __init__(self, halflife_images: float, rampup_ratio: float | None) -> None:
         if halflife_images <= 0:
             raise ValueError(f"EMA halflife_images={halflife_images} must be > 0")
         if rampup_ratio is not None and rampup_ratio <= 0:
             raise ValueError(f"EMA rampup_ratio={rampup_ratio} must be > 0 or None")
         self.halflife_images = float(halflife_images)
         self.rampup_ratio = rampup_ratio
-        self.module = copy.deepcopy(model).requires_grad_(False).eval()
 
     def beta(self, images_in_step: int, images_seen: int) -> float:
         """Decay for one step of ``images_in_step`` samples after ``images_seen`` samples in total."""
@@ -33,6 +34,14 @@ class EMA:
         if self.rampup_ratio is not None:
             halflife = min(halflife, images_seen * self.rampup_ratio)
         return 0.5 ** (images_in_step / max(halflife, 1e-8))
+
+
+class EMA(_HalfLife):
+    """Holds a frozen copy of ``model`` whose floating-point tensors track the model's."""
+
+    def __init__(self, model: nn.Module, halflife_images: float, rampup_ratio: float | None = 0.05) -> None:
+        super().__init__(halflife_images, rampup_ratio)
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
 
     @torch.no_grad()
     def update(self, model: nn.Module, images_in_step: int, images_seen: int) -> float:
@@ -50,6 +59,55 @@ class EMA:
         save_model(self.module, str(path))
 
     def load(self, path: str | Path) -> None:
-        missing, unexpected = load_model(self.module, str(path), strict=True)
-        if missing or unexpected:  # strict=True raises first; kept for clarity
-            raise RuntimeError(f"EMA checkpoint {path} does not match the model: {missing or unexpected}")
+        load_model(self.module, str(path), strict=True)
+
+
+class ParameterEMA(_HalfLife):
+    """Averages of the named parameters of a model, kept beside it (no copy of the rest)."""
+
+    def __init__(
+        self, model: nn.Module, names: list[str], halflife_images: float, rampup_ratio: float | None = 0.05
+    ) -> None:
+        super().__init__(halflife_images, rampup_ratio)
+        params = dict(model.named_parameters())
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise KeyError(f"ParameterEMA: {missing[:3]} are not parameters of {type(model).__name__}")
+        self.shadow = {n: params[n].detach().float().clone() for n in names}
+
+    @property
+    def module(self) -> nn.Module:
+        raise AttributeError("ParameterEMA keeps no model copy: use `with ema.applied(model): ...`")
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, images_in_step: int, images_seen: int) -> float:
+        beta = self.beta(images_in_step, images_seen)
+        params = dict(model.named_parameters())
+        for name, target in self.shadow.items():
+            target.lerp_(params[name].detach().to(target.device, target.dtype), 1.0 - beta)
+        return beta
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily load the averages into ``model`` (restored on exit)."""
+        params = dict(model.named_parameters())
+        saved = {n: params[n].detach().clone() for n in self.shadow}
+        with torch.no_grad():
+            for n, value in self.shadow.items():
+                params[n].copy_(value)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, value in saved.items():
+                    params[n].copy_(value)
+
+    def save(self, path: str | Path) -> None:
+        save_file({n: t.contiguous() for n, t in self.shadow.items()}, str(path))
+
+    def load(self, path: str | Path) -> None:
+        loaded = load_file(str(path))
+        if set(loaded) != set(self.shadow):
+            raise ValueError(f"EMA checkpoint {path} holds other parameters than this run trains")
+        for n, t in loaded.items():
+            self.shadow[n].copy_(t)

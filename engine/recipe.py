@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -22,13 +22,21 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainedModel:
-    """A model the engine trains: its optimiser, optional LR scheduler and optional EMA (half-life in samples)."""
+    """A model the engine trains: its optimiser, optional LR scheduler and optional EMA (half-life in samples).
+
+    ``parameters`` names the trained subset (default: every parameter with ``requires_grad``). With
+    ``sync="all_reduce"`` the module is not wrapped for DDP: the engine averages the trained parameters'
+    gradients across processes itself after the last micro-batch. Use it when several trained models share one
+    module (adapters on one frozen base); the EMA then covers only ``parameters``.
+    """
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any | None = None
     ema_halflife_images: float | None = None
     ema_rampup_ratio: float | None = 0.05
+    parameters: list[str] | None = None
+    sync: Literal["wrap", "all_reduce"] = "wrap"
 
 
 @dataclass

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, GradScalerKwargs, ProjectConfiguration
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from engine.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from engine.config import TrainConfig, config_to_dict, save_config
 from engine.data import BatchStream
-from engine.ema import EMA
+from engine.ema import EMA, ParameterEMA
 from engine.images import make_grid, save_grid
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.seeding import seed_everything
@@ -77,8 +78,9 @@ class PhaseModels(Mapping[str, nn.Module]):
             return t.frozen[name]
         if name not in t.trained:
             raise KeyError(f"No model named {name!r}; known: {sorted([*t.trained, *t.frozen])}")
-        if name == self.phase or t.accelerator.distributed_type in _SHARDED:
-            return t.trained[name].module
+        tm = t.trained[name]
+        if name == self.phase or tm.sync == "all_reduce" or t.accelerator.distributed_type in _SHARDED:
+            return tm.module
         return t.accelerator.unwrap_model(t.trained[name].module)
 
     def ema(self, name: str) -> nn.Module:
@@ -107,11 +109,17 @@ class Trainer:
         self.frozen: dict[str, nn.Module] = {}
         self._prepare(parts)
         self.models = PhaseModels(self)
-        self.emas: dict[str, EMA] = {
-            name: EMA(self.accelerator.unwrap_model(tm.module), tm.ema_halflife_images, tm.ema_rampup_ratio)
-            for name, tm in self.trained.items()
-            if tm.ema_halflife_images
-        }
+        self.emas: dict[str, EMA | ParameterEMA] = {}
+        for name, tm in self.trained.items():
+            if not tm.ema_halflife_images:
+                continue
+            model = self.accelerator.unwrap_model(tm.module)
+            if tm.parameters is None:
+                self.emas[name] = EMA(model, tm.ema_halflife_images, tm.ema_rampup_ratio)
+            else:
+                self.emas[name] = ParameterEMA(
+                    model, tm.parameters, tm.ema_halflife_images, tm.ema_rampup_ratio
+                )
         self.step = 0
         self.images_seen = 0
         self.nonfinite_steps: dict[str, int] = dict.fromkeys(self.trained, 0)
@@ -147,6 +155,23 @@ class Trainer:
                         raise ValueError(f"Optimiser of {name!r} holds a parameter of a frozen model")
                     if id(p) not in owned:
                         raise ValueError(f"Optimiser of {name!r} holds a parameter that is not in {name!r}")
+        owners: dict[int, set[str]] = {}
+        for name, tm in parts.trained.items():
+            for p in tm.module.parameters():
+                owners.setdefault(id(p), set()).add(name)
+            if tm.parameters is not None:
+                known = dict(tm.module.named_parameters())
+                missing = [p for p in tm.parameters if p not in known]
+                if missing:
+                    raise ValueError(f"TrainedModel {name!r}: {missing[:3]} are not parameters of its module")
+        for names in {frozenset(n) for n in owners.values() if len(n) > 1}:
+            if any(
+                parts.trained[n].parameters is None or parts.trained[n].sync != "all_reduce" for n in names
+            ):
+                raise ValueError(
+                    f"Trained models {sorted(names)} share parameters: give each its `parameters` and "
+                    "sync='all_reduce'"
+                )
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED and len(parts.trained) > 1:
             raise ValueError(
                 f"DeepSpeed trains one model per Accelerator, this recipe trains {sorted(parts.trained)}: "
@@ -157,7 +182,11 @@ class Trainer:
     def _prepare(self, parts: RecipeParts) -> None:
         acc = self.accelerator
         names = list(parts.trained)
-        modules = [parts.trained[n].module for n in names]
+        wrapped = [n for n in names if parts.trained[n].sync == "wrap"]
+        for n in names:
+            if parts.trained[n].sync == "all_reduce":
+                parts.trained[n].module.to(acc.device)
+        modules = [parts.trained[n].module for n in wrapped]
         optimizers = [parts.trained[n].optimizer for n in names]
         schedulers = [
             parts.trained[n].lr_scheduler for n in names if parts.trained[n].lr_scheduler is not None
@@ -165,18 +194,23 @@ class Trainer:
         extra = [parts.dataloader] if parts.dataloader is not None else []
         prepared = acc.prepare(*modules, *optimizers, *schedulers, *extra)
         prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
-        k = len(names)
-        sched_iter = iter(prepared[2 * k : 2 * k + len(schedulers)])
-        for i, n in enumerate(names):
-            tm = parts.trained[n]
-            tm.module, tm.optimizer = prepared[i], prepared[k + i]
-            if tm.lr_scheduler is not None:
-                tm.lr_scheduler = next(sched_iter)
-        self.stream = BatchStream(acc, prepared[-1]) if extra else None
-        self._trainable = {
-            n: [p for p in acc.unwrap_model(parts.trained[n].module).parameters() if p.requires_grad]
-            for n in names
-        }
+        prepared_iter = iter(prepared)
+        for n in wrapped:
+            parts.trained[n].module = next(prepared_iter)
+        for n in names:
+            parts.trained[n].optimizer = next(prepared_iter)
+        for n in names:
+            if parts.trained[n].lr_scheduler is not None:
+                parts.trained[n].lr_scheduler = next(prepared_iter)
+        self.stream = BatchStream(acc, next(prepared_iter)) if extra else None
+        self._trainable = {}
+        for n in names:
+            tm, model = parts.trained[n], acc.unwrap_model(parts.trained[n].module)
+            if tm.parameters is None:
+                self._trainable[n] = [p for p in model.parameters() if p.requires_grad]
+            else:
+                named = dict(model.named_parameters())
+                self._trainable[n] = [named[p] for p in tm.parameters]
         for n, module in parts.frozen.items():
             module.requires_grad_(False).eval()
             self.frozen[n] = module.to(acc.device)
@@ -246,7 +280,7 @@ class Trainer:
             last = i == n - 1
             # accelerate reads this flag (DeepSpeed/FSDP accumulation, optimizer wrapper); DDP needs no_sync too
             acc.gradient_state._set_sync_gradients(last)
-            sync = contextlib.nullcontext() if last else acc.no_sync(tm.module)
+            sync = contextlib.nullcontext() if last or tm.sync == "all_reduce" else acc.no_sync(tm.module)
             with sync:
                 with acc.autocast():
                     out = self.recipe.loss(phase, batch, self.models)
@@ -255,6 +289,10 @@ class Trainer:
             for key, value in {"loss": loss, **extra}.items():
                 v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                 logs[f"{phase}/{key}"] = logs.get(f"{phase}/{key}", 0) + v / n
+        if tm.sync == "all_reduce":
+            self._all_reduce_gradients(phase)
+        if tm.sync == "all_reduce":
+            self._all_reduce_gradients(phase)
         if self._finish_gradients(phase):
             tm.optimizer.step()
             if tm.lr_scheduler is not None:
@@ -264,6 +302,38 @@ class Trainer:
             seen_after = self.images_seen + self.samples_per_step
             self.emas[phase].update(acc.unwrap_model(tm.module), self.samples_per_step, seen_after)
         return logs
+
+    def _all_reduce_gradients(self, phase: str) -> None:
+        """Average the phase's gradients over processes in one flat all-reduce (modules not wrapped for DDP)."""
+        if self.num_processes == 1:
+            return
+        params = self._trainable[phase]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= self.num_processes
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def _all_reduce_gradients(self, phase: str) -> None:
+        """Average the phase's gradients over processes in one flat all-reduce (modules not wrapped for DDP)."""
+        if self.num_processes == 1:
+            return
+        params = self._trainable[phase]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= self.num_processes
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
 
     def _enter_phase(self, phase: str) -> None:
         self.models.phase = phase
@@ -354,6 +424,16 @@ class Trainer:
             (lambda folder, n=name, e=ema: e.save(Path(folder) / f"ema_{n}.safetensors"))
             for name, ema in self.emas.items()
         ]
+        # accelerate saves the modules it prepared; parameters of unwrapped (shared-module) models are ours to save
+        writers += [
+            (
+                lambda folder, n=name: save_file(
+                    self._unwrapped_state(n), str(Path(folder) / f"trained_{n}.safetensors")
+                )
+            )
+            for name, tm in self.trained.items()
+            if tm.sync == "all_reduce"
+        ]
         return save_checkpoint(
             self.accelerator,
             self.output_dir,
@@ -362,6 +442,11 @@ class Trainer:
             extra_writers=writers,
             total_limit=self.config.checkpoints_total_limit,
         )
+
+    def _unwrapped_state(self, name: str) -> dict[str, torch.Tensor]:
+        tm = self.trained[name]
+        named = dict(self.accelerator.unwrap_model(tm.module).named_parameters())
+        return {key: named[key].detach().contiguous() for key in tm.parameters or named}
 
     def load(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -374,6 +459,12 @@ class Trainer:
         self.accelerator.load_state(str(folder))
         for name, ema in self.emas.items():
             ema.load(folder / f"ema_{name}.safetensors")
+        for name, tm in self.trained.items():
+            if tm.sync == "all_reduce":
+                named = dict(self.accelerator.unwrap_model(tm.module).named_parameters())
+                with torch.no_grad():
+                    for key, value in load_file(str(folder / f"trained_{name}.safetensors")).items():
+                        named[key].copy_(value)
         self.step = int(state["step"])
         self.images_seen = int(state["images_seen"])
         self.nonfinite_steps.update(state.get("nonfinite_steps", {}))

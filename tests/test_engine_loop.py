@@ -103,8 +103,10 @@ def test_optimizer_holding_frozen_param_is_refused(tmp_path):
         Trainer(cfg, recipe)
 
 
-def test_resume_after_crash_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared_module"])
+def test_resume_after_crash_equals_uninterrupted(tmp_path, shared):
     common = dict(
+        shared=shared,
         max_steps=60,
         checkpoint_every=10,
         checkpoints_total_limit=10,
@@ -227,3 +229,18 @@ def test_tensorboard_logs_and_sample_grid(tmp_path):
     acc.Reload()
     assert "generator/loss" in acc.Tags()["scalars"]
     assert all(math.isfinite(e.value) for e in acc.Scalars("critic/loss"))
+
+
+def test_shared_parameters_need_explicit_subsets(tmp_path):
+    cfg = ToyConfig(output_dir=str(tmp_path), log_with="none", shared=True)
+    recipe = ToyRecipe(cfg)
+    setup = recipe.setup
+
+    def sloppy(trainer):
+        parts = setup(trainer)
+        parts.trained["critic"].parameters = None
+        return parts
+
+    recipe.setup = sloppy
+    with pytest.raises(ValueError, match="share parameters"):
+        Trainer(cfg, recipe)

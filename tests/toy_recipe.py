@@ -29,6 +29,18 @@ class ToyConfig(TrainConfig):
     optimizer: Literal["sgd", "adam"] = "adam"
     ema_halflife_images: float = 0.0
     crash_at_step: int = -1
+    shared: bool = False  # both trained nets in one container module (as LoRA adapters on one base)
+
+
+class View(nn.Module):
+    """One named sub-network of a shared container, callable on its own."""
+
+    def __init__(self, shared: nn.ModuleDict, key: str) -> None:
+        super().__init__()
+        self.shared, self.key = shared, key
+
+    def forward(self, x):
+        return self.shared[self.key](x)
 
 
 def toy_data(cfg: ToyConfig) -> torch.Tensor:
@@ -71,6 +83,20 @@ class ToyRecipe(Recipe):
 
         ema = cfg.ema_halflife_images or None
         loader = DataLoader(TensorDataset(toy_data(cfg)), batch_size=cfg.batch_size, shuffle=cfg.shuffle)
+        if cfg.shared:
+            box = nn.ModuleDict({"generator": models["generator"], "critic": models["critic"]})
+
+            def part(key: str, **kw) -> TrainedModel:
+                names = [f"shared.{key}.{n}" for n, _ in models[key].named_parameters()]
+                return TrainedModel(
+                    View(box, key), opt(models[key]), parameters=names, sync="all_reduce", **kw
+                )
+
+            return RecipeParts(
+                trained={"critic": part("critic"), "generator": part("generator", ema_halflife_images=ema)},
+                frozen={"teacher": models["teacher"]},
+                dataloader=loader,
+            )
         return RecipeParts(
             trained={
                 "critic": TrainedModel(models["critic"], opt(models["critic"])),
@@ -92,12 +118,20 @@ class ToyRecipe(Recipe):
 
 
 def final_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """``<model>.<param>`` for each trained net (shared or not), plus ``ema_<model>.<param>``."""
     out = {}
     for name, tm in trainer.trained.items():
-        for key, value in trainer.accelerator.unwrap_model(tm.module).state_dict().items():
+        state = trainer.accelerator.unwrap_model(tm.module).state_dict()
+        for key, value in state.items():
+            if key.startswith("shared."):
+                if not key.startswith(f"shared.{name}."):
+                    continue
+                key = key[len(f"shared.{name}.") :]
             out[f"{name}.{key}"] = value.detach().clone().contiguous()
     for name, ema in trainer.emas.items():
-        for key, value in ema.module.state_dict().items():
+        state = ema.shadow if hasattr(ema, "shadow") else ema.module.state_dict()
+        for key, value in state.items():
+            key = key.split(f"shared.{name}.", 1)[-1]
             out[f"ema_{name}.{key}"] = value.detach().clone().contiguous()
     return out
 
