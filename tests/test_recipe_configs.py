@@ -1,0 +1,31 @@
+"""Every shipped YAML config parses into its recipe's config class (unknown or mistyped keys would fail)."""
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import parse_config
+from recipes.sid import SiDConfig
+from recipes.teacher import TeacherConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_CLASSES = {"sid": SiDConfig, "teacher": TeacherConfig}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_config_parses(path):
+    prefix = path.stem.split("_")[0]
+    if prefix not in CONFIG_CLASSES:
+        pytest.skip(f"no config class registered for {path.name}")
+    config = parse_config(CONFIG_CLASSES[prefix], ["--config", str(path)])
+    assert config.output_dir.startswith("outputs/")
+
+
+def test_default_teacher_ships_in_the_package():
+    from distill.teachers import DEFAULT_TEACHER, load_teacher
+
+    if not (DEFAULT_TEACHER / "unet").is_dir():
+        pytest.fail(f"default teacher missing at {DEFAULT_TEACHER}")
+    teacher = load_teacher("default")
+    assert teacher.parameterization == "edm" and teacher.in_channels == 1 and teacher.sample_size == 8
+    assert (DEFAULT_TEACHER / "README.md").read_text().count("recipes/teacher.py") >= 1
