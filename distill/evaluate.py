@@ -9,6 +9,7 @@ ODE sampling at a given NFE) or an exported one-step / k-step student.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 
@@ -19,10 +20,26 @@ from distill.samplers import sample
 from distill.teachers import load_teacher, resolve_teacher_path
 from engine.images import save_grid
 
+STUDENT_PIPELINES = {
+    "OneStepPipeline": ("distill.pipeline", "OneStepPipeline"),
+    "RectifiedFlowPipeline": ("distill.reflow_export", "RectifiedFlowPipeline"),
+}
+
+
+def student_pipeline_class(path: str) -> type | None:
+    """The pipeline class of an exported student folder, or None for anything else (a teacher)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return None
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in STUDENT_PIPELINES:
+        return None
+    module, cls = STUDENT_PIPELINES[name]
+    return getattr(importlib.import_module(module), cls)
+
 
 def is_student(path: str) -> bool:
-    index = Path(path) / "model_index.json"
-    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "OneStepPipeline"
+    return student_pipeline_class(path) is not None
 
 
 @torch.no_grad()
@@ -32,15 +49,20 @@ def generate(
     """Samples in [-1, 1] and the NFE spent per sample, from a teacher or an exported student."""
     path = resolve_teacher_path(model)
     generator = torch.Generator().manual_seed(seed)
-    if is_student(path):
-        from distill.pipeline import OneStepPipeline
-
-        pipe = OneStepPipeline.from_pretrained(path)
+    pipeline_class = student_pipeline_class(path)
+    if pipeline_class is not None:
+        pipe = pipeline_class.from_pretrained(path)
+        steps = nfe if getattr(pipe.config, "any_steps", False) else None  # flow students sample at any NFE
         chunks = [
-            pipe(batch_size=min(batch_size, num_samples - i), generator=generator, output_type="pt").images
+            pipe(
+                batch_size=min(batch_size, num_samples - i),
+                generator=generator,
+                num_inference_steps=steps,
+                output_type="pt",
+            ).images
             for i in range(0, num_samples, batch_size)
         ]
-        return torch.cat(chunks), len(pipe.config.step_sigmas)
+        return torch.cat(chunks), steps or len(pipe.config.step_sigmas)
     teacher = load_teacher(model).eval()
     result = sample(teacher, num_samples, nfe=nfe, method=method, generator=generator, batch_size=batch_size)
     return result.images.clamp(-1, 1), result.nfe

@@ -216,8 +216,12 @@ class Trainer:
             self.frozen[n] = module.to(acc.device)
 
     # ------------------------------------------------------------------------------------------ loop
-    def fit(self) -> dict[str, float]:
-        """Train to ``max_steps`` (or ``max_minutes``), checkpointing and evaluating on the way."""
+    def fit(self, end_training: bool = True) -> dict[str, float]:
+        """Train to ``max_steps`` (or ``max_minutes``), checkpointing and evaluating on the way.
+
+        ``end_training=False`` closes only the trackers and keeps the process group, for launches that run
+        several training stages one after another (reflow).
+        """
         cfg, acc = self.config, self.accelerator
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +261,11 @@ class Trainer:
         last_metrics = self.evaluate()
         self.recipe.on_train_end(self, last_metrics)
         self.save()
-        acc.end_training()
+        if end_training:
+            acc.end_training()
+        else:
+            for tracker in acc.trackers:
+                tracker.finish()
         return last_metrics
 
     def train_step(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,187 @@
+"""Reflow on the default digits teacher in M minutes: pairs -> 2-rectified flow -> one-step student.
+
+Time split of ``--minutes M`` (wall time, one process): pair generation 35 %, reflow 35 %, distillation 15 %; the
+remaining ~15 % is evaluation (teacher FD vs. NFE, 2-RF FD vs. NFE, student FD, straightness), whose cost is
+fixed by ``--eval-samples`` (default 5000, 1000 below 10 minutes). Every FD uses the same unit noise (seed 1)
+against the held-out digits. Prints per-point lines, writes ``fd_vs_nfe.png`` and ends with
+
+    RESULT teacher_fd=<Heun 35 NFE> reflow_fd_1step=<> distill_fd_1step=<> straightness_before=<>
+           straightness_after=<> pairs=<N>
+
+(on one line). Straightness is Liu et al.'s S of the teacher's flow (before) and of the 2-rectified flow (after),
+32 Euler steps on 512 noises.
+
+    python benchmarks/reflow_digits.py --minutes 30
+    python benchmarks/reflow_digits.py --minutes 3 --teacher PATH reflow_lr=1e-4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from distill.quality import digits_evaluator, evaluate_sampler, metrics_for
+from distill.reflow import euler_on_sigmas, flow_sigmas
+from distill.teachers import load_teacher
+from engine.config import parse_config
+from recipes.reflow import ReflowConfig, distill_source, plan, run_pairs, run_training
+
+SPLIT = {"pairs": 0.35, "reflow": 0.35, "distill": 0.15}
+TEACHER_NFES = [(1, "euler"), (3, "heun"), (5, "heun"), (9, "heun"), (17, "heun"), (35, "heun")]
+FLOW_NFES = [1, 2, 4, 8, 16]
+
+
+def fd_line(name: str, nfe: int, metrics: dict[str, float]) -> str:
+    return (
+        f"{name} nfe={nfe} fd={metrics['fd']:.3f} precision={metrics['precision']:.3f} "
+        f"recall={metrics['recall']:.3f}"
+    )
+
+
+def teacher_curve(teacher: str, num_samples: int) -> dict[int, float]:
+    model = load_teacher(teacher).eval()
+    out = {}
+    for nfe, method in TEACHER_NFES:
+        metrics, _ = evaluate_sampler(model, num_samples, nfe=nfe, method=method, seed=1)
+        out[nfe] = metrics["fd"]
+        print(fd_line(f"teacher ({method})", nfe, metrics), flush=True)
+    return out
+
+
+@torch.no_grad()
+def flow_curve(
+    folder: str, name: str, nfes: list[int], num_samples: int, sigma_max: float
+) -> dict[int, float]:
+    """FD of an exported flow model with ``n``-step Euler on the same noise as the teacher (seed 1)."""
+    model = load_teacher(folder).eval()
+    shape = (model.in_channels, model.sample_size, model.sample_size)
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.cat([torch.randn((1, *shape), generator=gen) for _ in range(num_samples)])
+    out = {}
+    for nfe in nfes:
+        images = torch.cat(
+            [euler_on_sigmas(model, z, flow_sigmas(nfe, sigma_max)) for z in noise.split(1000)]
+        )
+        metrics = metrics_for(images.clamp(-1, 1))
+        out[nfe] = metrics["fd"]
+        print(fd_line(name, nfe, metrics), flush=True)
+    return out
+
+
+def plot(curves: dict[str, dict[int, float]], floor: float, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[plots]')")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (name, points), marker in zip(curves.items(), ("o", "s", "*")):
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker=marker, markersize=10 if marker == "*" else 6, label=name)
+    ax.axhline(floor, color="k", ls="--", lw=1, label="real data floor (train vs held-out)")
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FD (digits classifier features)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--teacher", default="default")
+    parser.add_argument("--eval-samples", type=int, default=None)
+    parser.add_argument("--output-dir", default="outputs/bench_reflow_digits")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep --output-dir and continue/skip done stages"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="ReflowConfig fields, e.g. reflow_lr=1e-4 loss=pseudo_huber"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    eval_samples = args.eval_samples or (5000 if args.minutes >= 10 else 1000)
+    start = time.perf_counter()
+    budget = {k: v * args.minutes for k, v in SPLIT.items()}
+    print(f"time split (minutes): {json.dumps({k: round(v, 2) for k, v in budget.items()})}", flush=True)
+
+    if Path(args.output_dir).exists() and not args.resume:
+        shutil.rmtree(args.output_dir)  # a benchmark times every stage: start from nothing
+    settings = {
+        "output_dir": args.output_dir,
+        "teacher": args.teacher,
+        "num_pairs": 1_000_000,
+        "pairs_minutes": budget["pairs"],
+        "reflow_steps": 10**9,
+        "reflow_minutes": budget["reflow"],
+        "distill_steps": 10**9,
+        "distill_minutes": budget["distill"],
+        "eval_samples": min(eval_samples, 2000),
+        "eval_steps": 1,
+        "log_every": 100,
+        "log_with": "none",
+        "progress_bar": "false",
+    }
+    argv = [str(a) for k, v in settings.items() for a in (f"--{k}", v)]
+    for item in args.overrides:  # key=value, applied on top (the config's own parser converts the types)
+        key, _, value = item.partition("=")
+        argv += [f"--{key}", *value.split()]
+    cfg = parse_config(ReflowConfig, argv)
+    results: dict[str, dict] = {}
+    for stage, round_ in plan(cfg):
+        t0 = time.perf_counter()
+        if stage == "pairs":
+            results[f"pairs_r{round_}"] = run_pairs(cfg, round_)
+        else:
+            results[stage] = run_training(cfg, stage, round_)  # type: ignore[arg-type]
+        print(f"[bench] {stage} round {round_}: {(time.perf_counter() - t0) / 60:.2f} min", flush=True)
+
+    pairs = results["pairs_r1"]["pairs"]
+    sigma_max = results["distill"]["sigma_max"]
+    t0 = time.perf_counter()
+    teacher = teacher_curve(args.teacher, eval_samples)
+    reflow = flow_curve(
+        str(Path(distill_source(cfg))), "2-rectified flow (Euler)", FLOW_NFES, eval_samples, sigma_max
+    )
+    student_folder = str(Path(cfg.output_dir) / "distill" / "student")
+    student = flow_curve(student_folder, "distilled student", [cfg.student_steps], eval_samples, sigma_max)
+    print(f"[bench] evaluation: {(time.perf_counter() - t0) / 60:.2f} min", flush=True)
+    curves = {
+        "teacher (EDM Heun / Euler)": teacher,
+        "2-rectified flow (Euler)": reflow,
+        "distilled student": student,
+    }
+    floor = digits_evaluator().real_floor()["fd"]
+    title = f"Reflow on the digits teacher, {args.minutes:g} min, {pairs} pairs"
+    plot(curves, floor, Path(args.output_dir) / "fd_vs_nfe.png", title)
+    before = results["reflow"]["straightness_before"]
+    after = results["reflow"]["straightness_after"]
+    print(
+        f"wall minutes={(time.perf_counter() - start) / 60:.1f} reflow_steps={results['reflow']['training_steps']} "
+        f"distill_steps={results['distill']['training_steps']} straightness_ratio={before / after:.2f} "
+        f"fd_ratio_student_vs_teacher={student[cfg.student_steps] / teacher[35]:.2f} real_floor_fd={floor:.3f}"
+    )
+    ok_fd, ok_straight = student[cfg.student_steps] <= 2 * teacher[35], before >= 5 * after
+    print(f"targets: student FD <= 2x teacher 35-NFE FD: {ok_fd}; straightness >= 5x lower: {ok_straight}")
+    print(
+        f"RESULT teacher_fd={teacher[35]:.3f} reflow_fd_1step={reflow[1]:.3f} "
+        f"distill_fd_1step={student[cfg.student_steps]:.3f} straightness_before={before:.5f} "
+        f"straightness_after={after:.5f} pairs={pairs}"
+    )
+
+
+if __name__ == "__main__":
+    main()

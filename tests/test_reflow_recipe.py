@@ -1,0 +1,175 @@
+"""The reflow recipe end to end on tiny teachers of both kinds, exports reloading, and a 2-process launch."""
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from launch_utils import ROOT, accelerate_launch
+from tiny_models import tiny_edm_teacher
+
+from distill.denoiser import Denoiser
+from distill.models import build_unet
+from distill.pipeline import OneStepPipeline
+from distill.reflow_export import RectifiedFlowPipeline
+from distill.reflow_pairs import load_pairs, open_pairs
+from engine.trainer import Trainer
+from recipes import reflow as reflow_recipe
+
+FAST = [
+    "--num_pairs", "32", "--pairs_shard_size", "8", "--pairs_batch_size", "8", "--pairs_nfe", "3",
+    "--batch_size", "8", "--reflow_steps", "3", "--distill_steps", "2", "--eval_samples", "16",
+    "--eval_steps", "1", "2", "--straightness_samples", "8", "--straightness_steps", "4", "--log_with", "none",
+    "--progress_bar", "false", "--later_pairs_steps", "2",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine a second thread can make torch
+    20x slower; one thread also makes results bitwise comparable with the 1-thread subprocesses."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_flow_teacher(folder, num_classes: int | None = None):
+    torch.manual_seed(2)
+    unet = build_unet(
+        8, 1, block_out_channels=(8, 16), layers_per_block=1, num_classes=num_classes, norm_num_groups=4
+    )
+    Denoiser(unet, FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def edm_teacher(tmp_path_factory):
+    return tiny_edm_teacher(tmp_path_factory.mktemp("edm"))
+
+
+def test_all_stages_on_a_diffusion_teacher_then_rerun_skips(tmp_path, edm_teacher, capsys):
+    args = ["--teacher", str(edm_teacher), "--output_dir", str(tmp_path), *FAST]
+    summary = reflow_recipe.main(args)
+    assert set(summary) == {"pairs_r1", "reflow_r1", "distill"}
+    assert summary["pairs_r1"]["pairs"] == 32 and summary["pairs_r1"]["complete"]
+    reflow = summary["reflow_r1"]
+    assert reflow["training_steps"] == 3 and reflow["pairs_seen"] == 24
+    assert math.isfinite(reflow["straightness_before"]) and math.isfinite(reflow["straightness_after"])
+    assert {"final_fd", "final_fd_2step"} <= set(reflow)
+    student = tmp_path / "distill" / "student"
+    card = (student / "README.md").read_text()
+    assert "library_name: diffusers" in card and "rectified-flow" in card and "student_steps: 1" in card
+    assert json.loads((tmp_path / "summary.json").read_text())["distill"]["init"] == str(
+        tmp_path / "reflow_r1" / "model"
+    )
+    capsys.readouterr()
+    again = reflow_recipe.main(args)  # everything present: pairs complete, both exports done
+    assert "already exported" in capsys.readouterr().out
+    assert again["distill"]["training_steps"] == 2
+
+
+def test_conditional_flow_teacher_two_rounds_and_two_step_student(tmp_path):
+    teacher = tiny_flow_teacher(tmp_path / "teacher", num_classes=3)
+    args = ["--teacher", str(teacher), "--output_dir", str(tmp_path / "run"), *FAST]
+    args += [
+        "--guidance_scale",
+        "2.0",
+        "--rectified_k",
+        "3",
+        "--student_steps",
+        "2",
+        "--loss",
+        "pseudo_huber",
+    ]
+    summary = reflow_recipe.main(args + ["--time_distribution", "logit_normal"])
+    assert set(summary) == {"pairs_r1", "reflow_r1", "pairs_r2", "reflow_r2", "distill"}
+    first, second = (
+        open_pairs(tmp_path / "run" / "pairs_r1").spec,
+        open_pairs(tmp_path / "run" / "pairs_r2").spec,
+    )
+    assert first.source_kind == "flow" and first.sampler == "heun" and first.guidance_scale == 2.0
+    assert second.sampler == "flow_euler" and second.guidance_scale == 1.0 and second.nfe == 2
+    assert second.source == str(tmp_path / "run" / "reflow_r1" / "model")
+    ds, _ = load_pairs(tmp_path / "run" / "pairs_r2")
+    assert ds["label"][:8].tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert summary["distill"]["init"] == str(tmp_path / "run" / "reflow_r2" / "model")
+    pipe = RectifiedFlowPipeline.from_pretrained(str(tmp_path / "run" / "distill" / "student"))
+    assert not pipe.config.any_steps and len(pipe.config.step_sigmas) == 2
+    out = pipe(
+        batch_size=3, class_labels=[0, 1, 2], output_type="pt", generator=torch.Generator().manual_seed(0)
+    )
+    assert out.images.shape == (3, 1, 8, 8)
+    with pytest.raises(ValueError, match="num_inference_steps=3"):
+        pipe(batch_size=1, num_inference_steps=3)
+
+
+@pytest.mark.parametrize("mode", ["reflow", "distill"])
+def test_exports_reproduce_the_recipe_samples(tmp_path, edm_teacher, mode):
+    cfg = reflow_recipe.parse_config(
+        reflow_recipe.ReflowConfig, ["--teacher", str(edm_teacher), "--output_dir", str(tmp_path), *FAST]
+    )
+    reflow_recipe.run_pairs(cfg, 1)
+    stage = replace(cfg, output_dir=str(tmp_path / mode), max_steps=2)
+    export = tmp_path / mode / "model"
+    recipe = reflow_recipe.ReflowRecipe(stage, mode, str(edm_teacher), tmp_path / "pairs_r1", export)
+    trainer = Trainer(stage, recipe)
+    trainer.fit()
+    ema = trainer.models.ema("student")
+    z = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    pipe = RectifiedFlowPipeline.from_pretrained(str(export))
+    for nfe in (1, 3) if mode == "reflow" else (1,):
+        want = recipe.sample_with(ema, z, None, nfe).clamp(-1, 1)
+        torch.testing.assert_close(
+            pipe(batch_size=5, noise=z, num_inference_steps=nfe, output_type="pt").images, want
+        )
+    # the one-step sampler is the one OneStepPipeline (SiD's export) runs at sigma_max
+    one = OneStepPipeline.from_pretrained(str(export))(batch_size=5, noise=z, output_type="pt").images
+    torch.testing.assert_close(one, recipe.sample_with(ema, z, None, 1).clamp(-1, 1))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(ema.parameters(), Denoiser.from_pretrained(edm_teacher).parameters())
+    )
+
+
+def test_two_processes_generate_the_same_pairs_and_train(tmp_path, edm_teacher):
+    args = [
+        "--teacher",
+        str(edm_teacher),
+        "--output_dir",
+        str(tmp_path / "two"),
+        *FAST,
+        "--distill_steps",
+        "1",
+    ]
+    accelerate_launch(ROOT / "recipes" / "reflow.py", args)
+    manifest = json.loads((tmp_path / "two" / "pairs_r1" / "manifest.json").read_text())
+    assert {s["process"] for s in manifest["shards"].values()} == {0, 1}
+    state = json.loads(
+        (tmp_path / "two" / "distill" / "checkpoints" / "step_1" / "trainer_state.json").read_text()
+    )
+    assert state["num_processes"] == 2 and state["images_seen"] == 16
+    cfg = reflow_recipe.parse_config(
+        reflow_recipe.ReflowConfig,
+        ["--teacher", str(edm_teacher), "--output_dir", str(tmp_path / "one"), *FAST],
+    )
+    reflow_recipe.run_pairs(cfg, 1)
+    two, _ = load_pairs(tmp_path / "two" / "pairs_r1")
+    one, _ = load_pairs(tmp_path / "one" / "pairs_r1")
+    assert two["index"][:].tolist() == list(range(32))
+    np.testing.assert_array_equal(two["noise"][:].numpy(), one["noise"][:].numpy())
+    np.testing.assert_allclose(two["sample"][:].numpy(), one["sample"][:].numpy(), atol=1e-5)
+    assert (tmp_path / "two" / "distill" / "student" / "reflow_export.json").is_file()
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="round=3"):
+        reflow_recipe.ReflowConfig(rectified_k=3, round=3)
+    with pytest.raises(ValueError, match="rectified_k=0"):
+        reflow_recipe.ReflowConfig(rectified_k=0)
+    plan = reflow_recipe.plan(reflow_recipe.ReflowConfig(rectified_k=3))
+    assert plan == [("pairs", 1), ("reflow", 1), ("pairs", 2), ("reflow", 2), ("distill", 2)]
+    assert reflow_recipe.plan(reflow_recipe.ReflowConfig(rectified_k=1)) == [("pairs", 1), ("distill", 1)]
