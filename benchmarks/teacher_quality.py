@@ -17,19 +17,7 @@ from distill.quality import digits_evaluator, metrics_for
 from distill.samplers import sample
 from distill.teachers import load_teacher
 
-SETTINGS = [
-    ("euler", 1),
-    ("euler", 2),
-    ("euler", 4),
-    ("euler", 8),
-    ("heun", 3),
-    ("heun", 7),
-    ("heun", 9),
-    ("heun", 17),
-    ("heun", 35),
-    ("euler", 18),
-    ("euler", 35),
-]
+SETTINGS = [("euler", n) for n in (1, 2, 4, 8, 18, 35)] + [("heun", n) for n in (3, 7, 17, 35)]
 
 
 def fmt(metrics: dict[str, float]) -> str:
