@@ -28,13 +28,7 @@ from distill.denoiser import Condition, Denoiser, null_condition
 MU, S = 0.3, 0.6  # data x0 ~ N(MU, S^2) per pixel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny convs are dominated by OpenMP hand-offs; on a busy 2-core box 2 threads are ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact_x0(x_sigma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,18 @@ from pathlib import Path
 import pytest
 
 from engine.config import parse_config
+from recipes.lora import LoraRecipeConfig
 from recipes.reflow import ReflowConfig
 from recipes.sid import SiDConfig
 from recipes.teacher import TeacherConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_CLASSES = {"sid": SiDConfig, "teacher": TeacherConfig, "reflow": ReflowConfig}
+CONFIG_CLASSES = {
+    "sid": SiDConfig,
+    "teacher": TeacherConfig,
+    "reflow": ReflowConfig,
+    "lora": LoraRecipeConfig,
+}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)

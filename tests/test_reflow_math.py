@@ -26,15 +26,7 @@ from distill.reflow import (
     velocity_from_denoiser,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine a second thread can make torch
-    20x slower; one thread also makes results bitwise comparable with the 1-thread subprocesses."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

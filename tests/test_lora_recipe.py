@@ -1,0 +1,210 @@
+"""recipes/lora.py end to end: 2 CPU processes for both model kinds, the saved adapter on the untouched base
+equals the trained model, LoRA+ rates after preparation, resume, ``full``, configs and the offline text data."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from launch_utils import ROOT, accelerate_launch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from test_lora_models import UNET_TARGETS, tiny_bert, tiny_llama, tiny_text_dataset
+from tiny_models import tiny_edm_teacher
+
+RECIPE = ROOT / "recipes" / "lora.py"
+COMMON = ["--log_with", "none", "--progress_bar", "false", "--rank", "2", "--loraga_batches", "2"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _check_text_export(run: Path, bert: Path, ratio: float) -> None:
+    """The adapter on the original base reproduces the trained model (read back from the last checkpoint)."""
+    from transformers import AutoModelForSequenceClassification
+
+    info = json.loads((run / "export" / "metrics.json").read_text())
+    lrs = info["optimizer_lrs"]
+    assert lrs["B"] / lrs["A"] == pytest.approx(ratio)  # the LoRA+ groups survived accelerate.prepare
+    base = AutoModelForSequenceClassification.from_pretrained(str(bert), num_labels=4).eval()
+    trained = get_peft_model(
+        copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=16, target_modules="all-linear")
+    )
+    step = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir())
+    trained.load_state_dict(load_file(str(run / "checkpoints" / f"step_{step}" / "model.safetensors")))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(run / "export" / "adapter")).eval()
+    ids = torch.randint(5, 40, (4, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got, before = (m.eval()(input_ids=ids).logits for m in (trained, loaded, base))
+    assert torch.allclose(want, got, atol=1e-5), (want - got).abs().max()
+    assert (want - before).abs().max() > 1e-4
+
+
+def test_text_recipe_two_processes_lora_ga_plus(tmp_path):
+    tiny_bert(tmp_path / "bert")
+    tiny_text_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    args = ["--model", str(tmp_path / "bert"), "--dataset", str(tmp_path / "data"), "--batch_size", "4"]
+    args += [
+        "--method",
+        "lora_ga_plus",
+        "--max_steps",
+        "3",
+        "--lr",
+        "1e-3",
+        "--output_dir",
+        str(run),
+        *COMMON,
+    ]
+    accelerate_launch(RECIPE, args)
+    _check_text_export(run, tmp_path / "bert", ratio=16)
+    state = json.loads((run / "checkpoints" / "step_3" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+
+
+def test_unet_recipe_two_processes_lora_ga_with_merge(tmp_path):
+    from distill.denoiser import Denoiser
+
+    teacher = tiny_edm_teacher(tmp_path / "teacher")
+    run = tmp_path / "run"
+    args = ["--model_kind", "unet", "--model", str(teacher), "--method", "lora_ga", "--max_steps", "3"]
+    args += [
+        "--batch_size",
+        "8",
+        "--eval_examples",
+        "32",
+        "--lr",
+        "1e-3",
+        "--merge",
+        "true",
+        "--output_dir",
+        str(run),
+    ]
+    args += ["--target_modules", *UNET_TARGETS, *COMMON]
+    accelerate_launch(RECIPE, args)
+    adapter = run / "export" / "adapter"
+    assert (adapter / "pytorch_lora_weights.safetensors").is_file()  # diffusers' format beside peft's
+
+    original = Denoiser.from_pretrained(str(teacher)).eval()
+    trained = copy.deepcopy(original)
+    trained.model = get_peft_model(trained.model, LoraConfig(r=2, lora_alpha=16, target_modules=UNET_TARGETS))
+    trained.load_state_dict(load_file(str(run / "checkpoints" / "step_3" / "model.safetensors")))
+    loaded = copy.deepcopy(original)
+    loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    merged = Denoiser.from_pretrained(str(run / "export" / "merged"))
+    x, sigma = torch.randn(4, 1, 8, 8), torch.tensor([0.1, 0.5, 1.0, 3.0])
+    with torch.no_grad():
+        want = trained.eval()(x, sigma)
+        for other in (loaded, merged):
+            assert torch.allclose(want, other.eval()(x, sigma), atol=1e-5)
+        assert (want - original(x, sigma)).abs().max() > 1e-4
+
+
+DEEPSPEED_CPU = """compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 3
+  gradient_accumulation_steps: 1
+  gradient_clipping: 1.0
+  zero3_init_flag: false
+  zero3_save_16bit_model: true
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: true
+rdzv_backend: static
+same_network: true
+"""
+
+
+def test_deepspeed_zero3_two_processes_lora_ga_plus(tmp_path):
+    """ZeRO-3 on CPU: LoRA+ rates survive DeepSpeed's optimiser wrapper, the gathered adapter is exact."""
+    pytest.importorskip("deepspeed")
+    import launch_utils
+
+    tiny_bert(tmp_path / "bert")
+    tiny_text_dataset(tmp_path / "data")
+    config = tmp_path / "zero3.yaml"
+    config.write_text(DEEPSPEED_CPU)
+    run = tmp_path / "run"
+    args = ["--model", str(tmp_path / "bert"), "--dataset", str(tmp_path / "data"), "--batch_size", "4"]
+    args += [
+        "--method",
+        "lora_ga_plus",
+        "--max_steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--output_dir",
+        str(run),
+        *COMMON,
+    ]
+    original = launch_utils.CPU_CONFIG
+    launch_utils.CPU_CONFIG = config
+    try:
+        accelerate_launch(RECIPE, args)
+    finally:
+        launch_utils.CPU_CONFIG = original
+    _check_text_export(run, tmp_path / "bert", ratio=16)
+
+
+def test_resumed_lora_ga_run_exports_the_same_adapter(tmp_path):
+    """Causal LM + DoRA + LoRA-GA: a run stopped at step 2 and resumed ends with the uninterrupted adapter (the
+    resumed run does not re-estimate; it reads the initial factors saved beside the run)."""
+    from recipes.lora import main
+
+    tiny_llama(tmp_path / "llama")
+    tiny_text_dataset(tmp_path / "data")
+    args = ["--model", str(tmp_path / "llama"), "--task", "causal_lm", "--dataset", str(tmp_path / "data")]
+    args += ["--method", "lora_ga", "--use_dora", "true", "--batch_size", "4", "--lr", "1e-3", *COMMON]
+    main([*args, "--output_dir", str(tmp_path / "straight"), "--max_steps", "3"])
+    _reset_accelerate()
+    main([*args, "--output_dir", str(tmp_path / "resumed"), "--max_steps", "2"])
+    _reset_accelerate()
+    shutil.rmtree(tmp_path / "resumed" / "export")
+    main([*args, "--output_dir", str(tmp_path / "resumed"), "--max_steps", "3", "--resume_from", "latest"])
+    straight = load_file(str(tmp_path / "straight" / "export" / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "export" / "adapter" / "adapter_model.safetensors"))
+    assert straight.keys() == resumed.keys() and any("lora_magnitude_vector" in k for k in straight)
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+
+
+def test_full_fine_tuning_of_the_unet_and_the_shipped_configs(tmp_path):
+    from engine.config import parse_config
+    from recipes.lora import LoraRecipeConfig, main
+
+    teacher = tiny_edm_teacher(tmp_path / "teacher")
+    args = ["--model_kind", "unet", "--model", str(teacher), "--method", "full", "--max_steps", "2"]
+    metrics = main(
+        [*args, "--batch_size", "8", "--eval_examples", "16", "--output_dir", str(tmp_path), *COMMON]
+    )
+    assert metrics["eval_loss"] > 0
+    assert (tmp_path / "export" / "merged" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    for name in ("lora_minilm.yaml", "lora_teacher_digits.yaml"):
+        cfg = parse_config(LoraRecipeConfig, ["--config", str(ROOT / "recipes" / "configs" / name)])
+        assert cfg.method in ("lora", "lora_plus", "lora_ga", "lora_ga_plus", "full")
+
+
+def test_stdlib_docstrings_is_a_real_offline_text_task():
+    from finetune.data import STDLIB_PACKAGES, stdlib_docstrings
+
+    splits = stdlib_docstrings()
+    train, evaluation = splits["train"], splits["eval"]
+    assert train.features["label"].names == list(STDLIB_PACKAGES)
+    assert len(train) > 1000 and len(evaluation) > 200
+    assert set(train["label"]) == set(range(len(STDLIB_PACKAGES)))
+    assert not set(train["text"]) & set(evaluation["text"])
