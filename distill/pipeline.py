@@ -25,6 +25,16 @@ class OneStepPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(step_sigmas=list(step_sigmas or [2.5]))
 
+    @classmethod
+    def from_teacher_and_adapter(
+        cls, teacher: str | None, adapter_folder: str, merge: bool = False, device: str | torch.device = "cpu"
+    ) -> OneStepPipeline:
+        """One-step sampler from a teacher (folder, hub id or 'default'; None = the one the adapter names) and
+        a SiD-LoRA adapter folder: the teacher's UNet with the adapter attached by peft (``merge``: merged)."""
+        from distill.lora_export import load_adapter_student
+
+        return load_adapter_student(teacher, adapter_folder, merge=merge, device=device)
+
     @property
     def denoiser(self) -> Denoiser:
         return Denoiser(self.unet, self.scheduler)

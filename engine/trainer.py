@@ -299,8 +299,6 @@ class Trainer:
                 logs[f"{phase}/{key}"] = logs.get(f"{phase}/{key}", 0) + v / n
         if tm.sync == "all_reduce":
             self._all_reduce_gradients(phase)
-        if tm.sync == "all_reduce":
-            self._all_reduce_gradients(phase)
         if self._finish_gradients(phase):
             tm.optimizer.step()
             if tm.lr_scheduler is not None:
@@ -310,22 +308,6 @@ class Trainer:
             seen_after = self.images_seen + self.samples_per_step
             self.emas[phase].update(acc.unwrap_model(tm.module), self.samples_per_step, seen_after)
         return logs
-
-    def _all_reduce_gradients(self, phase: str) -> None:
-        """Average the phase's gradients over processes in one flat all-reduce (modules not wrapped for DDP)."""
-        if self.num_processes == 1:
-            return
-        params = self._trainable[phase]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.flatten() for p in params])
-        torch.distributed.all_reduce(flat)
-        flat /= self.num_processes
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
 
     def _all_reduce_gradients(self, phase: str) -> None:
         """Average the phase's gradients over processes in one flat all-reduce (modules not wrapped for DDP)."""

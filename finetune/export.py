@@ -116,12 +116,13 @@ def save_adapter(
     full_state_dict: Mapping[str, torch.Tensor] | None = None,
     diffusers_prefix: str | None = None,
     base_model_name_or_path: str | None = None,
+    adapter_name: str = "default",
 ) -> Path:
     """Write the adapter in peft's format (and diffusers' when ``diffusers_prefix``, e.g. "unet", is given),
     converted so it applies to the untouched pretrained base."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state, config = adapter_state_and_config(peft_model, initial, full_state_dict)
+    state, config = adapter_state_and_config(peft_model, initial, full_state_dict, adapter_name)
     config = copy.deepcopy(config)
     if base_model_name_or_path is not None:
         config.base_model_name_or_path = base_model_name_or_path

@@ -42,21 +42,9 @@ from engine.trainer import Trainer
 from finetune.export import INITIAL_FILE, load_initial, save_adapter, save_initial
 from finetune.loraga import LoraGAOptions, apply_lora_ga
 from finetune.loraplus import check_loraplus_groups, create_loraplus_optimizer, loraplus_learning_rates
+from finetune.targets import UNET_TARGETS
 
 Method = Literal["lora", "lora_plus", "lora_ga", "lora_ga_plus", "full"]
-#: LoRA targets in diffusers UNets: every resnet/attention conv and linear layer, and the resamplers.
-UNET_TARGETS = [
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "time_emb_proj",
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "downsamplers.0.conv",
-    "upsamplers.0.conv",
-]
 
 
 @dataclass
@@ -301,7 +289,7 @@ class LoraRecipe(Recipe):
             from peft import get_peft_model
 
             peft_unet = get_peft_model(
-                denoiser.model, self._lora_config(None, cfg.target_modules or UNET_TARGETS)
+                denoiser.model, self._lora_config(None, cfg.target_modules or list(UNET_TARGETS))
             )
             denoiser.model = peft_unet
             self.peft_model = peft_unet

@@ -2,6 +2,7 @@
 
     accelerate launch recipes/sid.py                      # the embedded default teacher, this machine
     accelerate launch recipes/sid.py --teacher PATH_OR_ID --config recipes/configs/sid_digits.yaml
+    accelerate launch recipes/sid.py --config recipes/configs/sid_lora_digits.yaml   # LoRA students
 
 Algorithm (Zhou et al. 2024, with SiD-LSG guidance for conditional teachers), one iteration:
   0. teacher f_phi frozen; fake score f_psi and generator G both start as copies of the teacher;
@@ -11,12 +12,19 @@ Algorithm (Zhou et al. 2024, with SiD-LSG guidance for conditional teachers), on
      x_t = x_g + sigma n; loss = SiD(x_g, f_phi(x_t), f_psi(x_t), alpha) (gradient through x_t, both scores);
   3. EMA of G; periodically evaluate G_ema (one-step FD on the default data), finally export it as a diffusers
      pipeline folder with a model card.
+
+``--student lora``: the teacher is loaded once and frozen; f_psi and G are the LoRA adapters "fake_score" and
+"generator" on it (f_phi = the base with adapters disabled; see distill/sid_lora.py). Only the adapters are
+trained (LoRA+ learning rates with ``loraplus_ratio`` > 1), averaged and exported: a plug-in one-step adapter
+for the original teacher (distill/lora_export.py), optionally also merged into a full pipeline folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,8 +34,16 @@ import torch
 from distill.denoiser import Condition, Denoiser
 from distill.edm import sample_lognormal_sigmas
 from distill.export import export_generator
+from distill.lora_export import export_merged, save_sid_adapter
 from distill.quality import QualityTracker
 from distill.sid import fake_score_loss, sample_generator_sigmas, sid_generator_loss
+from distill.sid_lora import (
+    ADAPTERS,
+    AdapterView,
+    adapter_optimizer,
+    adapter_parameter_names,
+    add_sid_adapters,
+)
 from distill.teachers import load_teacher
 from engine.config import TrainConfig, parse_config
 from engine.recipe import Recipe, RecipeParts, TrainedModel
@@ -66,8 +82,39 @@ class SiDConfig(TrainConfig):
     fp16_initial_scale: float = field(
         default=128.0, metadata={"help": "SiD's fp16 runs use small fixed scales (1 for f_psi, 100 for G)."}
     )
-    student: Literal["full", "lora"] = "full"
+    student: Literal["full", "lora"] = field(
+        default="full",
+        metadata={"help": "full: three teacher copies; lora: two adapters on one frozen teacher."},
+    )
+    lora_rank: int = 16
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling = lora_alpha / lora_rank."})
+    lora_targets: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "UNet layer names to adapt (peft target_modules); empty = resnet/attention layers."
+        },
+    )
+    loraplus_ratio: float = field(default=1.0, metadata={"help": "LoRA+: B matrices get lr * ratio (>= 1)."})
+    lora_init: Literal["default", "lora_ga"] = field(
+        default="default", metadata={"help": "'lora_ga' is refused: it would rewrite the shared teacher."}
+    )
+    lora_export_merged: bool = field(
+        default=False, metadata={"help": "lora: also write the adapter merged into a full pipeline folder."}
+    )
     export_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
+        if self.loraplus_ratio < 1:
+            raise ValueError(f"loraplus_ratio={self.loraplus_ratio} must be >= 1 (lr_B / lr_A)")
+        if self.student == "lora" and self.lora_init == "lora_ga":
+            raise ValueError(
+                "lora_init='lora_ga' is not available with student='lora': LoRA-GA keeps the model's output "
+                "unchanged by subtracting s*B0*A0 from the BASE weight, and here the base is the shared teacher "
+                "f_phi (and the other adapter's base), so it would change the teacher; use lora_init='default'"
+            )
 
 
 class SiDRecipe(Recipe):
@@ -77,33 +124,49 @@ class SiDRecipe(Recipe):
     # 0. networks ---------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> RecipeParts:
         cfg = self.config
-        if cfg.student != "full":
-            raise ValueError(f"student={cfg.student!r} is not available yet; use 'full'")
         teacher = load_teacher(cfg.teacher)
         self.shape = (teacher.in_channels, teacher.sample_size, teacher.sample_size)
         embeds = teacher.num_class_embeds
         self.num_classes = (
             cfg.num_classes if cfg.num_classes is not None else (embeds - 1 if embeds else None)
         )
+        self.quality = QualityTracker(trainer, cfg.eval_samples, cfg.eval_seed, self.shape, self.num_classes)
+        ema = {"ema_halflife_images": cfg.ema_halflife_images, "ema_rampup_ratio": cfg.ema_rampup_ratio}
+        betas = (float(cfg.adam_beta1), float(cfg.adam_beta2))
+        lrs = {"fake_score": cfg.lr_fake_score, "generator": cfg.lr_generator}
+        if cfg.student == "lora":
+            return self._lora_parts(teacher, betas, lrs, ema)
         fake_score, generator = copy.deepcopy(teacher), copy.deepcopy(teacher)
 
         def adam(module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-            betas = (float(cfg.adam_beta1), float(cfg.adam_beta2))
             return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=cfg.adam_eps)
 
-        self.quality = QualityTracker(trainer, cfg.eval_samples, cfg.eval_seed, self.shape, self.num_classes)
         return RecipeParts(
             trained={
                 "fake_score": TrainedModel(fake_score, adam(fake_score, cfg.lr_fake_score)),
-                "generator": TrainedModel(
-                    generator,
-                    adam(generator, cfg.lr_generator),
-                    ema_halflife_images=cfg.ema_halflife_images,
-                    ema_rampup_ratio=cfg.ema_rampup_ratio,
-                ),
+                "generator": TrainedModel(generator, adam(generator, cfg.lr_generator), **ema),
             },
             frozen={"teacher": teacher},
         )
+
+    def _lora_parts(self, teacher: Denoiser, betas, lrs: dict[str, float], ema: dict) -> RecipeParts:
+        """f_psi and G as adapter views of one frozen teacher; each trains (and averages) only its adapter.
+
+        The views share one module, so each names its `parameters` and uses sync="all_reduce" (the engine
+        all-reduces them itself instead of wrapping the module for DDP). The teacher view owns no parameters.
+        """
+        cfg = self.config
+        shared = add_sid_adapters(teacher, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        trained = {}
+        for name in ADAPTERS:
+            view = AdapterView(shared, name)
+            names = adapter_parameter_names(view, name)
+            optimizer = adapter_optimizer(
+                view, names, lrs[name], cfg.loraplus_ratio, torch.optim.Adam, betas=betas, eps=cfg.adam_eps
+            )
+            extra = ema if name == "generator" else {}
+            trained[name] = TrainedModel(view, optimizer, parameters=names, sync="all_reduce", **extra)
+        return RecipeParts(trained=trained, frozen={"teacher": AdapterView(shared, None)})
 
     def phases(self, step: int) -> list[str]:
         return ["fake_score"] * self.config.fake_score_updates + ["generator"]
@@ -154,9 +217,19 @@ class SiDRecipe(Recipe):
         return loss, {"x_g_std": x_g.detach().float().std()}
 
     # 3. evaluation and export -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ema_generator(self, trainer: Trainer) -> Iterator[Denoiser]:
+        """G with its EMA weights (lora: the EMA adapter swapped into the shared model for the duration)."""
+        if self.config.student != "lora":
+            yield trainer.models.ema("generator")
+            return
+        view = trainer.accelerator.unwrap_model(trainer.trained["generator"].module)
+        with trainer.emas["generator"].applied(view):
+            yield view
+
     def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
-        ema = trainer.models.ema("generator")
-        return self.quality.evaluate(lambda z, c: self.sample_with(ema, z, c), tag="generator_ema")
+        with self.ema_generator(trainer) as ema:
+            return self.quality.evaluate(lambda z, c: self.sample_with(ema, z, c), tag="generator_ema")
 
     @torch.no_grad()
     def sample_with(self, generator: Denoiser, z: torch.Tensor, cond: Condition | None) -> torch.Tensor:
@@ -184,6 +257,26 @@ class SiDRecipe(Recipe):
             **{f"final_{k}": v for k, v in metrics.items()},
             **{f"best_{k}": v for k, v in self.quality.best.items()},
         }
+        if cfg.student == "lora":
+            facts |= {
+                "lora_rank": cfg.lora_rank,
+                "lora_alpha": cfg.lora_alpha,
+                "loraplus_ratio": cfg.loraplus_ratio,
+            }
+            with self.ema_generator(trainer) as ema:
+                save_sid_adapter(
+                    ema.shared.model,
+                    out,
+                    adapter_name="generator",
+                    step_sigmas=cfg.student_sigmas,
+                    teacher=cfg.teacher,
+                    method="Score identity Distillation (Zhou et al. 2024), generator LoRA on the frozen teacher, EMA",
+                    facts=facts,
+                    sample_grid=self.quality.last_grid,
+                )
+            if cfg.lora_export_merged:
+                export_merged(out, out.parent / f"{out.name}_merged", facts=facts)
+            return
         export_generator(
             trainer.models.ema("generator"),
             out,

@@ -1,0 +1,144 @@
+"""Publish a SiD-LoRA generator as a plug-in one-step adapter for the ORIGINAL teacher, and load it back.
+
+The folder holds:
+
+* ``adapter_config.json`` + ``adapter_model.safetensors``: peft's format, for
+  ``peft.PeftModel.from_pretrained(teacher_unet, folder)`` (every diffusers UNet, ``UNet2DModel`` included);
+* ``pytorch_lora_weights.safetensors`` (only for UNets with diffusers' ``PeftAdapterMixin``, e.g.
+  ``UNet2DConditionModel``): diffusers' format, for ``pipe.load_lora_weights(folder)`` or
+  ``unet.load_lora_adapter(folder, prefix="unet", use_safetensors=True)`` (diffusers 0.42 looks only for a
+  pickle ``.bin`` unless told ``use_safetensors=True`` or ``weight_name=``);
+* ``onestep_adapter.json``: the student's noise levels (``step_sigmas``) and the teacher it belongs to;
+* ``README.md``: the model card.
+
+:func:`load_adapter_student` (also ``OneStepPipeline.from_teacher_and_adapter``) turns teacher + adapter into a
+:class:`~distill.pipeline.OneStepPipeline`, optionally merged; :func:`export_merged` writes that merged pipeline
+as a full checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from distill.denoiser import Denoiser
+from distill.export import export_generator, scheduler_from_denoiser
+from distill.model_card import write_model_card
+from distill.pipeline import OneStepPipeline
+from distill.teachers import load_teacher
+
+ADAPTER_INFO = "onestep_adapter.json"
+
+USAGE = """from distill.pipeline import OneStepPipeline
+
+pipe = OneStepPipeline.from_teacher_and_adapter("{teacher}", "{path}")
+images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+# or by hand: the teacher's UNet + plain peft, sampled at sigma = step_sigmas[0] (see onestep_adapter.json)
+from peft import PeftModel
+unet = PeftModel.from_pretrained(teacher_unet, "{path}")
+# diffusers UNets with LoRA support (UNet2DConditionModel) also load it natively:
+# teacher_unet.load_lora_adapter("{path}", prefix="unet", use_safetensors=True)"""
+
+
+def save_sid_adapter(
+    peft_model,
+    folder: str | Path,
+    adapter_name: str,
+    step_sigmas: list[float],
+    teacher: str,
+    method: str,
+    facts: dict[str, Any],
+    sample_grid: str | None = None,
+) -> Path:
+    """Write ``adapter_name`` of ``peft_model`` (a peft-wrapped teacher UNet) as a plug-in adapter folder."""
+    from finetune.export import save_adapter
+
+    folder = Path(folder)
+    if Path(teacher).expanduser().is_dir():
+        teacher = str(Path(teacher).expanduser().resolve())  # loadable from any working directory
+    # diffusers' format too where the UNet can load it natively (PeftAdapterMixin: UNet2DConditionModel, ...)
+    native = hasattr(peft_model.get_base_model(), "load_lora_adapter")
+    save_adapter(
+        peft_model,
+        folder,
+        diffusers_prefix="unet" if native else None,
+        base_model_name_or_path=teacher,
+        adapter_name=adapter_name,
+    )
+    info = {"step_sigmas": [float(s) for s in step_sigmas], "teacher": teacher, "method": method}
+    (folder / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    grid_name = None
+    if sample_grid and Path(sample_grid).is_file():
+        grid_name = "samples.png"
+        shutil.copyfile(sample_grid, folder / grid_name)
+    write_model_card(
+        folder,
+        title=f"One-step LoRA adapter for {teacher}",
+        method=method,
+        facts={**facts, "adapter_parameters": _adapter_parameters(folder)},
+        base_model=teacher if teacher != "default" else "onestep-toolkit/default-digits-teacher",
+        tags=["distillation", "one-step", "sid", "lora"],
+        sample_grid=grid_name,
+        usage=USAGE.format(path=folder, teacher=teacher),
+    )
+    return folder
+
+
+def read_adapter_info(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / ADAPTER_INFO
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a one-step adapter folder: {ADAPTER_INFO} is missing")
+    return json.loads(path.read_text())
+
+
+def load_adapter_student(
+    teacher: str | None,
+    adapter_folder: str | Path,
+    merge: bool = False,
+    device: str | torch.device = "cpu",
+) -> OneStepPipeline:
+    """Teacher UNet + scheduler (``teacher``: as for ``load_teacher``; None = the one named in the adapter
+    folder) with the adapter attached by plain peft (``merge``: folded into the weights), as a one-step pipeline.
+    """
+    from peft import PeftModel
+
+    info = read_adapter_info(adapter_folder)
+    denoiser = load_teacher(teacher if teacher is not None else info["teacher"])
+    unet = PeftModel.from_pretrained(denoiser.model, str(adapter_folder))
+    if merge:
+        unet = unet.merge_and_unload()
+    unet.eval()
+    pipe = OneStepPipeline(
+        unet=unet, scheduler=scheduler_from_denoiser(denoiser), step_sigmas=info["step_sigmas"]
+    )
+    return pipe.to(device)
+
+
+def export_merged(
+    adapter_folder: str | Path,
+    folder: str | Path,
+    teacher: str | None = None,
+    facts: dict[str, Any] | None = None,
+) -> Path:
+    """Merge the adapter into (a fresh load of) its teacher and write a full OneStepPipeline folder."""
+    info = read_adapter_info(adapter_folder)
+    teacher = teacher if teacher is not None else info["teacher"]
+    pipe = load_adapter_student(teacher, adapter_folder, merge=True)
+    return export_generator(
+        Denoiser(pipe.unet, pipe.scheduler),
+        folder,
+        step_sigmas=info["step_sigmas"],
+        base_model=teacher,
+        method=f"{info['method']}, adapter merged into the teacher",
+        facts=facts or {},
+    )
+
+
+def _adapter_parameters(folder: Path) -> int:
+    return sum(t.numel() for t in load_file(str(folder / "adapter_model.safetensors")).values())
