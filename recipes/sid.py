@@ -67,8 +67,13 @@ class SiDConfig(TrainConfig):
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     fake_score_updates: int = field(default=1, metadata={"help": "f_psi steps per generator step."})
-    ema_halflife_images: float = 50_000.0
-    ema_rampup_ratio: float = 0.05
+    ema_halflife_images: float = field(
+        default=200_000.0,
+        metadata={"help": "EMA half-life of G in images (on the digits teacher 50k made FD swing 6-10.6)."},
+    )
+    ema_rampup_ratio: float = field(
+        default=0.5, metadata={"help": "Half-life <= ratio * images seen early on (EDM's ramp-up)."}
+    )
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale kappa (conditional teachers)."})
     label_dropout: float = field(default=0.1, metadata={"help": "Share of conditions set to null for f_psi."})
     num_classes: int | None = field(
