@@ -50,6 +50,7 @@ def run(out: Path) -> None:
         {k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{state.process_index}.safetensors")
     )
     state.wait_for_everyone()
+    state.destroy_process_group()  # leaving gloo's threads to interpreter exit can abort ("terminate called ...")
 
 
 def test_two_processes_average_gradients_and_agree(tmp_path):

@@ -179,9 +179,11 @@ def test_sample_with_real_unet_cfg_and_cond_slicing():
     full = sample(d, 5, generator=torch.Generator().manual_seed(0), **kw)
     parts = sample(d, 5, generator=torch.Generator().manual_seed(0), batch_size=2, **kw)
     assert full.images.shape == (5, 1, 8, 8) and full.images.dtype == torch.float32 and full.nfe == 3
-    torch.testing.assert_close(parts.images, full.images, atol=1e-5, rtol=1e-5)
+    # batches of 2 vs 5 take different CPU kernels: float rounding, grown by CFG from sigma 80, reaches ~4e-5
+    # relative; a wrong condition or noise slice would differ by O(1)
+    torch.testing.assert_close(parts.images, full.images, atol=1e-4, rtol=1e-4)
     null = d.null_condition(cond)  # explicit null for all 5 samples, sliced per batch like cond
     explicit = sample(d, 5, generator=torch.Generator().manual_seed(0), batch_size=2, null_cond=null, **kw)
-    torch.testing.assert_close(explicit.images, full.images, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit.images, parts.images, atol=1e-6, rtol=1e-6)
     plain = sample(d, 5, generator=torch.Generator().manual_seed(0), nfe=3, cond=cond)
     assert not torch.allclose(plain.images, full.images)
