@@ -12,14 +12,26 @@ printed too) and writes a PNG of FD vs. generated images seen with the teacher's
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from distill.quality import evaluate_sampler
 from distill.teachers import load_teacher
+from engine.config import parse_config
 from engine.trainer import Trainer
 from recipes.sid import SiDConfig, SiDRecipe
+
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+
+
+def overrides_from(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"override {pair!r} must look like key=value, e.g. alpha=1.2")
+        out[key] = value
+    return out
 
 
 def teacher_reference(num_samples: int) -> dict[int, float]:
@@ -70,28 +82,31 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=200, help="SiD iterations between evaluations")
     parser.add_argument("--output-dir", default="outputs/bench_sid_digits")
     parser.add_argument(
-        "overrides", nargs="*", help="extra SiD config overrides, e.g. alpha=1.0 lr_generator=2e-5"
+        "overrides",
+        nargs="*",
+        help="SiD config overrides on top of recipes/configs/sid_(lora_)digits.yaml, e.g. alpha=1.2 "
+        "student_sigmas='2.5 0.8'",
     )
     args = parser.parse_args()
 
-    teacher = teacher_reference(args.eval_samples)
-    overrides = dict(o.split("=", 1) for o in args.overrides)
-    cfg_kwargs = dict(
+    # the recipe's own digits config, so the benchmark measures what README's commands run
+    config_file = CONFIGS / ("sid_lora_digits.yaml" if args.student == "lora" else "sid_digits.yaml")
+    argv = ["--config", str(config_file)]
+    for key, value in overrides_from(args.overrides).items():
+        argv += [f"--{key}", *value.split()]
+    fixed = dict(
         output_dir=args.output_dir,
         max_steps=10**9,
         max_minutes=args.minutes,
         eval_every=args.eval_every,
         eval_samples=args.eval_samples,
-        student=args.student,
         log_every=50,
         checkpoint_every=0,
     )
-    fields = SiDConfig.__dataclass_fields__
-    for key, value in overrides.items():
-        if key not in fields:
-            raise SystemExit(f"unknown SiD config field {key!r}")
-        cfg_kwargs[key] = json.loads(value) if value[:1] in "[{" else type(fields[key].default)(value)
-    config = SiDConfig(**cfg_kwargs)
+    for key, value in fixed.items():
+        argv += [f"--{key}", str(value)]
+    config = parse_config(SiDConfig, argv)  # bad keys or values fail here, before the teacher is measured
+    teacher = teacher_reference(args.eval_samples)
     start = time.perf_counter()
     trainer = Trainer(config, SiDRecipe(config))
     trainer.fit()

@@ -56,7 +56,7 @@ def test_generator_gradient_is_zero_while_fake_score_equals_teacher(tmp_path, te
 
 
 def test_sid_trains_exports_and_pipeline_reproduces_ema(tmp_path, teacher_dir):
-    trainer = make(tmp_path, teacher_dir, max_steps=3)
+    trainer = make(tmp_path, teacher_dir, max_steps=3, alpha=0.9)
     metrics = trainer.fit()
     assert {"fd", "precision", "recall"} <= set(metrics)
     gen = trainer.accelerator.unwrap_model(trainer.trained["generator"].module)
@@ -64,7 +64,7 @@ def test_sid_trains_exports_and_pipeline_reproduces_ema(tmp_path, teacher_dir):
     assert any(not torch.equal(a, b) for a, b in zip(gen.parameters(), teacher.parameters()))
     folder = tmp_path / "student"
     card = (folder / "README.md").read_text()
-    assert "library_name: diffusers" in card and "alpha: 1.2" in card and "generated_images_seen: 12" in card
+    assert "library_name: diffusers" in card and "alpha: 0.9" in card and "generated_images_seen: 12" in card
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     pipe = OneStepPipeline.from_pretrained(str(folder))
     z = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
