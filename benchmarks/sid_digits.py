@@ -24,14 +24,15 @@ from recipes.sid import SiDConfig, SiDRecipe
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
 
-def overrides_from(pairs: list[str]) -> dict[str, str]:
-    out = {}
+def override_args(pairs: list[str]) -> list[str]:
+    """``key=value`` pairs as ``--key value...`` arguments (a list value is space-separated)."""
+    args = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"override {pair!r} must look like key=value, e.g. alpha=1.2")
-        out[key] = value
-    return out
+        args += [f"--{key}", *value.split()]
+    return args
 
 
 def teacher_reference(num_samples: int) -> dict[int, float]:
@@ -91,9 +92,6 @@ def main() -> None:
 
     # the recipe's own digits config, so the benchmark measures what README's commands run
     config_file = CONFIGS / ("sid_lora_digits.yaml" if args.student == "lora" else "sid_digits.yaml")
-    argv = ["--config", str(config_file)]
-    for key, value in overrides_from(args.overrides).items():
-        argv += [f"--{key}", *value.split()]
     fixed = dict(
         output_dir=args.output_dir,
         max_steps=10**9,
@@ -103,8 +101,10 @@ def main() -> None:
         log_every=50,
         checkpoint_every=0,
     )
+    argv = ["--config", str(config_file)]
     for key, value in fixed.items():
         argv += [f"--{key}", str(value)]
+    argv += override_args(args.overrides)  # last, so the user's overrides win
     config = parse_config(SiDConfig, argv)  # bad keys or values fail here, before the teacher is measured
     teacher = teacher_reference(args.eval_samples)
     start = time.perf_counter()
