@@ -54,6 +54,14 @@ class TrainConfig:
         default="zero",
         metadata={"help": "Non-finite gradient entries: zero them (SiD), skip the step, or raise."},
     )
+    lr_decay_start: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of the run (steps or max_minutes, whichever ends it) after which every trained "
+            "model's lr decays linearly to lr_decay_final x lr at the end; 1.0 = constant lr."
+        },
+    )
+    lr_decay_final: float = field(default=0.1, metadata={"help": "lr at the run's end, as a share of lr."})
     checkpoint_every: int = field(
         default=0, metadata={"help": "Checkpoint every N steps; 0 = only at the end."}
     )
@@ -81,6 +89,9 @@ class TrainConfig:
         for name in ("checkpoint_every", "eval_every", "num_workers", "max_grad_norm", "max_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name}={getattr(self, name)!r} must be >= 0")
+        for name in ("lr_decay_start", "lr_decay_final"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"config field {name}={getattr(self, name)!r} must be in [0, 1]")
         if self.checkpoints_total_limit < 1:
             raise ValueError(f"checkpoints_total_limit={self.checkpoints_total_limit} must be >= 1")
 

@@ -30,6 +30,7 @@ from engine.data import BatchStream
 from engine.ema import EMA, ParameterEMA
 from engine.images import make_grid, save_grid
 from engine.recipe import Recipe, RecipeParts, TrainedModel
+from engine.schedules import linear_decay_factor, scale_learning_rates
 from engine.seeding import seed_everything
 
 _SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -105,6 +106,13 @@ class Trainer:
         seed_everything(config.seed, self.accelerator.process_index, config.deterministic)
         parts = recipe.setup(self)
         self._check_parts(parts)
+        if config.lr_decay_start < 1.0:
+            for name, tm in parts.trained.items():
+                if tm.lr_scheduler is not None:
+                    raise ValueError(
+                        f"lr_decay_start={config.lr_decay_start} but the recipe gives {name!r} its own "
+                        "lr_scheduler; use one or the other (lr_decay_start=1.0 keeps the recipe's)"
+                    )
         self.trained: dict[str, TrainedModel] = parts.trained
         self.frozen: dict[str, nn.Module] = {}
         self._prepare(parts)
@@ -122,6 +130,7 @@ class Trainer:
                 )
         self.step = 0
         self.images_seen = 0
+        self._time_used = 0.0  # share of max_minutes used by this launch, agreed by all processes each step
         self.nonfinite_steps: dict[str, int] = dict.fromkeys(self.trained, 0)
         self.samples_per_step = config.batch_size * config.gradient_accumulation_steps * self.num_processes
         if resume_path is not None:
@@ -178,6 +187,10 @@ class Trainer:
                 "launch it with a DDP or FSDP config instead (see accelerate_configs/)"
             )
         self.recipe._trained_names = tuple(parts.trained)
+
+    def progress(self) -> float:
+        """Share of the run done: the larger of step / max_steps and (this launch's) time / max_minutes."""
+        return max(self.step / self.config.max_steps, self._time_used)
 
     def _prepare(self, parts: RecipeParts) -> None:
         acc = self.accelerator
@@ -272,6 +285,12 @@ class Trainer:
         """One optimisation step: every phase once, over ``gradient_accumulation_steps`` micro-batches."""
         accum = self.config.gradient_accumulation_steps
         micro_batches = [next(self.stream) if self.stream is not None else None for _ in range(accum)]
+        if self.config.lr_decay_start < 1.0:
+            factor = linear_decay_factor(
+                self.progress(), self.config.lr_decay_start, self.config.lr_decay_final
+            )
+            for tm in self.trained.values():
+                scale_learning_rates(tm.optimizer, factor)
         logs: dict[str, torch.Tensor] = {}
         for phase in self.recipe.phases(self.step):
             logs.update(self._run_phase(phase, micro_batches))
@@ -363,12 +382,14 @@ class Trainer:
         return True
 
     def _out_of_time(self, t_start: float) -> bool:
+        """Updates the time share used (the largest over processes, so all agree) and says if it reached 1."""
         if not self.config.max_minutes:
             return False
-        flag = torch.tensor(
-            float(time.perf_counter() - t_start > 60 * self.config.max_minutes), device=self.device
+        used = torch.tensor(
+            (time.perf_counter() - t_start) / (60 * self.config.max_minutes), device=self.device
         )
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        self._time_used = float(self.accelerator.reduce(used, reduction="max").item())
+        return self._time_used > 1.0
 
     def _reduce_mean(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
         if not sums:

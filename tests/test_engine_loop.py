@@ -244,3 +244,58 @@ def test_shared_parameters_need_explicit_subsets(tmp_path):
     recipe.setup = sloppy
     with pytest.raises(ValueError, match="share parameters"):
         Trainer(cfg, recipe)
+
+
+def test_lr_decays_linearly_over_the_run_and_resumes_exactly(tmp_path):
+    common = dict(
+        optimizer="sgd",
+        max_steps=10,
+        lr_decay_start=0.5,
+        lr_decay_final=0.1,
+        checkpoint_every=4,
+        checkpoints_total_limit=10,
+        dataset_size=64,
+        batch_size=8,
+    )
+
+    def record(trainer):
+        lrs, run_phase = [], trainer._run_phase
+
+        def spy(phase, micro_batches):
+            if phase == "generator":
+                lrs.append(trainer.trained[phase].optimizer.param_groups[0]["lr"])
+            return run_phase(phase, micro_batches)
+
+        trainer._run_phase = spy
+        return lrs
+
+    straight = make(tmp_path / "a", **common)
+    lrs = record(straight)
+    straight.fit()
+    lr = straight.config.lr
+    factors = [1.0] * 6 + [1 - 0.9 * (k / 10 - 0.5) / 0.5 for k in range(6, 10)]  # step k uses k / max_steps
+    assert lrs == pytest.approx([lr * f for f in factors])
+
+    crashing = make(tmp_path / "b", crash_at_step=6, **common)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        crashing.fit()
+    resumed = make(tmp_path / "b", resume_from="latest", **common)
+    assert resumed.step == 4
+    resumed_lrs = record(resumed)
+    resumed.fit()
+    assert resumed_lrs == pytest.approx(lrs[4:])
+    assert_weights_close(final_weights(resumed), final_weights(straight), exact=True)
+
+    # a time budget counts too: progress is the larger share, and the decay follows it
+    timed = make(tmp_path / "c", **{**common, "max_steps": 1000, "max_minutes": 10.0})
+    timed._time_used = 0.75
+    assert timed.progress() == 0.75
+    timed.train_step()
+    assert timed.trained["critic"].optimizer.param_groups[0]["lr"] == pytest.approx(lr * (1 - 0.9 * 0.5))
+
+
+def test_lr_decay_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="lr_decay_start=1.5"):
+        make(tmp_path, lr_decay_start=1.5)
+    with pytest.raises(ValueError, match="lr_decay_final=-0.1"):
+        make(tmp_path, lr_decay_final=-0.1)
