@@ -7,6 +7,7 @@ be checked against a direct re-computation and for its gradient.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from distill.edm import SIGMA_DATA, edm_weight
 
@@ -62,3 +63,38 @@ def fake_score_loss(
     """Per-sample EDM denoising loss of the fake score on (detached) generator samples."""
     per_sample = (y_fake.float() - x_g.float()).pow(2).flatten(1).sum(1)
     return edm_weight(sigma.float(), sigma_data) * per_sample
+
+
+# --- SiDA (Zhou et al., arXiv 2410.14919): the fake score's encoder as a discriminator on real images ---------
+def discriminator_loss(
+    logits_real: torch.Tensor, logits_fake: torch.Tensor, sigma: torch.Tensor, sigma_data: float = SIGMA_DATA
+) -> torch.Tensor:
+    """SiDA's discriminator loss for f_psi (a scalar), as the authors' code computes it.
+
+    loss = mean_i lambda(sigma_i) * (BCE(logits_real, 1) + BCE(logits_fake, 0)) / 2, where each BCE is the
+    mean over the whole batch and every logit: so each logit is weighted by the batch's mean EDM weight, not
+    by its own sample's (with the sample's own weight the lowest noise levels would drown the rest). Real
+    and generated images are noised with the same sigma and noise.
+    """
+    if logits_real.shape != logits_fake.shape:
+        raise ValueError(
+            f"logit shapes differ: real {tuple(logits_real.shape)}, fake {tuple(logits_fake.shape)}"
+        )
+    bce = F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
+    return edm_weight(sigma.float(), sigma_data).mean() * bce / 2
+
+
+def generator_adversarial_loss(
+    logits_fake: torch.Tensor, x_g: torch.Tensor, y_real: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """SiDA's non-saturating generator term (a scalar) on the same scale as :func:`sid_generator_loss`.
+
+    BCE(clamp(logits, -10, 10), 1) over the batch, divided per sample by SiD's normaliser
+    w = stopgrad(mean |x_g - y_real|) and multiplied by the number of elements per sample (SiD's loss is a
+    sum over them), then averaged over samples.
+    """
+    x_g, y_real = x_g.float(), y_real.float()
+    dims = tuple(range(1, x_g.ndim))
+    w = (x_g - y_real).abs().mean(dim=dims).detach().clamp_min(eps)
+    bce = F.softplus(-logits_fake.float().clamp(-10, 10)).mean()
+    return bce * (1.0 / w).mean() * x_g[0].numel()

@@ -13,6 +13,11 @@ Algorithm (Zhou et al. 2024, with SiD-LSG guidance for conditional teachers), on
   3. EMA of G; periodically evaluate G_ema (one-step FD on the default data), finally export it as a diffusers
      pipeline folder with a model card.
 
+``--real_data DATA`` (SiDA, Zhou et al. 2024b): f_psi's encoder is also a discriminator (channel mean of its
+last down block, distill/discriminator.py). Step 1 adds D's loss on real images noised like x_g (same sigma and
+noise); G waits ``generator_freeze_images``, and from ``adversarial_start_images`` on step 2's loss is
+0.5 SiD + 0.5 * weight * adversarial term.
+
 ``--student lora``: the teacher is loaded once and frozen; f_psi and G are the LoRA adapters "fake_score" and
 "generator" on it (f_phi = the base with adapters disabled; see distill/sid_lora.py). Only the adapters are
 trained (LoRA+ learning rates with ``loraplus_ratio`` > 1), averaged and exported: a plug-in one-step adapter
@@ -30,13 +35,22 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch.utils.data import DataLoader
 
+from distill.data import load_image_dataset, torch_collate
 from distill.denoiser import Condition, Denoiser
+from distill.discriminator import EncoderLogits
 from distill.edm import sample_lognormal_sigmas
 from distill.export import export_generator
 from distill.lora_export import export_merged, save_sid_adapter
 from distill.quality import QualityTracker
-from distill.sid import fake_score_loss, sample_generator_sigmas, sid_generator_loss
+from distill.sid import (
+    discriminator_loss,
+    fake_score_loss,
+    generator_adversarial_loss,
+    sample_generator_sigmas,
+    sid_generator_loss,
+)
 from distill.sid_lora import (
     ADAPTERS,
     AdapterView,
@@ -75,7 +89,10 @@ class SiDConfig(TrainConfig):
     fake_score_updates: int = field(default=1, metadata={"help": "f_psi steps per generator step."})
     ema_halflife_images: float = field(
         default=200_000.0,
-        metadata={"help": "EMA half-life of G in images (on the digits teacher 50k made FD swing 6-10.6)."},
+        metadata={
+            "help": "EMA half-life of G in images (digits, constant lr: 50k-100k followed G's late drift, FD "
+            "4-7 where 200k held 3.0-3.5)."
+        },
     )
     ema_rampup_ratio: float = field(
         default=0.5, metadata={"help": "Half-life <= ratio * images seen early on (EDM's ramp-up)."}
@@ -112,10 +129,48 @@ class SiDConfig(TrainConfig):
     lora_export_merged: bool = field(
         default=False, metadata={"help": "lora: also write the adapter merged into a full pipeline folder."}
     )
+    real_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "SiDA: real images ('digits', a local image folder or a hub dataset) for f_psi's encoder "
+            "used as a discriminator; None = data-free SiD."
+        },
+    )
+    adversarial_weight_fake_score: float = field(
+        default=1.0,
+        metadata={"help": "SiDA: weight of the discriminator loss in f_psi's loss (authors' lsd/ls)."},
+    )
+    adversarial_weight_generator: float = field(
+        default=1e-4,
+        metadata={
+            "help": "SiDA: weight of G's adversarial term against the SiD loss (authors' CIFAR-10 lsg_gan/lsg)."
+        },
+    )
+    adversarial_start_images: int = field(
+        default=200_000,
+        metadata={"help": "SiDA: G's adversarial term starts after this many images (authors: 200k)."},
+    )
+    generator_freeze_images: int = field(
+        default=100_000,
+        metadata={
+            "help": "SiDA: G waits this many images while f_psi and the discriminator warm up (authors: 100k)."
+        },
+    )
     export_dir: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("adversarial_weight_fake_score", "adversarial_weight_generator"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("adversarial_start_images", "generator_freeze_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.real_data is not None and self.guidance_scale != 1.0:
+            raise ValueError(
+                f"real_data (SiDA) with guidance_scale={self.guidance_scale} is not supported: the encoder "
+                "discriminator is defined for unguided scores; use guidance_scale=1.0 or drop real_data"
+            )
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
         if self.loraplus_ratio < 1:
@@ -145,19 +200,51 @@ class SiDRecipe(Recipe):
         ema = {"ema_halflife_images": cfg.ema_halflife_images, "ema_rampup_ratio": cfg.ema_rampup_ratio}
         betas = (float(cfg.adam_beta1), float(cfg.adam_beta2))
         lrs = {"fake_score": cfg.lr_fake_score, "generator": cfg.lr_generator}
+        self.samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * trainer.num_processes
+        self.trainer = trainer
+        real_images = self._real_images() if cfg.real_data is not None else None
         if cfg.student == "lora":
-            return self._lora_parts(teacher, betas, lrs, ema)
-        fake_score, generator = copy.deepcopy(teacher), copy.deepcopy(teacher)
+            parts = self._lora_parts(teacher, betas, lrs, ema)
+        else:
+            fake_score, generator = copy.deepcopy(teacher), copy.deepcopy(teacher)
 
-        def adam(module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-            return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=cfg.adam_eps)
+            def adam(module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+                return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=cfg.adam_eps)
 
-        return RecipeParts(
-            trained={
-                "fake_score": TrainedModel(fake_score, adam(fake_score, cfg.lr_fake_score)),
-                "generator": TrainedModel(generator, adam(generator, cfg.lr_generator), **ema),
-            },
-            frozen={"teacher": teacher},
+            parts = RecipeParts(
+                trained={
+                    "fake_score": TrainedModel(fake_score, adam(fake_score, cfg.lr_fake_score)),
+                    "generator": TrainedModel(generator, adam(generator, cfg.lr_generator), **ema),
+                },
+                frozen={"teacher": teacher},
+            )
+        self.discriminator = None
+        if real_images is not None:
+            self.discriminator = EncoderLogits(parts.trained["fake_score"].module)
+            parts.dataloader = real_images
+        return parts
+
+    def _real_images(self) -> DataLoader:
+        """SiDA's real images, checked against the teacher's sample shape before any training."""
+        cfg = self.config
+        dataset = load_image_dataset(
+            cfg.real_data, split="train", resolution=self.shape[-1], channels=self.shape[0]
+        )
+        shape = tuple(torch.as_tensor(dataset[0]["pixel_values"]).shape)
+        if shape != self.shape:
+            raise ValueError(
+                f"real_data {cfg.real_data!r} gives images of shape {shape}; the teacher samples {self.shape}"
+            )
+        if len(dataset) < cfg.batch_size:
+            raise ValueError(
+                f"real_data {cfg.real_data!r} has {len(dataset)} images, fewer than batch_size={cfg.batch_size}"
+            )
+        if self.num_classes is not None and "label" not in dataset.column_names:
+            raise ValueError(
+                f"real_data {cfg.real_data!r} has no 'label' column for the class-conditional teacher"
+            )
+        return DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=torch_collate
         )
 
     def _lora_parts(self, teacher: Denoiser, betas, lrs: dict[str, float], ema: dict) -> RecipeParts:
@@ -180,7 +267,11 @@ class SiDRecipe(Recipe):
         return RecipeParts(trained=trained, frozen={"teacher": AdapterView(shared, None)})
 
     def phases(self, step: int) -> list[str]:
-        return ["fake_score"] * self.config.fake_score_updates + ["generator"]
+        cfg = self.config
+        fake = ["fake_score"] * cfg.fake_score_updates
+        if cfg.real_data is not None and step * self.samples_per_step < cfg.generator_freeze_images:
+            return fake  # SiDA: f_psi and its discriminator warm up on the initial generator first
+        return fake + ["generator"]
 
     # generator sampling ----------------------------------------------------------------------------
     def _conditions(self, n: int, device) -> tuple[Condition | None, Condition | None]:
@@ -209,23 +300,48 @@ class SiDRecipe(Recipe):
         cond, null = self._conditions(n, device)
         guide = {"guidance_scale": cfg.guidance_scale, "null_cond": null} if cond is not None else {}
         if phase == "fake_score":
+            if self.discriminator is not None and cond is not None:
+                cond = Condition(class_labels=batch["label"].to(device))  # SiDA: the real batch's classes
             with torch.no_grad():
                 x_g = self.generate(models["generator"], z, cond)
             sigma = sample_lognormal_sigmas(n, cfg.p_mean, cfg.p_std, device=device)
-            x_t = x_g + sigma.view(-1, 1, 1, 1) * torch.randn_like(x_g)
+            noise = torch.randn_like(x_g)
+            x_t = x_g + sigma.view(-1, 1, 1, 1) * noise
             train_cond = cond
             if cond is not None and cfg.label_dropout > 0:
                 drop = torch.rand(n, device=device) < cfg.label_dropout
                 train_cond = Condition(class_labels=torch.where(drop, null.class_labels, cond.class_labels))
-            y_fake = models["fake_score"](x_t, sigma, train_cond, **guide)
-            return fake_score_loss(y_fake, x_g, sigma).mean()
+            if self.discriminator is None:
+                y_fake = models["fake_score"](x_t, sigma, train_cond, **guide)
+                return fake_score_loss(y_fake, x_g, sigma).mean()
+            # SiDA: real images with the same sigma and noise, through f_psi in the same batched call
+            x_real_t = batch["pixel_values"].to(device, x_g.dtype) + sigma.view(-1, 1, 1, 1) * noise
+            both_cond = None if train_cond is None else Condition.cat(train_cond, cond)
+            with self.discriminator.capture() as logits:
+                y_both = models["fake_score"](torch.cat([x_t, x_real_t]), sigma.repeat(2), both_cond)
+            logits_fake, logits_real = logits[-1].chunk(2)
+            score = fake_score_loss(y_both[:n], x_g, sigma).mean()
+            d_loss = discriminator_loss(logits_real, logits_fake, sigma)
+            return score + cfg.adversarial_weight_fake_score * d_loss, {
+                "score_loss": score.detach(),
+                "discriminator_loss": d_loss.detach(),
+            }
         x_g = self.generate(models["generator"], z, cond)
         sigma = sample_generator_sigmas(n, cfg.tmax, device=device)
         x_t = x_g + sigma.view(-1, 1, 1, 1) * torch.randn_like(x_g)
         y_real = models["teacher"](x_t, sigma, cond, **guide)
-        y_fake = models["fake_score"](x_t, sigma, cond, **guide)
+        adversarial = (
+            self.discriminator is not None and self.trainer.images_seen >= cfg.adversarial_start_images
+        )
+        with self.discriminator.capture() if adversarial else contextlib.nullcontext() as logits:
+            y_fake = models["fake_score"](x_t, sigma, cond, **guide)
         loss = sid_generator_loss(x_g, y_real, y_fake, cfg.alpha).mean()
-        return loss, {"x_g_std": x_g.detach().float().std()}
+        extra = {"x_g_std": x_g.detach().float().std()}
+        if adversarial:
+            gan = generator_adversarial_loss(logits[-1], x_g, y_real)
+            extra |= {"sid_loss": loss.detach(), "adversarial_loss": gan.detach()}
+            loss = 0.5 * loss + 0.5 * cfg.adversarial_weight_generator * gan  # SiDA's 0.5/0.5 mix
+        return loss, extra
 
     # 3. evaluation and export -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -257,14 +373,23 @@ class SiDRecipe(Recipe):
             return
         cfg = self.config
         out = Path(cfg.export_dir or Path(cfg.output_dir) / "student")
+        sida = cfg.real_data is not None
+        name = "Adversarial Score identity Distillation (SiDA)" if sida else "Score identity Distillation"
         facts = {
-            "method": "SiD",
+            "method": "SiDA" if sida else "SiD",
             "alpha": cfg.alpha,
             "student_steps": len(cfg.student_sigmas),
             "student_sigmas": json.dumps(cfg.student_sigmas),
             "training_steps": trainer.step,
             "generated_images_seen": trainer.images_seen,
             "guidance_scale": cfg.guidance_scale,
+            "lr_generator": cfg.lr_generator,
+            "lr_fake_score": cfg.lr_fake_score,
+            "lr_decay": f"linear from {cfg.lr_decay_start:g} of the run to {cfg.lr_decay_final:g}x"
+            if cfg.lr_decay_start < 1
+            else "none",
+            "ema_halflife_images": cfg.ema_halflife_images,
+            **({"real_data": cfg.real_data} if sida else {}),
             **{f"final_{k}": v for k, v in metrics.items()},
             **{f"best_{k}": v for k, v in self.quality.best.items()},
         }
@@ -281,7 +406,7 @@ class SiDRecipe(Recipe):
                     adapter_name="generator",
                     step_sigmas=cfg.student_sigmas,
                     teacher=cfg.teacher,
-                    method="Score identity Distillation (Zhou et al. 2024), generator LoRA on the frozen teacher, EMA",
+                    method=f"{name} (Zhou et al. 2024), generator LoRA on the frozen teacher, EMA",
                     facts=facts,
                     sample_grid=self.quality.last_grid,
                 )
@@ -293,7 +418,7 @@ class SiDRecipe(Recipe):
             out,
             step_sigmas=cfg.student_sigmas,
             base_model=cfg.teacher,
-            method="Score identity Distillation (Zhou et al. 2024), EMA generator",
+            method=f"{name} (Zhou et al. 2024), EMA generator",
             facts=facts,
             sample_grid=self.quality.last_grid,
         )

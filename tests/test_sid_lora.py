@@ -12,7 +12,7 @@ import pytest
 import torch
 from launch_utils import ROOT, accelerate_launch
 from peft import PeftModel, get_peft_model
-from tiny_models import tiny_edm_teacher
+from tiny_models import sid_trainer, tiny_edm_teacher
 
 from distill.denoiser import Condition, Denoiser
 from distill.lora_export import load_adapter_student
@@ -21,7 +21,6 @@ from distill.sid_lora import ADAPTERS, AdapterView, add_sid_adapters
 from distill.teachers import load_teacher
 from engine.trainer import Trainer
 from finetune.loraplus import loraplus_learning_rates
-from recipes import sid as sid_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,20 +36,7 @@ def class_teacher_dir(tmp_path_factory):
 
 
 def make(tmp_path, teacher, **kw) -> Trainer:
-    base = dict(
-        teacher=str(teacher),
-        output_dir=str(tmp_path),
-        student="lora",
-        lora_rank=4,
-        batch_size=4,
-        max_steps=2,
-        eval_samples=16,
-        eval_every=0,
-        log_with="none",
-        progress_bar=False,
-    )
-    cfg = sid_recipe.SiDConfig(**{**base, **kw})
-    return Trainer(cfg, sid_recipe.SiDRecipe(cfg))
+    return sid_trainer(tmp_path, teacher, **{"student": "lora", "lora_rank": 4, **kw})
 
 
 def shared_model(trainer: Trainer) -> Denoiser:

@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 from launch_utils import ROOT, accelerate_launch
-from tiny_models import tiny_edm_teacher
+from tiny_models import sid_trainer, tiny_edm_teacher
 
 from distill.pipeline import OneStepPipeline
 from engine.trainer import Trainer
-from recipes import sid as sid_recipe
 
 
 @pytest.fixture(scope="module")
@@ -18,18 +17,7 @@ def teacher_dir(tmp_path_factory):
 
 
 def make(tmp_path, teacher, **kw) -> Trainer:
-    base = dict(
-        teacher=str(teacher),
-        output_dir=str(tmp_path),
-        batch_size=4,
-        max_steps=2,
-        eval_samples=16,
-        eval_every=0,
-        log_with="none",
-        progress_bar=False,
-    )
-    cfg = sid_recipe.SiDConfig(**{**base, **kw})
-    return Trainer(cfg, sid_recipe.SiDRecipe(cfg))
+    return sid_trainer(tmp_path, teacher, **kw)
 
 
 def generator_grads(trainer: Trainer) -> torch.Tensor:

@@ -1,0 +1,133 @@
+"""SiDA: the encoder discriminator's losses, its logits, and the recipe's warm-up and start rules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import sid_trainer, tiny_edm_teacher
+
+from distill.discriminator import EncoderLogits, find_encoder_end
+from distill.edm import edm_weight
+from distill.sid import discriminator_loss, generator_adversarial_loss
+from distill.teachers import load_teacher
+from engine.trainer import Trainer
+from recipes import sid as sid_recipe
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return tiny_edm_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def test_discriminator_loss_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(2, 5, 1, 2, 2, generator=g)
+    sigma = torch.tensor([0.05, 0.3, 1.0, 4.0, 20.0])
+    bce = F.binary_cross_entropy_with_logits
+    want = (
+        edm_weight(sigma).mean() * (bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))) / 2
+    )
+    torch.testing.assert_close(discriminator_loss(real, fake, sigma), want)
+    with pytest.raises(ValueError, match="logit shapes differ"):
+        discriminator_loss(real, fake[:, :, :1], sigma)
+
+
+def test_generator_adversarial_loss_matches_direct_computation_and_gradient():
+    g = torch.Generator().manual_seed(1)
+    x_g, y_real = torch.randn(2, 3, 1, 4, 4, generator=g)
+    logits = (5 * torch.randn(3, 1, 2, 2, generator=g)).requires_grad_(True)
+    x_g.requires_grad_(True)
+    got = generator_adversarial_loss(logits, x_g, y_real)
+    w = (x_g - y_real).abs().mean(dim=(1, 2, 3))
+    bce = F.binary_cross_entropy_with_logits(logits.clamp(-10, 10), torch.ones_like(logits))
+    want = sum(bce / w[i] * 16 for i in range(3)) / 3
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert torch.count_nonzero(logits.grad) == logits.numel()
+    assert x_g.grad is None or torch.count_nonzero(x_g.grad) == 0  # the normaliser is a stop-gradient
+
+
+def test_encoder_logits_are_the_channel_mean_of_the_last_down_block(teacher_dir):
+    teacher = load_teacher(str(teacher_dir))
+    block = find_encoder_end(teacher)
+    assert block is teacher.model.down_blocks[-1]
+    seen = []
+    handle = block.register_forward_hook(lambda m, i, o: seen.append(o[0].detach()))
+    x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([0.5, 1.0, 2.0])
+    with EncoderLogits(teacher).capture() as logits:
+        teacher(x, sigma)
+    handle.remove()
+    assert len(logits) == 1 and logits[0].shape == (3, 1, *seen[0].shape[2:])
+    torch.testing.assert_close(logits[0], seen[0].mean(dim=1, keepdim=True))
+    teacher(x, sigma)
+    assert len(logits) == 1  # the hook is gone after the block
+    with pytest.raises(ValueError, match="no diffusers UNet"):
+        find_encoder_end(torch.nn.Linear(2, 2))
+
+
+def make(tmp_path, teacher, **kw) -> Trainer:
+    return sid_trainer(tmp_path, teacher, **{"real_data": "digits", **kw})
+
+
+def test_generator_waits_then_trains_with_the_adversarial_term(tmp_path, teacher_dir):
+    # batch 4: steps 0-1 (8 images) only f_psi; from step 2 G too; its adversarial term from 16 images on
+    trainer = make(tmp_path, teacher_dir, generator_freeze_images=8, adversarial_start_images=16, max_steps=2)
+    assert trainer.recipe.phases(1) == ["fake_score"]
+    assert trainer.recipe.phases(2) == ["fake_score", "generator"]
+    gen = trainer.accelerator.unwrap_model(trainer.trained["generator"].module)
+    fake = trainer.accelerator.unwrap_model(trainer.trained["fake_score"].module)
+    g0 = [p.detach().clone() for p in gen.parameters()]
+    f0 = [p.detach().clone() for p in fake.parameters()]
+    logs = trainer.train_step()
+    assert "fake_score/discriminator_loss" in logs and "generator/loss" not in logs
+    trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(g0, gen.parameters()))  # G waited
+    assert any(not torch.equal(a, b) for a, b in zip(f0, fake.parameters()))
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "method: SiDA" in card and "real_data: digits" in card
+    trainer.config.max_steps = 4
+    logs = trainer.train_step()  # step 2, 8 images seen: G steps with SiD only
+    assert "generator/loss" in logs and "generator/adversarial_loss" not in logs
+    assert any(not torch.equal(a, b) for a, b in zip(g0, gen.parameters()))
+    trainer.train_step()
+    logs = trainer.train_step()  # 16 images seen: the adversarial term is on
+    assert torch.isfinite(logs["generator/adversarial_loss"]) and logs["generator/adversarial_loss"] > 0
+
+
+def test_fake_score_step_adds_the_discriminator_loss(tmp_path, teacher_dir):
+    trainer = make(tmp_path, teacher_dir, generator_freeze_images=0, adversarial_weight_fake_score=0.5)
+    batch = {"pixel_values": torch.rand(4, 1, 8, 8) * 2 - 1}
+    torch.manual_seed(5)
+    loss, extra = trainer.recipe.loss("fake_score", batch, trainer.models)
+    torch.testing.assert_close(loss, extra["score_loss"] + 0.5 * extra["discriminator_loss"])
+    trainer.config.real_data = None
+    trainer.recipe.discriminator = None
+    torch.manual_seed(5)
+    plain = trainer.recipe.loss("fake_score", batch, trainer.models)
+    torch.testing.assert_close(plain, extra["score_loss"])  # same noise: the score part is plain SiD's
+
+
+def test_bad_sida_settings_fail_before_work(tmp_path, teacher_dir):
+    with pytest.raises(ValueError, match="guidance_scale"):
+        sid_recipe.SiDConfig(real_data="digits", guidance_scale=2.0)
+    with pytest.raises(ValueError, match="adversarial_weight_generator"):
+        sid_recipe.SiDConfig(adversarial_weight_generator=-1.0)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        make(tmp_path, teacher_dir, batch_size=4096)
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        make(tmp_path, teacher_dir, real_data=str(tmp_path / "no_such_folder"))
+
+
+def test_lora_student_reads_logits_from_the_fake_score_adapter(tmp_path, teacher_dir):
+    trainer = make(
+        tmp_path,
+        teacher_dir,
+        student="lora",
+        lora_rank=2,
+        generator_freeze_images=0,
+        adversarial_start_images=0,
+    )
+    shared = trainer.recipe.discriminator.block
+    assert shared is trainer.frozen["teacher"].shared.model.base_model.model.down_blocks[-1]
+    logs = trainer.train_step()
+    assert torch.isfinite(logs["fake_score/discriminator_loss"])
+    assert torch.isfinite(logs["generator/adversarial_loss"])
