@@ -106,13 +106,6 @@ class Trainer:
         seed_everything(config.seed, self.accelerator.process_index, config.deterministic)
         parts = recipe.setup(self)
         self._check_parts(parts)
-        if config.lr_decay_start < 1.0:
-            for name, tm in parts.trained.items():
-                if tm.lr_scheduler is not None:
-                    raise ValueError(
-                        f"lr_decay_start={config.lr_decay_start} but the recipe gives {name!r} its own "
-                        "lr_scheduler; use one or the other (lr_decay_start=1.0 keeps the recipe's)"
-                    )
         self.trained: dict[str, TrainedModel] = parts.trained
         self.frozen: dict[str, nn.Module] = {}
         self._prepare(parts)
@@ -180,6 +173,13 @@ class Trainer:
                 raise ValueError(
                     f"Trained models {sorted(names)} share parameters: give each its `parameters` and "
                     "sync='all_reduce'"
+                )
+        decay = self.config.lr_decay_start
+        for name, tm in parts.trained.items():
+            if decay < 1.0 and tm.lr_scheduler is not None:
+                raise ValueError(
+                    f"lr_decay_start={decay} but the recipe gives {name!r} its own lr_scheduler; "
+                    "use one or the other (lr_decay_start=1.0 keeps the recipe's)"
                 )
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED and len(parts.trained) > 1:
             raise ValueError(

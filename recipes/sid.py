@@ -160,10 +160,12 @@ class SiDConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("adversarial_weight_fake_score", "adversarial_weight_generator"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("adversarial_start_images", "generator_freeze_images"):
+        for name in (
+            "adversarial_weight_fake_score",
+            "adversarial_weight_generator",
+            "adversarial_start_images",
+            "generator_freeze_images",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.real_data is not None and self.guidance_scale != 1.0:
@@ -200,7 +202,6 @@ class SiDRecipe(Recipe):
         ema = {"ema_halflife_images": cfg.ema_halflife_images, "ema_rampup_ratio": cfg.ema_rampup_ratio}
         betas = (float(cfg.adam_beta1), float(cfg.adam_beta2))
         lrs = {"fake_score": cfg.lr_fake_score, "generator": cfg.lr_generator}
-        self.samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * trainer.num_processes
         self.trainer = trainer
         real_images = self._real_images() if cfg.real_data is not None else None
         if cfg.student == "lora":
@@ -269,7 +270,7 @@ class SiDRecipe(Recipe):
     def phases(self, step: int) -> list[str]:
         cfg = self.config
         fake = ["fake_score"] * cfg.fake_score_updates
-        if cfg.real_data is not None and step * self.samples_per_step < cfg.generator_freeze_images:
+        if cfg.real_data is not None and step * self.trainer.samples_per_step < cfg.generator_freeze_images:
             return fake  # SiDA: f_psi and its discriminator warm up on the initial generator first
         return fake + ["generator"]
 

@@ -299,3 +299,19 @@ def test_lr_decay_settings_are_checked(tmp_path):
         make(tmp_path, lr_decay_start=1.5)
     with pytest.raises(ValueError, match="lr_decay_final=-0.1"):
         make(tmp_path, lr_decay_final=-0.1)
+
+
+def test_lr_decay_refuses_a_recipe_scheduler(tmp_path):
+    cfg = ToyConfig(output_dir=str(tmp_path), log_with="none", lr_decay_start=0.5)
+    recipe = ToyRecipe(cfg)
+    setup = recipe.setup
+
+    def setup_with_scheduler(trainer):
+        parts = setup(trainer)
+        critic = parts.trained["critic"]
+        critic.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(critic.optimizer, lambda s: 1.0)
+        return parts
+
+    recipe.setup = setup_with_scheduler
+    with pytest.raises(ValueError, match="gives 'critic' its own lr_scheduler"):
+        Trainer(cfg, recipe)
