@@ -1,9 +1,10 @@
 """Distil the default digits teacher with SiD for M minutes of wall time and compare with the teacher.
 
-Measures the teacher's FD at 1, 4 and 35 NFE (Euler 1 and 4, Heun 35) and the one-step EMA generator's FD along
-the run, all on the same number of samples with fixed evaluation noise against the held-out digits. Prints
-``RESULT teacher_fd=.. student_fd=.. ratio=.. images=..`` (student_fd = the last evaluation; the best one is
-printed too) and writes a PNG of FD vs. generated images seen with the teacher's figures as horizontal lines.
+Measures the teacher's FD at 1, 4 and 35 NFE (Euler 1 and 4, Heun 35) and the EMA generator's FD along the run
+(one step, or k with ``student_sigmas``), all on the same number of samples with fixed evaluation noise against
+the held-out digits. Prints ``RESULT teacher_fd=.. student_fd=.. ratio=.. images=..`` (student_fd = the last
+evaluation; the best one and the student's step count, student_nfe, are printed too) and writes a PNG of FD vs.
+generated images seen with the teacher's figures as horizontal lines.
 
     python benchmarks/sid_digits.py --minutes 30
     python benchmarks/sid_digits.py --minutes 30 --student lora
@@ -118,14 +119,16 @@ def main() -> None:
             f"  images={int(h['images_seen'])} step={int(h['step'])} fd={h['fd']:.3f} "
             f"precision={h['precision']:.3f} recall={h['recall']:.3f}"
         )
-    tag = f"SiD ({args.student}) on the default digits teacher, {args.minutes:g} min"
+    student_nfe = len(config.student_sigmas)  # 1 unless student_sigmas asks for a few-step student
+    tag = f"SiD ({args.student}, {student_nfe}-step) on the default digits teacher, {args.minutes:g} min"
     plot(history, teacher, Path(args.output_dir) / "fd_vs_images.png", tag)
     print(
         f"wall minutes={minutes:.1f} steps={trainer.step} best_fd={best['fd']:.3f} at images={int(best['images_seen'])}"
     )
     print(
         f"RESULT teacher_fd={teacher[35]:.3f} student_fd={last['fd']:.3f} ratio={last['fd'] / teacher[35]:.3f} "
-        f"images={trainer.images_seen} best_student_fd={best['fd']:.3f} teacher_fd_1nfe={teacher[1]:.3f}"
+        f"images={trainer.images_seen} best_student_fd={best['fd']:.3f} teacher_fd_1nfe={teacher[1]:.3f} "
+        f"student_nfe={student_nfe}"
     )
 
 
