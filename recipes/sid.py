@@ -84,6 +84,10 @@ class SiDConfig(TrainConfig):
     lr_generator: float = 1e-4
     lr_fake_score: float = 1e-4
     adam_beta1: float = 0.0
+    adam_beta1_generator: float | None = field(
+        default=None,
+        metadata={"help": "Adam beta1 of G alone (None: adam_beta1); the authors use 0.9 for G on FFHQ."},
+    )
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     fake_score_updates: int = field(default=1, metadata={"help": "f_psi steps per generator step."})
@@ -173,6 +177,10 @@ class SiDConfig(TrainConfig):
                 f"real_data (SiDA) with guidance_scale={self.guidance_scale} is not supported: the encoder "
                 "discriminator is defined for unguided scores; use guidance_scale=1.0 or drop real_data"
             )
+        for name in ("adam_beta1", "adam_beta1_generator", "adam_beta2"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value} must be in [0, 1)")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
         if self.loraplus_ratio < 1:
@@ -183,6 +191,13 @@ class SiDConfig(TrainConfig):
                 "unchanged by subtracting s*B0*A0 from the BASE weight, and here the base is the shared teacher "
                 "f_phi (and the other adapter's base), so it would change the teacher; use lora_init='default'"
             )
+
+    def adam_betas(self, network: str) -> tuple[float, float]:
+        """Adam betas of ``network`` ("generator" or "fake_score"): G may have its own beta1."""
+        beta1 = self.adam_beta1
+        if network == "generator" and self.adam_beta1_generator is not None:
+            beta1 = self.adam_beta1_generator
+        return (float(beta1), float(self.adam_beta2))
 
 
 class SiDRecipe(Recipe):
@@ -200,7 +215,7 @@ class SiDRecipe(Recipe):
         )
         self.quality = QualityTracker(trainer, cfg.eval_samples, cfg.eval_seed, self.shape, self.num_classes)
         ema = {"ema_halflife_images": cfg.ema_halflife_images, "ema_rampup_ratio": cfg.ema_rampup_ratio}
-        betas = (float(cfg.adam_beta1), float(cfg.adam_beta2))
+        betas = {name: cfg.adam_betas(name) for name in ("fake_score", "generator")}
         lrs = {"fake_score": cfg.lr_fake_score, "generator": cfg.lr_generator}
         self.trainer = trainer
         real_images = self._real_images() if cfg.real_data is not None else None
@@ -209,13 +224,15 @@ class SiDRecipe(Recipe):
         else:
             fake_score, generator = copy.deepcopy(teacher), copy.deepcopy(teacher)
 
-            def adam(module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-                return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=cfg.adam_eps)
+            def adam(module: torch.nn.Module, name: str) -> torch.optim.Optimizer:
+                return torch.optim.Adam(
+                    module.parameters(), lr=lrs[name], betas=betas[name], eps=cfg.adam_eps
+                )
 
             parts = RecipeParts(
                 trained={
-                    "fake_score": TrainedModel(fake_score, adam(fake_score, cfg.lr_fake_score)),
-                    "generator": TrainedModel(generator, adam(generator, cfg.lr_generator), **ema),
+                    "fake_score": TrainedModel(fake_score, adam(fake_score, "fake_score")),
+                    "generator": TrainedModel(generator, adam(generator, "generator"), **ema),
                 },
                 frozen={"teacher": teacher},
             )
@@ -248,7 +265,9 @@ class SiDRecipe(Recipe):
             dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=torch_collate
         )
 
-    def _lora_parts(self, teacher: Denoiser, betas, lrs: dict[str, float], ema: dict) -> RecipeParts:
+    def _lora_parts(
+        self, teacher: Denoiser, betas: dict[str, tuple[float, float]], lrs: dict[str, float], ema: dict
+    ) -> RecipeParts:
         """f_psi and G as adapter views of one frozen teacher; each trains (and averages) only its adapter.
 
         The views share one module, so each names its `parameters` and uses sync="all_reduce" (the engine
@@ -261,7 +280,13 @@ class SiDRecipe(Recipe):
             view = AdapterView(shared, name)
             names = adapter_parameter_names(view, name)
             optimizer = adapter_optimizer(
-                view, names, lrs[name], cfg.loraplus_ratio, torch.optim.Adam, betas=betas, eps=cfg.adam_eps
+                view,
+                names,
+                lrs[name],
+                cfg.loraplus_ratio,
+                torch.optim.Adam,
+                betas=betas[name],
+                eps=cfg.adam_eps,
             )
             extra = ema if name == "generator" else {}
             trained[name] = TrainedModel(view, optimizer, parameters=names, sync="all_reduce", **extra)
@@ -386,6 +411,8 @@ class SiDRecipe(Recipe):
             "guidance_scale": cfg.guidance_scale,
             "lr_generator": cfg.lr_generator,
             "lr_fake_score": cfg.lr_fake_score,
+            "adam_betas_generator": json.dumps(cfg.adam_betas("generator")),
+            "adam_betas_fake_score": json.dumps(cfg.adam_betas("fake_score")),
             "lr_decay": f"linear from {cfg.lr_decay_start:g} of the run to {cfg.lr_decay_final:g}x"
             if cfg.lr_decay_start < 1
             else "none",

@@ -144,7 +144,14 @@ def test_gradients_through_adapter_switching_equal_separate_networks(
 
 # --------------------------------------------------------------------------------- what is trained, resume
 def test_only_adapters_are_trained_optimised_and_averaged(tmp_path, teacher_dir):
-    trainer = make(tmp_path, teacher_dir, loraplus_ratio=4.0, lr_generator=2e-4, lr_fake_score=1e-4)
+    trainer = make(
+        tmp_path,
+        teacher_dir,
+        loraplus_ratio=4.0,
+        lr_generator=2e-4,
+        lr_fake_score=1e-4,
+        adam_beta1_generator=0.9,
+    )
     shared = shared_model(trainer)
     params = dict(trainer.trained["generator"].module.named_parameters())
     for name in ADAPTERS:
@@ -155,6 +162,8 @@ def test_only_adapters_are_trained_optimised_and_averaged(tmp_path, teacher_dir)
         assert in_optimiser == {id(params[n]) for n in tm.parameters}
         base_lr = 2e-4 if name == "generator" else 1e-4
         assert loraplus_learning_rates(tm.optimizer) == pytest.approx({"A": base_lr, "B": 4 * base_lr})
+        beta1 = 0.9 if name == "generator" else 0.0
+        assert all(g["betas"] == (beta1, 0.999) for g in tm.optimizer.param_groups)
     assert set(trainer.emas) == {"generator"}
     assert set(trainer.emas["generator"].shadow) == set(trainer.trained["generator"].parameters)
     n_adapter = sum(params[n].numel() for name in ADAPTERS for n in trainer.trained[name].parameters)

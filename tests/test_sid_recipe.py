@@ -76,6 +76,20 @@ def test_class_conditional_teacher_with_guidance(tmp_path):
         pipe(batch_size=1, num_inference_steps=3)
 
 
+def test_generator_beta1_of_its_own_reaches_the_optimiser_and_the_card(tmp_path, teacher_dir):
+    default = make(tmp_path / "default", teacher_dir)
+    assert all(tm.optimizer.defaults["betas"] == (0.0, 0.999) for tm in default.trained.values())
+    trainer = make(tmp_path / "own", teacher_dir, adam_beta1_generator=0.9, max_steps=1)
+    assert trainer.trained["generator"].optimizer.defaults["betas"] == (0.9, 0.999)
+    assert trainer.trained["fake_score"].optimizer.defaults["betas"] == (0.0, 0.999)
+    trainer.fit()
+    card = (tmp_path / "own" / "student" / "README.md").read_text()
+    assert "adam_betas_generator: '[0.9, 0.999]'" in card, card
+    assert "adam_betas_fake_score: '[0.0, 0.999]'" in card, card
+    with pytest.raises(ValueError, match=r"adam_beta1_generator=1\.0 must be in \[0, 1\)"):
+        make(tmp_path / "bad", teacher_dir, adam_beta1_generator=1.0)
+
+
 def test_bad_teacher_is_refused_before_work(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-teacher"):
         make(tmp_path, tmp_path / "no-such-teacher")
