@@ -215,18 +215,17 @@ class SiDRecipe(Recipe):
         )
         self.quality = QualityTracker(trainer, cfg.eval_samples, cfg.eval_seed, self.shape, self.num_classes)
         ema = {"ema_halflife_images": cfg.ema_halflife_images, "ema_rampup_ratio": cfg.ema_rampup_ratio}
-        betas = {name: cfg.adam_betas(name) for name in ("fake_score", "generator")}
         lrs = {"fake_score": cfg.lr_fake_score, "generator": cfg.lr_generator}
         self.trainer = trainer
         real_images = self._real_images() if cfg.real_data is not None else None
         if cfg.student == "lora":
-            parts = self._lora_parts(teacher, betas, lrs, ema)
+            parts = self._lora_parts(teacher, lrs, ema)
         else:
             fake_score, generator = copy.deepcopy(teacher), copy.deepcopy(teacher)
 
             def adam(module: torch.nn.Module, name: str) -> torch.optim.Optimizer:
                 return torch.optim.Adam(
-                    module.parameters(), lr=lrs[name], betas=betas[name], eps=cfg.adam_eps
+                    module.parameters(), lr=lrs[name], betas=cfg.adam_betas(name), eps=cfg.adam_eps
                 )
 
             parts = RecipeParts(
@@ -265,9 +264,7 @@ class SiDRecipe(Recipe):
             dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=torch_collate
         )
 
-    def _lora_parts(
-        self, teacher: Denoiser, betas: dict[str, tuple[float, float]], lrs: dict[str, float], ema: dict
-    ) -> RecipeParts:
+    def _lora_parts(self, teacher: Denoiser, lrs: dict[str, float], ema: dict) -> RecipeParts:
         """f_psi and G as adapter views of one frozen teacher; each trains (and averages) only its adapter.
 
         The views share one module, so each names its `parameters` and uses sync="all_reduce" (the engine
@@ -285,7 +282,7 @@ class SiDRecipe(Recipe):
                 lrs[name],
                 cfg.loraplus_ratio,
                 torch.optim.Adam,
-                betas=betas[name],
+                betas=cfg.adam_betas(name),
                 eps=cfg.adam_eps,
             )
             extra = ema if name == "generator" else {}
