@@ -96,6 +96,18 @@ class TrainConfig:
             raise ValueError(f"checkpoints_total_limit={self.checkpoints_total_limit} must be >= 1")
 
 
+def check_adam_betas(config: Any, names: Sequence[str]) -> None:
+    """Raise for any named Adam beta field outside [0, 1) (None allowed: "use the other field").
+
+    torch.optim.Adam checks its betas only when the optimiser is built, after the models are loaded; recipes
+    call this in ``__post_init__`` so a bad value fails at parse time with the config key in the message.
+    """
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ValueError(f"config field {name}={value!r} must be in [0, 1)")
+
+
 def _field_names(config_cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(config_cls)]
 

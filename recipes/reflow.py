@@ -50,7 +50,7 @@ from distill.reflow import (
 from distill.reflow_export import DONE_FILE, export_flow_model
 from distill.reflow_pairs import generate_pairs, load_pairs, make_spec, open_pairs
 from distill.teachers import load_teacher
-from engine.config import TrainConfig, parse_config
+from engine.config import TrainConfig, check_adam_betas, parse_config
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer, build_accelerator
 
@@ -123,6 +123,7 @@ class ReflowConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_adam_betas(self, ("adam_beta1", "adam_beta2"))
         if self.rectified_k < 1:
             raise ValueError(f"rectified_k={self.rectified_k} must be >= 1 (1 = distil the teacher directly)")
         if not 1 <= self.round <= max(self.rectified_k - 1, 1):

@@ -59,7 +59,7 @@ from distill.sid_lora import (
     add_sid_adapters,
 )
 from distill.teachers import load_teacher
-from engine.config import TrainConfig, parse_config
+from engine.config import TrainConfig, check_adam_betas, parse_config
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer
 
@@ -177,10 +177,7 @@ class SiDConfig(TrainConfig):
                 f"real_data (SiDA) with guidance_scale={self.guidance_scale} is not supported: the encoder "
                 "discriminator is defined for unguided scores; use guidance_scale=1.0 or drop real_data"
             )
-        for name in ("adam_beta1", "adam_beta1_generator", "adam_beta2"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}={value} must be in [0, 1)")
+        check_adam_betas(self, ("adam_beta1", "adam_beta1_generator", "adam_beta2"))
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
         if self.loraplus_ratio < 1:

@@ -170,6 +170,10 @@ def test_config_is_checked():
         reflow_recipe.ReflowConfig(rectified_k=3, round=3)
     with pytest.raises(ValueError, match="rectified_k=0"):
         reflow_recipe.ReflowConfig(rectified_k=0)
+    with pytest.raises(ValueError, match=r"adam_beta2=1\.0 must be in \[0, 1\)"):
+        reflow_recipe.ReflowConfig(adam_beta2=1.0)
+    with pytest.raises(ValueError, match=r"adam_beta1=-0\.1 must be in"):
+        reflow_recipe.ReflowConfig(adam_beta1=-0.1)
     plan = reflow_recipe.plan(reflow_recipe.ReflowConfig(rectified_k=3))
     assert plan == [("pairs", 1), ("reflow", 1), ("pairs", 2), ("reflow", 2), ("distill", 2)]
     assert reflow_recipe.plan(reflow_recipe.ReflowConfig(rectified_k=1)) == [("pairs", 1), ("distill", 1)]
