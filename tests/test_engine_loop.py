@@ -216,6 +216,33 @@ def test_trainer_ema_follows_generator(tmp_path):
         torch.testing.assert_close(v, beta * g0[k] + (1 - beta) * gen[k])
 
 
+def first_layer_dtypes(models: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, torch.dtype]:
+    seen = {}
+    hooks = [
+        m[0].register_forward_hook(lambda mod, i, o, k=k: seen.__setitem__(k, o.dtype))
+        for k, m in models.items()
+    ]
+    with torch.no_grad():
+        for model in models.values():
+            model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_ema_copy_runs_in_its_own_precision_under_bf16(tmp_path):
+    """accelerate's autocast forward stays on the trained model and is not copied into the EMA (evaluated, exported)."""
+    trainer = make(tmp_path, ema_halflife_images=64, max_steps=1, mixed_precision="bf16")
+    models = {
+        "trained": trainer.accelerator.unwrap_model(trainer.trained["generator"].module),
+        "ema": trainer.emas["generator"].module,
+    }
+    x = torch.randn(4, models["ema"][0].in_features)
+    assert first_layer_dtypes(models, x) == {"trained": torch.bfloat16, "ema": torch.float32}
+    trainer.train_step()  # the EMA's update and the loop leave the trained model's autocast in place
+    assert first_layer_dtypes(models, x) == {"trained": torch.bfloat16, "ema": torch.float32}
+
+
 def test_tensorboard_logs_and_sample_grid(tmp_path):
     trainer = make(tmp_path, log_with="tensorboard", max_steps=4, log_every=2)
     trainer.fit()
