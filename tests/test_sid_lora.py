@@ -375,3 +375,19 @@ def test_two_processes_then_resume(tmp_path, teacher_dir):
     assert "Resumed from" in out.stdout + out.stderr
     assert (tmp_path / "checkpoints" / "step_3" / "trained_generator.safetensors").is_file()
     assert (tmp_path / "student" / "adapter_model.safetensors").is_file()
+
+
+def test_ema_student_is_evaluated_in_fp32_under_bf16(tmp_path, teacher_dir):
+    """Training runs under autocast; the EMA adapter, swapped in for evaluation, runs in fp32 like its export."""
+    trainer = make(tmp_path, teacher_dir, mixed_precision="bf16")
+    conv = next(m for m in shared_model(trainer).modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []
+    hook = conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    trainer.train_step()
+    assert set(seen) == {torch.bfloat16}
+    seen.clear()
+    z = torch.randn(2, *trainer.recipe.shape)
+    with trainer.recipe.ema_generator(trainer) as ema, torch.no_grad():
+        ema(2.5 * z, torch.full((2,), 2.5), None)
+    hook.remove()
+    assert seen and set(seen) == {torch.float32}
