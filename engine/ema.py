@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -36,29 +37,18 @@ class _HalfLife:
         return 0.5 ** (images_in_step / max(halflife, 1e-8))
 
 
-def _without_autocast_forward(module: nn.Module) -> nn.Module:
-    """Drop accelerate's mixed-precision ``forward`` wrapper from a copied model.
-
-    ``accelerator.prepare`` sets an autocast-wrapped ``forward`` as an instance attribute, and ``unwrap_model``
-    keeps it (removing it there would switch autocast off for training too), so a deepcopy inherits it. The EMA
-    is what we evaluate and export, and the export runs in the weights' own precision: evaluate it that way.
-    """
-    original = module.__dict__.pop("_original_forward", None)
-    if original is None:
-        return module
-    if getattr(original, "__func__", None) is type(module).forward:
-        module.__dict__.pop("forward", None)  # the class's own forward again
-    else:
-        module.forward = original  # the model had a forward of its own before accelerate wrapped it
-    return module
-
-
 class EMA(_HalfLife):
     """Holds a frozen copy of ``model`` whose floating-point tensors track the model's."""
 
     def __init__(self, model: nn.Module, halflife_images: float, rampup_ratio: float | None = 0.05) -> None:
         super().__init__(halflife_images, rampup_ratio)
-        self.module = _without_autocast_forward(copy.deepcopy(model)).requires_grad_(False).eval()
+        # accelerate.prepare puts an autocast-wrapped `forward` on the model itself, which unwrap_model keeps (the
+        # trained model needs it) and a deepcopy inherits. The EMA is evaluated and exported: strip the wrapper
+        # from the copy so it runs in its weights' own precision, as the exported model does.
+        copied = copy.deepcopy(model)
+        self.module = (
+            extract_model_from_parallel(copied, keep_fp32_wrapper=False).requires_grad_(False).eval()
+        )
 
     @torch.no_grad()
     def update(self, model: nn.Module, images_in_step: int, images_seen: int) -> float:
