@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from distill.quality import digits_evaluator, evaluate_sampler, metrics_for
-from distill.reflow import euler_on_sigmas, flow_sigmas
-from distill.teachers import load_teacher
+from distill.evaluation.quality import digits_evaluator, evaluate_sampler, metrics_for
+from distill.reflow.flow import euler_on_sigmas, flow_sigmas
+from distill.teachers.loading import load_teacher
 from engine.config import parse_config
 from recipes.reflow import ReflowConfig, distill_source, plan, run_pairs, run_training
 

@@ -16,8 +16,8 @@ import argparse
 import time
 from pathlib import Path
 
-from distill.quality import evaluate_sampler
-from distill.teachers import load_teacher
+from distill.evaluation.quality import evaluate_sampler
+from distill.teachers.loading import load_teacher
 from engine.config import parse_config
 from engine.trainer import Trainer
 from recipes.sid import SiDConfig, SiDRecipe

@@ -38,8 +38,8 @@ def build_teacher(folder: Path, width: int) -> int:
     import torch
     from diffusers import UNet2DModel
 
-    from distill.denoiser import Denoiser
-    from distill.models import edm_scheduler
+    from distill.teachers.builders import edm_scheduler
+    from distill.teachers.denoiser import Denoiser
 
     torch.manual_seed(0)
     unet = UNet2DModel(

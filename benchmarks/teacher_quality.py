@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from distill.quality import digits_evaluator, metrics_for
-from distill.samplers import sample
-from distill.teachers import load_teacher
+from distill.evaluation.quality import digits_evaluator, metrics_for
+from distill.sampling.ode import sample
+from distill.teachers.loading import load_teacher
 
 SETTINGS = [("euler", n) for n in (1, 2, 4, 8, 18, 35)] + [("heun", n) for n in (3, 7, 17, 35)]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -289,3 +290,22 @@ def torch_collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     if all("label" in r and r["label"] is not None for r in rows):
         batch["label"] = torch.as_tensor([int(r["label"]) for r in rows], dtype=torch.long)
     return batch
+
+
+def new_digits(
+    split: str = "train", classes: Sequence[int] = (), transform: str = "rot90"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits images ``[N, 1, 8, 8]`` in [-1, 1] and labels, from ``split`` ("train" or "heldout"), optionally
+    only ``classes``, with ``transform`` "rot90" (new to the default teacher) or "none": the "new images" the
+    LoRA recipe adapts the default digits teacher to (it only saw upright digits)."""
+    images, labels = load_digits_tensors(split)  # type: ignore[arg-type]
+    if classes:
+        keep = torch.isin(labels, torch.as_tensor(list(classes)))
+        images, labels = images[keep], labels[keep]
+    if transform == "rot90":
+        images = torch.rot90(images, 1, dims=(-2, -1)).contiguous()
+    elif transform != "none":
+        raise ValueError(f"digits transform must be 'rot90' or 'none', got {transform!r}")
+    if len(images) == 0:
+        raise ValueError(f"No digits of classes {list(classes)} in split {split!r}")
+    return images, labels

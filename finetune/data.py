@@ -4,9 +4,6 @@
   eight pure-Python standard-library packages, labelled by the package (``asyncio`` ... ``importlib``). Each
   text goes to ``train`` or ``eval`` by a hash of the text, so the split never depends on import order. The
   texts (about 1,600; about 1,300 train) change a little between Python versions, so compare runs on one version.
-* :func:`new_digits`: "new images" for a digits diffusion teacher -- scikit-learn's 8x8 digits rotated by 90
-  degrees (the default teacher only saw upright digits), train split for training and the held-out split
-  (never seen by any teacher) for evaluation, optionally restricted to some classes.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from collections.abc import Sequence
 from types import ModuleType
 
 import datasets
-import torch
 
 #: Packages whose docstrings make the classes of :func:`stdlib_docstrings` (all pure Python, always installed).
 STDLIB_PACKAGES = (
@@ -107,23 +103,3 @@ def stdlib_docstrings(
             for name, items in splits.items()
         }
     )
-
-
-def new_digits(
-    split: str = "train", classes: Sequence[int] = (), transform: str = "rot90"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits images ``[N, 1, 8, 8]`` in [-1, 1] and labels, from ``split`` ("train" or "heldout"), optionally
-    only ``classes``, with ``transform`` "rot90" (new to the default teacher) or "none"."""
-    from distill.data import load_digits_tensors
-
-    images, labels = load_digits_tensors(split)  # type: ignore[arg-type]
-    if classes:
-        keep = torch.isin(labels, torch.as_tensor(list(classes)))
-        images, labels = images[keep], labels[keep]
-    if transform == "rot90":
-        images = torch.rot90(images, 1, dims=(-2, -1)).contiguous()
-    elif transform != "none":
-        raise ValueError(f"digits transform must be 'rot90' or 'none', got {transform!r}")
-    if len(images) == 0:
-        raise ValueError(f"No digits of classes {list(classes)} in split {split!r}")
-    return images, labels

@@ -13,7 +13,7 @@ offset so the output is unchanged), ``lora_ga_plus`` (both) or ``full`` (every w
     standard-library packages labelled by package, built offline) or anything ``datasets.load_dataset`` /
     ``load_from_disk`` reads. Eval loss: mean cross-entropy on the eval split (and accuracy).
 (b) ``model_kind=unet``: ``model`` is a teacher (``default``, a diffusers folder or hub id) loaded as a
-    :class:`distill.denoiser.Denoiser`; the data are new images for it: digits rotated by 90 degrees (train
+    :class:`distill.teachers.denoiser.Denoiser`; the data are new images for it: digits rotated by 90 degrees (train
     split; ``digit_classes`` to restrict). Loss: EDM denoising loss at log-normal sigmas. Eval loss: the EDM
     loss on the held-out digits (same rotation) at fixed sigmas and fixed noise.
 
@@ -272,8 +272,8 @@ class LoraRecipe(Recipe):
         return model, train, collate
 
     def _setup_unet(self) -> tuple[nn.Module, Any, Any]:
-        from distill.teachers import load_teacher, resolve_teacher_path
-        from finetune.data import new_digits
+        from distill.data import new_digits
+        from distill.teachers.loading import load_teacher, resolve_teacher_path
 
         cfg = self.config
         if cfg.dataset != "digits":
@@ -331,7 +331,7 @@ class LoraRecipe(Recipe):
         cfg = self.config
         if cfg.model_kind == "transformers":
             return model(**batch).loss
-        from distill.edm import edm_denoising_loss
+        from distill.teachers.edm import edm_denoising_loss
 
         x0 = batch["pixel_values"]
         z = torch.randn(x0.shape[0], generator=generator).to(x0.device) if generator is not None else None
@@ -388,7 +388,7 @@ class LoraRecipe(Recipe):
                 sums[1] += mask.sum()
 
     def _eval_unet(self, module: nn.Module, sums: torch.Tensor, rank: int, world: int, device: Any) -> None:
-        from distill.edm import edm_denoising_loss
+        from distill.teachers.edm import edm_denoising_loss
 
         x0 = self.eval_images[rank::world].to(device)
         for i, s in enumerate(self.config.eval_sigmas):
@@ -467,8 +467,8 @@ class LoraRecipe(Recipe):
             merged.save_pretrained(str(folder))
             self.tokenizer.save_pretrained(str(folder))
         else:
-            from distill.denoiser import Denoiser
-            from distill.teachers import load_teacher
+            from distill.teachers.denoiser import Denoiser
+            from distill.teachers.loading import load_teacher
 
             teacher = load_teacher(cfg.model)
             unet = PeftModel.from_pretrained(teacher.model, str(adapter)).merge_and_unload()

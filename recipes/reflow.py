@@ -8,7 +8,7 @@ Stages (``--stage all`` runs them in order, skipping training stages whose expor
 
 1. ``pairs`` (round r): unit noise z, x = ODE(sigma_max z) from the round's source model (round 1: the teacher's
    probability-flow ODE with Heun, guidance applied for conditional teachers; round r > 1: the r-RF model with
-   Euler), written as resumable Arrow shards by all processes (:mod:`distill.reflow_pairs`) into
+   Euler), written as resumable Arrow shards by all processes (:mod:`distill.reflow.pairs`) into
    ``output_dir/pairs_r{r}``.
 2. ``reflow`` (round r): the (r+1)-rectified flow, a copy of the round's source model trained on its pairs: at
    ``x_t = (1 - t) x + t z`` the velocity ``v = (x_t - D(x_t / (1 - t), t / (1 - t))) / t`` is regressed onto
@@ -19,7 +19,7 @@ Stages (``--stage all`` runs them in order, skipping training stages whose expor
    sampler's start ``t_max z`` straight to ``x`` (``x_hat = x_t - t v``, L2 or pseudo-Huber); with
    ``student_steps`` = N > 1 on the N-point grid of Liu et al. Exported to ``output_dir/distill/student``.
 
-Sampling (all exports, :class:`distill.reflow_export.RectifiedFlowPipeline`): Euler in flow time from
+Sampling (all exports, :class:`distill.pipelines.RectifiedFlowPipeline`): Euler in flow time from
 ``x = sigma_max z``, i.e. one step is ``D(sigma_max z, sigma_max)`` with sigma_max the pairs' (80 for EDM).
 """
 
@@ -35,9 +35,9 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
-from distill.denoiser import Condition, Denoiser
-from distill.quality import QualityTracker
-from distill.reflow import (
+from distill.evaluation.quality import QualityTracker
+from distill.export.flow import DONE_FILE, export_flow_model
+from distill.reflow.flow import (
     distill_loss,
     euler_on_sigmas,
     flow_sigmas,
@@ -47,9 +47,9 @@ from distill.reflow import (
     straightness,
     velocity_from_denoiser,
 )
-from distill.reflow_export import DONE_FILE, export_flow_model
-from distill.reflow_pairs import generate_pairs, load_pairs, make_spec, open_pairs
-from distill.teachers import load_teacher
+from distill.reflow.pairs import generate_pairs, load_pairs, make_spec, open_pairs
+from distill.teachers.denoiser import Condition, Denoiser
+from distill.teachers.loading import load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer, build_accelerator

@@ -14,14 +14,14 @@ Algorithm (Zhou et al. 2024, with SiD-LSG guidance for conditional teachers), on
      pipeline folder with a model card.
 
 ``--real_data DATA`` (SiDA, Zhou et al. 2024b): f_psi's encoder is also a discriminator (channel mean of its
-last down block, distill/discriminator.py). Step 1 adds D's loss on real images noised like x_g (same sigma and
+last down block, distill/sid/discriminator.py). Step 1 adds D's loss on real images noised like x_g (same sigma and
 noise); G waits ``generator_freeze_images``, and from ``adversarial_start_images`` on step 2's loss is
 0.5 SiD + 0.5 * weight * adversarial term.
 
 ``--student lora``: the teacher is loaded once and frozen; f_psi and G are the LoRA adapters "fake_score" and
-"generator" on it (f_phi = the base with adapters disabled; see distill/sid_lora.py). Only the adapters are
+"generator" on it (f_phi = the base with adapters disabled; see distill/sid/lora_student.py). Only the adapters are
 trained (LoRA+ learning rates with ``loraplus_ratio`` > 1), averaged and exported: a plug-in one-step adapter
-for the original teacher (distill/lora_export.py), optionally also merged into a full pipeline folder.
+for the original teacher (distill/export/adapter.py), optionally also merged into a full pipeline folder.
 """
 
 from __future__ import annotations
@@ -38,27 +38,27 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill.data import load_image_dataset, torch_collate
-from distill.denoiser import Condition, Denoiser
-from distill.discriminator import EncoderLogits
-from distill.edm import sample_lognormal_sigmas
-from distill.export import export_generator
-from distill.lora_export import export_merged, save_sid_adapter
-from distill.quality import QualityTracker
-from distill.sid import (
-    discriminator_loss,
-    fake_score_loss,
-    generator_adversarial_loss,
-    sample_generator_sigmas,
-    sid_generator_loss,
-)
-from distill.sid_lora import (
+from distill.evaluation.quality import QualityTracker
+from distill.export.adapter import export_merged, save_sid_adapter
+from distill.export.generator import export_generator
+from distill.sid.discriminator import EncoderLogits
+from distill.sid.lora_student import (
     ADAPTERS,
     AdapterView,
     adapter_optimizer,
     adapter_parameter_names,
     add_sid_adapters,
 )
-from distill.teachers import load_teacher
+from distill.sid.losses import (
+    discriminator_loss,
+    fake_score_loss,
+    generator_adversarial_loss,
+    sample_generator_sigmas,
+    sid_generator_loss,
+)
+from distill.teachers.denoiser import Condition, Denoiser
+from distill.teachers.edm import sample_lognormal_sigmas
+from distill.teachers.loading import load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer

@@ -4,7 +4,7 @@
 
 1. data: a ``datasets.Dataset`` of images ("digits" = scikit-learn's 8x8 digits, train split; a local image
    folder; or a hub dataset name for users with network);
-2. model: ``UNet2DModel`` wrapped by :class:`distill.denoiser.Denoiser` with an ``EDMEulerScheduler`` config,
+2. model: ``UNet2DModel`` wrapped by :class:`distill.teachers.denoiser.Denoiser` with an ``EDMEulerScheduler`` config,
    so D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) exactly as diffusers' EDM pipeline calls it;
 3. loss: EDM's weighted denoising loss at sigma ~ LogNormal(P_mean, P_std);
 4. EMA (half-life in images), evaluation of the EMA model with Heun sampling (FD on digits), export.
@@ -19,11 +19,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill.data import load_image_dataset, torch_collate
-from distill.denoiser import Condition, Denoiser
-from distill.edm import edm_denoising_loss, sample_lognormal_sigmas
-from distill.model_card import write_model_card
-from distill.models import build_unet, edm_scheduler
-from distill.quality import evaluate_sampler
+from distill.evaluation.quality import evaluate_sampler
+from distill.export.model_card import write_model_card
+from distill.teachers.builders import build_unet, edm_scheduler
+from distill.teachers.denoiser import Condition, Denoiser
+from distill.teachers.edm import edm_denoising_loss, sample_lognormal_sigmas
 from engine.config import TrainConfig, parse_config
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer

@@ -2,7 +2,7 @@
 
     python recipes/train_eval_classifier.py
 
-Trains :class:`distill.evalnet.DigitsClassifier` on the digits *train* split only (the held-out split is what
+Trains :class:`distill.evaluation.classifier.DigitsClassifier` on the digits *train* split only (the held-out split is what
 generated samples are compared against, so the classifier must not have seen it), with light augmentation:
 random 1-pixel shifts and small Gaussian pixel noise, so that its features move smoothly for the slightly
 blurry or noisy images a generator produces instead of flipping on them. Writes
@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from distill.data import HELDOUT_PER_CLASS, SPLIT_SEED, load_digits_tensors
-from distill.evalnet import ASSETS_DIR, ClassifierConfig, DigitsClassifier, save_digits_classifier
+from distill.evaluation.classifier import (
+    ASSETS_DIR,
+    ClassifierConfig,
+    DigitsClassifier,
+    save_digits_classifier,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,14 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
     weights = out / f"{args.name}.safetensors"
     save_digits_classifier(model, weights)
 
-    from distill.metrics import DigitsEvaluator  # after saving: it measures the model just trained
+    from distill.evaluation.metrics import DigitsEvaluator  # after saving: it measures the model just trained
 
     evaluator = DigitsEvaluator(classifier=model)
     floor = evaluator.real_floor()
     noise = evaluator.evaluate(torch.randn(2000, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
     raw_argv = sys.argv[1:] if argv is None else argv
     info = {
-        "model": "distill.evalnet.DigitsClassifier",
+        "model": "distill.evaluation.classifier.DigitsClassifier",
         "config": json.loads(model.config.to_json()),
         "parameters": sum(p.numel() for p in model.parameters()),
         "command": shlex.join(["python", _display(Path(__file__)), *raw_argv]),

@@ -23,7 +23,7 @@ from diffusers import (
 )
 from torch import nn
 
-from distill.denoiser import Condition, Denoiser, null_condition
+from distill.teachers.denoiser import Condition, Denoiser, null_condition
 
 MU, S = 0.3, 0.6  # data x0 ~ N(MU, S^2) per pixel
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 
-from engine.cli import main as cli_main
+from distill.cli import main as cli_main
 from engine.images import make_grid
 
 ROOT = Path(__file__).resolve().parents[1]

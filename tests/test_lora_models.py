@@ -112,7 +112,7 @@ def tiny_llama(folder: Path | None = None, seed: int = 0):
 
 
 def tiny_unet(seed: int = 0):
-    from distill.models import build_unet
+    from distill.teachers.builders import build_unet
 
     torch.manual_seed(seed)
     return build_unet(8, 1, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4).eval()

@@ -75,7 +75,7 @@ def test_text_recipe_two_processes_lora_ga_plus(tmp_path):
 
 
 def test_unet_recipe_two_processes_lora_ga_with_merge(tmp_path):
-    from distill.denoiser import Denoiser
+    from distill.teachers.denoiser import Denoiser
 
     teacher = tiny_edm_teacher(tmp_path / "teacher")
     run = tmp_path / "run"

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from distill.data import load_digits_tensors
-from distill.evalnet import DigitsClassifier, load_digits_classifier, save_digits_classifier
-from distill.metrics import (
+from distill.evaluation.classifier import DigitsClassifier, load_digits_classifier, save_digits_classifier
+from distill.evaluation.metrics import (
     DigitsEvaluator,
     frechet_distance,
     frechet_distance_from_statistics,

@@ -6,11 +6,11 @@ import pytest
 import torch
 from tiny_models import tiny_edm_teacher
 
-from distill.denoiser import Denoiser
-from distill.evaluate import main as eval_main
-from distill.export import export_generator
-from distill.publish import PublishError, files_to_push, publish
-from distill.publish import main as publish_main
+from distill.evaluation.commands import main as eval_main
+from distill.export.generator import export_generator
+from distill.export.publish import PublishError, files_to_push, publish
+from distill.export.publish import main as publish_main
+from distill.teachers.denoiser import Denoiser
 from engine.trainer import Trainer
 from recipes import teacher as teacher_recipe
 
@@ -88,7 +88,7 @@ def test_teacher_recipe_trains_and_exports_a_loadable_teacher(tmp_path):
     ema = trainer.models.ema("teacher")
     x = torch.randn(2, 1, 8, 8)
     labels = torch.tensor([3, 10])
-    from distill.denoiser import Condition
+    from distill.teachers.denoiser import Condition
 
     torch.testing.assert_close(
         loaded(x, 1.0, Condition(class_labels=labels)), ema(x, 1.0, Condition(class_labels=labels))

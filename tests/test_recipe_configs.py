@@ -29,7 +29,7 @@ def test_config_parses(path):
 
 
 def test_default_teacher_ships_in_the_package():
-    from distill.teachers import DEFAULT_TEACHER, load_teacher
+    from distill.teachers.loading import DEFAULT_TEACHER, load_teacher
 
     if not (DEFAULT_TEACHER / "unet").is_dir():
         pytest.fail(f"default teacher missing at {DEFAULT_TEACHER}")

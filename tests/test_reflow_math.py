@@ -7,9 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tiny_models import tiny_edm_teacher
 
-from distill.denoiser import Denoiser
-from distill.models import build_unet
-from distill.reflow import (
+from distill.reflow.flow import (
     default_huber_c,
     distill_loss,
     euler_on_sigmas,
@@ -25,6 +23,8 @@ from distill.reflow import (
     u_shaped_density,
     velocity_from_denoiser,
 )
+from distill.teachers.builders import build_unet
+from distill.teachers.denoiser import Denoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,8 +14,7 @@ import torch
 from launch_utils import ROOT
 from tiny_models import tiny_edm_teacher
 
-from distill.denoiser import Denoiser
-from distill.reflow_pairs import (
+from distill.reflow.pairs import (
     MANIFEST,
     PairSpec,
     generate_pairs,
@@ -25,6 +24,7 @@ from distill.reflow_pairs import (
     read_manifest,
     regenerate_pairs,
 )
+from distill.teachers.denoiser import Denoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,7 +80,7 @@ def test_pairs_are_complete_deterministic_and_regenerable(reference, teacher):
 
 
 def regenerate_pairs_with(teacher, folder, **changes) -> torch.Tensor:
-    from distill.reflow_pairs import pair_labels, pair_noise, pair_seed, solve_pairs
+    from distill.reflow.pairs import pair_labels, pair_noise, pair_seed, solve_pairs
 
     spec = PairSpec(**{**asdict(open_pairs(folder).spec), **changes})
     noise = pair_noise([pair_seed(spec.seed, spec.round, i) for i in range(4)], spec.shape)
@@ -100,8 +100,8 @@ def test_killed_run_resumes_to_the_same_pairs(tmp_path, teacher_dir, teacher, re
     spec_json = json.dumps(asdict(spec_for(teacher)))
     script = f"""
 import json, os, signal
-import distill.reflow_pairs as P
-from distill.denoiser import Denoiser
+import distill.reflow.pairs as P
+from distill.teachers.denoiser import Denoiser
 calls = []
 commit = P.rename_shard
 def kill_on_third(tmp, final):

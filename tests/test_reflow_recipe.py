@@ -11,11 +11,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from launch_utils import ROOT, accelerate_launch
 from tiny_models import tiny_edm_teacher
 
-from distill.denoiser import Denoiser
-from distill.models import build_unet
-from distill.pipeline import OneStepPipeline
-from distill.reflow_export import RectifiedFlowPipeline
-from distill.reflow_pairs import load_pairs, open_pairs
+from distill.pipelines import OneStepPipeline, RectifiedFlowPipeline
+from distill.reflow.pairs import load_pairs, open_pairs
+from distill.teachers.builders import build_unet
+from distill.teachers.denoiser import Denoiser
 from engine.trainer import Trainer
 from recipes import reflow as reflow_recipe
 

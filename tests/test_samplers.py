@@ -10,8 +10,7 @@ import torch
 from diffusers import EDMEulerScheduler, UNet2DModel
 from torch import nn
 
-from distill.denoiser import Condition, Denoiser
-from distill.samplers import (
+from distill.sampling.ode import (
     SampleResult,
     default_sigma_range,
     edm_heun_sample,
@@ -20,6 +19,7 @@ from distill.samplers import (
     sample,
     steps_for_nfe,
 )
+from distill.teachers.denoiser import Condition, Denoiser
 
 MU, S = 0.3, 0.5  # data x0 ~ N(MU, S^2) per pixel
 SHAPE = (1, 4, 4)

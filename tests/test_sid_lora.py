@@ -14,11 +14,10 @@ from launch_utils import ROOT, accelerate_launch
 from peft import PeftModel, get_peft_model
 from tiny_models import sid_trainer, tiny_edm_teacher
 
-from distill.denoiser import Condition, Denoiser
-from distill.lora_export import load_adapter_student
-from distill.pipeline import OneStepPipeline
-from distill.sid_lora import ADAPTERS, AdapterView, add_sid_adapters
-from distill.teachers import load_teacher
+from distill.pipelines import OneStepPipeline, load_adapter_student
+from distill.sid.lora_student import ADAPTERS, AdapterView, add_sid_adapters
+from distill.teachers.denoiser import Condition, Denoiser
+from distill.teachers.loading import load_teacher
 from engine.trainer import Trainer
 from finetune.loraplus import loraplus_learning_rates
 
@@ -275,8 +274,8 @@ def test_exported_adapter_plugs_into_the_original_teacher(trained_run, class_tea
 def test_conditional_unet_adapter_also_loads_with_diffusers(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from distill.lora_export import save_sid_adapter
-    from distill.models import edm_scheduler
+    from distill.export.adapter import save_sid_adapter
+    from distill.teachers.builders import edm_scheduler
 
     def unet():
         torch.manual_seed(0)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from distill.edm import edm_denoising_loss, edm_weight, sample_lognormal_sigmas
-from distill.sid import fake_score_loss, sample_generator_sigmas, sid_generator_loss, sid_sigma_from_t
+from distill.sid.losses import fake_score_loss, sample_generator_sigmas, sid_generator_loss, sid_sigma_from_t
+from distill.teachers.edm import edm_denoising_loss, edm_weight, sample_lognormal_sigmas
 
 
 def test_generator_loss_matches_direct_computation():

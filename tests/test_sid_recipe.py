@@ -7,7 +7,7 @@ import torch
 from launch_utils import ROOT, accelerate_launch
 from tiny_models import sid_trainer, tiny_edm_teacher
 
-from distill.pipeline import OneStepPipeline
+from distill.pipelines import OneStepPipeline
 from engine.trainer import Trainer
 
 

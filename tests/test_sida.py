@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from tiny_models import sid_trainer, tiny_edm_teacher
 
-from distill.discriminator import EncoderLogits, find_encoder_end
-from distill.edm import edm_weight
-from distill.sid import discriminator_loss, generator_adversarial_loss
-from distill.teachers import load_teacher
+from distill.sid.discriminator import EncoderLogits, find_encoder_end
+from distill.sid.losses import discriminator_loss, generator_adversarial_loss
+from distill.teachers.edm import edm_weight
+from distill.teachers.loading import load_teacher
 from engine.trainer import Trainer
 from recipes import sid as sid_recipe
 

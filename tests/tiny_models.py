@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from distill.denoiser import Denoiser
-from distill.models import build_unet, edm_scheduler
+from distill.teachers.builders import build_unet, edm_scheduler
+from distill.teachers.denoiser import Denoiser
 
 
 def tiny_edm_teacher(folder: Path, num_classes: int | None = None, seed: int = 0) -> Path:

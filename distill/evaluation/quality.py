@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 from accelerate.utils import gather
 
-from distill.denoiser import Condition, Denoiser
-from distill.samplers import sample
+from distill.sampling.ode import sample
+from distill.teachers.denoiser import Condition, Denoiser
 
 DIGITS_SHAPE = (1, 8, 8)
 
@@ -23,7 +23,7 @@ def digits_evaluator():
     """The shipped digits classifier and held-out features, built once per process."""
     global _EVALUATOR
     if _EVALUATOR is None:
-        from distill.metrics import DigitsEvaluator
+        from distill.evaluation.metrics import DigitsEvaluator
 
         _EVALUATOR = DigitsEvaluator()
     return _EVALUATOR

@@ -1,10 +1,10 @@
 """Rectified-flow reflow (Liu et al. 2023; Lee et al. 2024): the pieces of math every stage shares.
 
-Convention (rfpp / diffusers flow matching, and :meth:`distill.denoiser.Denoiser.velocity`): flow time ``t`` runs
+Convention (rfpp / diffusers flow matching, and :meth:`distill.teachers.denoiser.Denoiser.velocity`): flow time ``t`` runs
 from data (``t = 0``) to noise (``t = 1``), ``x_t = (1 - t) x + t z`` with ``z ~ N(0, I)`` the *unit* noise, and
 the velocity is ``v = dx_t/dt = z - x``. Sampling integrates from ``t_max`` down to 0.
 
-Any teacher or student is a :class:`~distill.denoiser.Denoiser` (EDM convention), and its velocity comes from the
+Any teacher or student is a :class:`~distill.teachers.denoiser.Denoiser` (EDM convention), and its velocity comes from the
 wrapper's conversion ``sigma = t / (1 - t)``, ``x_sigma = x_t / (1 - t)``, ``v = (x_t - D(x_sigma, sigma)) / t``
 (flow models are queried directly). EDM / VP models cannot be asked at ``t = 1`` (``sigma = inf``), so a pair
 set records the ``sigma_max`` its ODE started from and every model built from it works on
@@ -13,7 +13,7 @@ set records the ``sigma_max`` its ODE started from and every model built from it
 * a pair is ``(z, x = ODE(sigma_max * z))``, exactly EDM's sampler start;
 * ``N``-step sampling is Euler on the uniform flow-time grid ``t_i = t_max (1 - i / N)`` starting from
   ``x_{t_max} = t_max * z`` (that is ``x_sigma = sigma_max * z``); one step is therefore
-  ``x = D(sigma_max * z, sigma_max)``, the same call :class:`distill.pipeline.OneStepPipeline` makes with
+  ``x = D(sigma_max * z, sigma_max)``, the same call :class:`distill.pipelines.OneStepPipeline` makes with
   ``step_sigmas = [sigma_max]``. Euler in flow time equals the EDM/DDIM update
   ``x_sigma' = x0_hat + sigma' (x_sigma - x0_hat) / sigma`` (no fresh noise).
 
@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from distill.sampling.student import student_sample
 
 __all__ = [
     "TimeDistribution",
@@ -248,13 +250,7 @@ def euler_on_sigmas(
     N-step rectified-flow sampler, and one step is ``D(sigma_max z, sigma_max)``. The state stays in float32.
     """
     guide = {"guidance_scale": guidance_scale} if guidance_scale != 1.0 else {}
-    x = z.float() * sigmas[0]
-    n = z.shape[0]
-    for i, sigma in enumerate(sigmas):
-        x0 = denoiser(x, torch.full((n,), sigma, device=z.device), cond, **guide).float()
-        nxt = sigmas[i + 1] if i + 1 < len(sigmas) else 0.0
-        x = x0 if nxt == 0 else x0 + (nxt / sigma) * (x - x0)
-    return x
+    return student_sample(denoiser, z.float(), sigmas, cond, deterministic=True, **guide).float()
 
 
 @dataclass

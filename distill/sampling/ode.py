@@ -2,7 +2,7 @@
 
 They produce teacher samples for reflow pairs, teacher baselines for benchmarks and sanity checks of a
 wrapped teacher. A denoiser is anything called as ``D(x, sigma, cond) -> x0_hat`` (a
-:class:`distill.denoiser.Denoiser` or a plain function); optional ``sigma_min`` / ``sigma_max`` attributes
+:class:`distill.teachers.denoiser.Denoiser` or a plain function); optional ``sigma_min`` / ``sigma_max`` attributes
 narrow the default noise range, and ``guidance_scale`` / ``null_cond`` are only passed when guidance is used,
 so plain callables need not accept them.
 

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.denoiser import Condition, Denoiser
-from distill.reflow import euler_on_sigmas, flow_sigmas, t_max_for
-from distill.samplers import default_sigma_range, edm_heun_sample, euler_sample, steps_for_nfe
+from distill.reflow.flow import euler_on_sigmas, flow_sigmas, t_max_for
+from distill.sampling.ode import default_sigma_range, edm_heun_sample, euler_sample, steps_for_nfe
+from distill.teachers.denoiser import Condition, Denoiser
 
 __all__ = [
     "PairSpec",

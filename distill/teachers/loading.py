@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.denoiser import Denoiser
+from distill.teachers.denoiser import Denoiser
 
-DEFAULT_TEACHER = Path(__file__).parent / "assets" / "default_teacher"
+DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "default_teacher"
 
 
 def resolve_teacher_path(spec: str) -> str:

@@ -9,21 +9,16 @@ ODE sampling at a given NFE) or an exported one-step / k-step student.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 
 import torch
 
-from distill.quality import metrics_for
-from distill.samplers import sample
-from distill.teachers import load_teacher, resolve_teacher_path
+from distill.evaluation.quality import metrics_for
+from distill.pipelines import STUDENT_PIPELINES
+from distill.sampling.ode import sample
+from distill.teachers.loading import load_teacher, resolve_teacher_path
 from engine.images import save_grid
-
-STUDENT_PIPELINES = {
-    "OneStepPipeline": ("distill.pipeline", "OneStepPipeline"),
-    "RectifiedFlowPipeline": ("distill.reflow_export", "RectifiedFlowPipeline"),
-}
 
 
 def student_pipeline_class(path: str) -> type | None:
@@ -34,8 +29,7 @@ def student_pipeline_class(path: str) -> type | None:
     name = json.loads(index.read_text()).get("_class_name")
     if name not in STUDENT_PIPELINES:
         return None
-    module, cls = STUDENT_PIPELINES[name]
-    return getattr(importlib.import_module(module), cls)
+    return STUDENT_PIPELINES[name]
 
 
 def is_student(path: str) -> bool:

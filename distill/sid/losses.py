@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill.edm import SIGMA_DATA, edm_weight
+from distill.teachers.edm import SIGMA_DATA, edm_weight
 
 
 def sid_sigma_from_t(

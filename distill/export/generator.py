@@ -6,13 +6,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
+from distill.export.model_card import write_model_card
+from distill.pipelines import OneStepPipeline, scheduler_from_denoiser
+from distill.teachers.denoiser import Denoiser
 
-from distill.denoiser import Denoiser
-from distill.model_card import write_model_card
-from distill.pipeline import OneStepPipeline
-
-USAGE = """from distill.pipeline import OneStepPipeline
+USAGE = """from distill.pipelines import OneStepPipeline, scheduler_from_denoiser
 
 pipe = OneStepPipeline.from_pretrained("{path}")
 images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0), output_type="pt").images"""
@@ -47,17 +45,3 @@ def export_generator(
         usage=USAGE.format(path=folder),
     )
     return folder
-
-
-def scheduler_from_denoiser(denoiser: Denoiser):
-    """Rebuild the diffusers scheduler object whose config the denoiser was made from."""
-    import diffusers
-
-    cls = getattr(diffusers, denoiser.scheduler_class or "", None)
-    if cls is None:
-        raise ValueError(f"Cannot export: unknown scheduler class {denoiser.scheduler_class!r}")
-    return cls.from_config(dict(denoiser.scheduler_config))
-
-
-def load_student(folder: str | Path, device: str | torch.device = "cpu") -> OneStepPipeline:
-    return OneStepPipeline.from_pretrained(str(folder)).to(device)

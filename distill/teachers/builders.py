@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from diffusers import EDMEulerScheduler, UNet2DModel
 
-from distill.edm import SIGMA_DATA
+from distill.teachers.edm import SIGMA_DATA
 
 
 def build_unet(

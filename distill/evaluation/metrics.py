@@ -1,6 +1,6 @@
 """Offline sample-quality metrics: Frechet distance, k-NN precision/recall, label histogram / mode coverage.
 
-On the default 8x8 digits the features come from the shipped digits classifier (:mod:`distill.evalnet`), and
+On the default 8x8 digits the features come from the shipped digits classifier (:mod:`distill.evaluation.classifier`), and
 generated images are compared against the 400 held-out digits that no teacher or classifier trained on.
 :meth:`DigitsEvaluator.real_floor` gives the same metrics for *real* train images vs. held-out, i.e. the best
 a perfect generator can expect with these sample sizes; report it next to any FD.
@@ -19,7 +19,7 @@ import torch
 from scipy import linalg
 
 from distill.data import DIGITS_SHAPE, load_digits_tensors
-from distill.evalnet import DigitsClassifier, load_digits_classifier
+from distill.evaluation.classifier import DigitsClassifier, load_digits_classifier
 
 ArrayLike = np.ndarray | torch.Tensor
 

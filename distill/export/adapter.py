@@ -11,9 +11,9 @@ The folder holds:
 * ``onestep_adapter.json``: the student's noise levels (``step_sigmas``) and the teacher it belongs to;
 * ``README.md``: the model card.
 
-:func:`load_adapter_student` (also ``OneStepPipeline.from_teacher_and_adapter``) turns teacher + adapter into a
-:class:`~distill.pipeline.OneStepPipeline`, optionally merged; :func:`export_merged` writes that merged pipeline
-as a full checkpoint folder.
+:func:`distill.pipelines.load_adapter_student` (also ``OneStepPipeline.from_teacher_and_adapter``) turns teacher +
+adapter into a one-step pipeline, optionally merged; :func:`export_merged` writes that merged pipeline as a full
+checkpoint folder.
 """
 
 from __future__ import annotations
@@ -23,18 +23,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file
 
-from distill.denoiser import Denoiser
-from distill.export import export_generator, scheduler_from_denoiser
-from distill.model_card import write_model_card
-from distill.pipeline import OneStepPipeline
-from distill.teachers import load_teacher
+from distill.export.generator import export_generator
+from distill.export.model_card import write_model_card
+from distill.pipelines import ADAPTER_INFO, load_adapter_student, read_adapter_info
+from distill.teachers.denoiser import Denoiser
 
-ADAPTER_INFO = "onestep_adapter.json"
-
-USAGE = """from distill.pipeline import OneStepPipeline
+USAGE = """from distill.pipelines import OneStepPipeline
 
 pipe = OneStepPipeline.from_teacher_and_adapter("{teacher}", "{path}")
 images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
@@ -88,36 +84,6 @@ def save_sid_adapter(
         usage=USAGE.format(path=folder, teacher=teacher),
     )
     return folder
-
-
-def read_adapter_info(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / ADAPTER_INFO
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a one-step adapter folder: {ADAPTER_INFO} is missing")
-    return json.loads(path.read_text())
-
-
-def load_adapter_student(
-    teacher: str | None,
-    adapter_folder: str | Path,
-    merge: bool = False,
-    device: str | torch.device = "cpu",
-) -> OneStepPipeline:
-    """Teacher UNet + scheduler (``teacher``: as for ``load_teacher``; None = the one named in the adapter
-    folder) with the adapter attached by plain peft (``merge``: folded into the weights), as a one-step pipeline.
-    """
-    from peft import PeftModel
-
-    info = read_adapter_info(adapter_folder)
-    denoiser = load_teacher(teacher if teacher is not None else info["teacher"])
-    unet = PeftModel.from_pretrained(denoiser.model, str(adapter_folder))
-    if merge:
-        unet = unet.merge_and_unload()
-    unet.eval()
-    pipe = OneStepPipeline(
-        unet=unet, scheduler=scheduler_from_denoiser(denoiser), step_sigmas=info["step_sigmas"]
-    )
-    return pipe.to(device)
 
 
 def export_merged(

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_WEIGHTS = ASSETS_DIR / "digits_classifier.safetensors"
 TRAIN_COMMAND = "python recipes/train_eval_classifier.py"
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from distill.denoiser import Denoiser
+from distill.teachers.denoiser import Denoiser
 from finetune.targets import UNET_TARGETS
 
 ADAPTERS = ("fake_score", "generator")

@@ -1,0 +1,75 @@
+"""Export rectified-flow models (k-RF velocity fields and distilled students) as diffusers pipeline folders
+that :class:`distill.pipelines.RectifiedFlowPipeline` loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distill.export.model_card import write_model_card
+from distill.pipelines import RectifiedFlowPipeline, scheduler_from_denoiser
+from distill.teachers.denoiser import Denoiser
+
+DONE_FILE = "reflow_export.json"
+
+USAGE = """import torch
+from distill.pipelines import RectifiedFlowPipeline
+
+pipe = RectifiedFlowPipeline.from_pretrained("{path}")
+images = pipe(batch_size=16, num_inference_steps={steps}, generator=torch.Generator().manual_seed(0),
+              output_type="pt").images"""
+
+
+def export_flow_model(
+    model: Denoiser,
+    folder: str | Path,
+    step_sigmas: list[float],
+    any_steps: bool,
+    base_model: str,
+    title: str,
+    method: str,
+    facts: dict[str, Any],
+    sample_grid: str | None = None,
+) -> Path:
+    """Write ``folder`` = model_index.json + unet/ (safetensors) + scheduler/ + README.md (+ samples.png).
+
+    The folder is loadable by :class:`RectifiedFlowPipeline` (and ``Denoiser.from_pretrained`` for the next
+    reflow round) and publishable with ``onestep publish``. ``reflow_export.json`` is written last and marks
+    the export complete.
+    """
+    folder = Path(folder)
+    done = folder / DONE_FILE
+    done.unlink(missing_ok=True)
+    pipe = RectifiedFlowPipeline(
+        unet=model.model,
+        scheduler=scheduler_from_denoiser(model),
+        step_sigmas=[float(s) for s in step_sigmas],
+        any_steps=any_steps,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    grid_name = None
+    if sample_grid and Path(sample_grid).is_file():
+        grid_name = "samples.png"
+        shutil.copyfile(sample_grid, folder / grid_name)
+    steps = len(step_sigmas)
+    facts = {
+        **facts,
+        "sampling": f"Euler in flow time from x = {step_sigmas[0]:g} z, z ~ N(0, I) "
+        + ("(any number of steps)" if any_steps else f"on step_sigmas {[round(s, 4) for s in step_sigmas]}"),
+    }
+    write_model_card(
+        folder,
+        title=title,
+        method=method,
+        facts={**facts, "parameters": sum(p.numel() for p in model.parameters())},
+        base_model=base_model if base_model != "default" else "onestep-toolkit/default-digits-teacher",
+        tags=["distillation", "rectified-flow", "reflow", "one-step" if steps == 1 else "few-step"],
+        sample_grid=grid_name,
+        usage=USAGE.format(path=folder, steps=steps),
+    )
+    done.write_text(
+        json.dumps({k: v for k, v in facts.items() if isinstance(v, (int, float, str))}, indent=1)
+    )
+    return folder

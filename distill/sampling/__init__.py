@@ -1,0 +1,1 @@
+"""Sampling: ODE solvers for teachers (:mod:`.ode`) and the k-step student sampler (:mod:`.student`)."""
