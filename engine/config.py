@@ -54,6 +54,10 @@ class TrainConfig:
         default="zero",
         metadata={"help": "Non-finite gradient entries: zero them (SiD), skip the step, or raise."},
     )
+    lr_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Linear lr warm-up over the first N steps of every trained model; 0 = none."},
+    )
     lr_decay_start: float = field(
         default=1.0,
         metadata={
@@ -86,7 +90,14 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name}={getattr(self, name)!r} must be >= 1")
-        for name in ("checkpoint_every", "eval_every", "num_workers", "max_grad_norm", "max_minutes"):
+        for name in (
+            "checkpoint_every",
+            "eval_every",
+            "num_workers",
+            "max_grad_norm",
+            "max_minutes",
+            "lr_warmup_steps",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name}={getattr(self, name)!r} must be >= 0")
         for name in ("lr_decay_start", "lr_decay_final"):

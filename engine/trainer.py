@@ -30,7 +30,7 @@ from engine.data import BatchStream
 from engine.ema import EMA, ParameterEMA
 from engine.images import make_grid, save_grid
 from engine.recipe import Recipe, RecipeParts, TrainedModel
-from engine.schedules import linear_decay_factor, scale_learning_rates
+from engine.schedules import lr_factor, scale_learning_rates
 from engine.seeding import seed_everything
 
 _SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -174,12 +174,13 @@ class Trainer:
                     f"Trained models {sorted(names)} share parameters: give each its `parameters` and "
                     "sync='all_reduce'"
                 )
-        decay = self.config.lr_decay_start
+        decay, warmup = self.config.lr_decay_start, self.config.lr_warmup_steps
         for name, tm in parts.trained.items():
-            if decay < 1.0 and tm.lr_scheduler is not None:
+            if (decay < 1.0 or warmup > 0) and tm.lr_scheduler is not None:
                 raise ValueError(
-                    f"lr_decay_start={decay} but the recipe gives {name!r} its own lr_scheduler; "
-                    "use one or the other (lr_decay_start=1.0 keeps the recipe's)"
+                    f"lr_decay_start={decay}, lr_warmup_steps={warmup} but the recipe gives {name!r} its own "
+                    "lr_scheduler; use one or the other (lr_decay_start=1.0 and lr_warmup_steps=0 keep the "
+                    "recipe's)"
                 )
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED and len(parts.trained) > 1:
             raise ValueError(
@@ -285,9 +286,10 @@ class Trainer:
         """One optimisation step: every phase once, over ``gradient_accumulation_steps`` micro-batches."""
         accum = self.config.gradient_accumulation_steps
         micro_batches = [next(self.stream) if self.stream is not None else None for _ in range(accum)]
-        if self.config.lr_decay_start < 1.0:
-            factor = linear_decay_factor(
-                self.progress(), self.config.lr_decay_start, self.config.lr_decay_final
+        cfg = self.config
+        if cfg.lr_decay_start < 1.0 or cfg.lr_warmup_steps > 0:
+            factor = lr_factor(
+                self.step, self.progress(), cfg.lr_warmup_steps, cfg.lr_decay_start, cfg.lr_decay_final
             )
             for tm in self.trained.values():
                 scale_learning_rates(tm.optimizer, factor)

@@ -88,7 +88,6 @@ class LoraRecipeConfig(TrainConfig):
     loraplus_lr_embedding: float = 1e-6
     weight_decay: float = 0.0
     optimizer: Literal["adamw", "adam", "sgd", "adamw8bit"] = "adamw"
-    lr_warmup_steps: int = 0
     loraga_batches: int = field(default=8, metadata={"help": "Gradient-estimation batches per process."})
     loraga_batch_size: int = field(default=0, metadata={"help": "0: batch_size."})
     loraga_gamma: float = 16.0
@@ -194,8 +193,6 @@ class LoraRecipe(Recipe):
             weight_decay=cfg.weight_decay,
             lr_embedding=cfg.loraplus_lr_embedding if cfg.is_plus else cfg.lr,
         )
-        warmup = max(cfg.lr_warmup_steps, 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         loader = DataLoader(
             train_set,
             batch_size=cfg.batch_size,
@@ -204,7 +201,7 @@ class LoraRecipe(Recipe):
             collate_fn=collate,
             num_workers=cfg.num_workers,
         )
-        return RecipeParts(trained={"model": TrainedModel(model, optimizer, scheduler)}, dataloader=loader)
+        return RecipeParts(trained={"model": TrainedModel(model, optimizer)}, dataloader=loader)
 
     def _lora_config(self, task_type: str | None, targets: list[str] | str):
         from peft import LoraConfig

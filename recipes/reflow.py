@@ -272,9 +272,6 @@ class ReflowRecipe(Recipe):
         lr = cfg.reflow_lr if self.mode == "reflow" else cfg.distill_lr
         betas = (float(cfg.adam_beta1), float(cfg.adam_beta2))
         optimizer = torch.optim.Adam(student.parameters(), lr=lr, betas=betas)
-        warmup = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))
-        )
         self.trackers = {
             n: QualityTracker(trainer, cfg.eval_samples, cfg.eval_seed, self.shape, self.num_classes)
             for n in self.eval_nfes()
@@ -282,7 +279,6 @@ class ReflowRecipe(Recipe):
         model = TrainedModel(
             student,
             optimizer,
-            warmup,
             ema_halflife_images=cfg.ema_halflife_images or None,
             ema_rampup_ratio=cfg.ema_rampup_ratio,
         )

@@ -89,10 +89,7 @@ class TeacherRecipe(Recipe):
             num_workers=cfg.num_workers,
         )
         optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-        warmup = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / max(cfg.lr_warmup_steps, 1))
-        )
-        model = TrainedModel(denoiser, optimizer, warmup, ema_halflife_images=cfg.ema_halflife_images)
+        model = TrainedModel(denoiser, optimizer, ema_halflife_images=cfg.ema_halflife_images)
         return RecipeParts(trained={"teacher": model}, dataloader=loader)
 
     # 3. loss -----------------------------------------------------------------------------------------

@@ -342,3 +342,35 @@ def test_lr_decay_refuses_a_recipe_scheduler(tmp_path):
     recipe.setup = setup_with_scheduler
     with pytest.raises(ValueError, match="gives 'critic' its own lr_scheduler"):
         Trainer(cfg, recipe)
+
+
+def test_lr_warmup_then_decay_is_the_product_of_both(tmp_path):
+    """Warm-up counts steps, decay counts the share of the run; the engine applies both to every trained model."""
+    trainer = make(
+        tmp_path, optimizer="sgd", max_steps=10, lr_warmup_steps=4, lr_decay_start=0.5, lr_decay_final=0.1
+    )
+    lrs = []
+    for _ in range(10):
+        trainer.train_step()
+        lrs.append(trainer.trained["critic"].optimizer.param_groups[0]["lr"])
+    lr = trainer.config.lr
+    warm = [min(1.0, (k + 1) / 4) for k in range(10)]
+    decay = [1.0] * 6 + [1 - 0.9 * (k / 10 - 0.5) / 0.5 for k in range(6, 10)]
+    assert lrs == pytest.approx([lr * w * d for w, d in zip(warm, decay)])
+    assert lrs[0] == pytest.approx(lr / 4)
+
+
+def test_lr_warmup_refuses_a_recipe_scheduler(tmp_path):
+    cfg = ToyConfig(output_dir=str(tmp_path), log_with="none", lr_warmup_steps=5)
+    recipe = ToyRecipe(cfg)
+    setup = recipe.setup
+
+    def setup_with_scheduler(trainer):
+        parts = setup(trainer)
+        critic = parts.trained["critic"]
+        critic.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(critic.optimizer, lambda s: 1.0)
+        return parts
+
+    recipe.setup = setup_with_scheduler
+    with pytest.raises(ValueError, match="lr_warmup_steps=5 but|lr_warmup_steps=5 .*own lr_scheduler"):
+        Trainer(cfg, recipe)
