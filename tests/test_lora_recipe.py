@@ -17,7 +17,7 @@ from test_lora_models import UNET_TARGETS, tiny_bert, tiny_llama, tiny_text_data
 from tiny_models import tiny_edm_teacher
 
 RECIPE = ROOT / "recipes" / "lora.py"
-COMMON = ["--log_with", "none", "--progress_bar", "false", "--rank", "2", "--loraga_batches", "2"]
+COMMON = ["--log_with", "none", "--progress_bar", "false", "--lora_rank", "2", "--loraga_batches", "2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
