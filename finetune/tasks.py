@@ -99,7 +99,7 @@ def encode_labels(
         )
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes, train, evaluation
-    if getattr(feature, "dtype", None) == "string":
+    if getattr(feature, "dtype", None) in ("string", "large_string"):
         names = sorted(set(train[column]))
         unseen = sorted(set(evaluation[column]) - set(names)) if evaluation is not None else []
         if unseen:
