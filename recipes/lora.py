@@ -13,9 +13,9 @@ offset so the output is unchanged), ``lora_ga_plus`` (both) or ``full`` (every w
     ``stdlib_docs`` (offline), a local ``.txt``/``.json``/``.jsonl``/``.csv``/``.parquet`` file, a folder or a
     hub id. Eval: cross-entropy (and accuracy) on the validation rows (rule: :func:`finetune.data.
     train_and_eval_splits`).
-(b) ``unet`` -> :class:`DenoiserTask`: a teacher loaded as a :class:`distill.teachers.denoiser.Denoiser`, adapted
-    to new images (digits rotated by 90 degrees). Loss: EDM denoising loss at log-normal sigmas; eval: the EDM
-    loss on held-out digits at fixed sigmas and fixed noise.
+(b) ``unet`` -> :class:`DenoiserTask`: a teacher loaded as a :class:`distill.teachers.denoiser.Denoiser`,
+    adapted to new images (digits rotated by 90 degrees). Loss: EDM denoising loss at log-normal sigmas;
+    eval: the EDM loss on held-out digits at fixed sigmas and fixed noise.
 
 At the end the adapter is written to ``<export_dir>/adapter`` in peft's format (plus diffusers'
 ``pytorch_lora_weights.safetensors`` for UNets), converted for LoRA-GA so that it loads on the ORIGINAL
@@ -35,6 +35,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from distill.data import new_digits
+from distill.teachers.edm import edm_denoising_loss, sample_lognormal_sigmas
+from distill.teachers.loading import load_teacher, resolve_teacher_path
 from engine.checkpoint import resolve_resume
 from engine.config import TrainConfig, parse_config
 from engine.recipe import Recipe, RecipeParts, TrainedModel
@@ -57,8 +60,8 @@ DEFAULT_DATASET: dict[str, str] = {"transformers": "stdlib_docs", "unet": "digit
 #: every process, each takes its own share), and the sigmas drawn for them (plus the process index).
 LORAGA_ROWS_SEED_OFFSET = 7919
 LORAGA_SIGMA_SEED_OFFSET = 104729
-#: Seed of the UNet task's evaluation noise: a constant (not ``seed``), so runs with different seeds are scored
-#: on the same noisy images and their eval losses compare.
+#: Seed of the UNet task's evaluation noise: a constant (not ``seed``), so runs with different seeds are
+#: scored on the same noisy images and their eval losses compare.
 EVAL_NOISE_SEED = 1234
 
 
@@ -66,13 +69,10 @@ EVAL_NOISE_SEED = 1234
 class LoraRecipeConfig(TrainConfig):
     renamed_keys: ClassVar[dict[str, str]] = {"rank": "lora_rank", "alpha": "lora_alpha"}
 
-    output_dir: str = field(
-        default="outputs/lora", metadata={"help": "Run folder: checkpoints, logs, export."}
-    )
+    output_dir: str = field(default="outputs/lora", metadata={"help": "Run folder (checkpoints, export)."})
     max_steps: int = field(default=300, metadata={"help": "Optimisation steps."})
-    batch_size: int = field(
-        default=16, metadata={"help": "Micro-batch size per process (also for evaluation)."}
-    )
+    batch_size: int = field(default=16, metadata={"help": "Micro-batch per process (and eval batch)."})
+    # ------------------------------------------------------------------ model and data
     model_kind: ModelKind = field(
         default="transformers",
         metadata={"help": "transformers text model (a) or diffusers UNet teacher (b)."},
@@ -80,114 +80,83 @@ class LoraRecipeConfig(TrainConfig):
     model: str | None = field(
         default=None,
         metadata={
-            "help": "None: the default for model_kind ('minilm' = the bundled all-MiniLM-L6-v2 for transformers, "
-            "'default' = the digits teacher for unet); or a local folder or hub id of that kind."
+            "help": "None: model_kind's default ('minilm' = bundled all-MiniLM-L6-v2 / 'default' = digits "
+            "teacher); else a local folder or hub id of that kind."
         },
     )
     task: Literal["sequence_classification", "causal_lm"] = field(
-        default="sequence_classification", metadata={"help": "transformers only: the head trained."}
+        default="sequence_classification", metadata={"help": "transformers: the head trained."}
     )
     dataset: str | None = field(
         default=None,
         metadata={
-            "help": "None: the default for model_kind ('stdlib_docs' for transformers, 'digits' for unet, its "
-            "only data); transformers also: a .txt/.json/.jsonl/.csv/.parquet file, a folder or a hub id."
+            "help": "None: model_kind's default ('stdlib_docs' / 'digits', unet's only data); transformers "
+            "also: a .txt/.json/.jsonl/.csv/.parquet file, a folder or a hub id."
         },
     )
-    text_column: str = field(default="text", metadata={"help": "transformers: column holding the text."})
-    label_column: str = field(
-        default="label", metadata={"help": "transformers: class column (names or ids; classification only)."}
-    )
-    train_split: str = field(default="train", metadata={"help": "transformers: split trained on."})
+    text_column: str = field(default="text", metadata={"help": "transformers: the text column."})
+    label_column: str = field(default="label", metadata={"help": "transformers: class names or ids."})
+    train_split: str = field(default="train", metadata={"help": "transformers: the split trained on."})
     eval_split: str | None = field(
         default=None,
         metadata={
-            "help": "transformers: split evaluated on. None: 'validation' if the dataset has it, else "
-            "eval_holdout of train held out ('test' only when named: it is for the final report)."
+            "help": "transformers: None = 'validation' if present, else eval_holdout of train ('test' only "
+            "when named: it is for the final report)."
         },
     )
     eval_holdout: float = field(
-        default=0.1,
-        metadata={
-            "help": "Share of train held out when there is no eval split (fixed rows); 0: no evaluation."
-        },
+        default=0.1, metadata={"help": "Train share held out if no eval split; 0: none."}
     )
-    max_length: int = field(default=64, metadata={"help": "transformers: tokens per text (longer are cut)."})
+    max_length: int = field(default=64, metadata={"help": "transformers: tokens kept per text."})
     eval_examples: int = field(default=512, metadata={"help": "Evaluate on at most this many examples."})
     digits_transform: Literal["rot90", "none"] = field(
-        default="rot90",
-        metadata={"help": "unet: 'rot90' makes digits the teacher never saw; 'none' for checks."},
+        default="rot90", metadata={"help": "unet: 'rot90' = digits the teacher never saw; 'none' for checks."}
     )
     digit_classes: list[int] = field(
-        default_factory=list, metadata={"help": "unet: train/eval on these digit classes only; empty: all."}
+        default_factory=list, metadata={"help": "unet: these digits only; [] all."}
     )
     eval_sigmas: list[float] = field(
         default_factory=lambda: [0.05, 0.1, 0.2, 0.5, 1.0, 2.0],
-        metadata={"help": "unet: noise levels of the eval loss (averaged), spanning fine to coarse detail."},
+        metadata={"help": "unet: noise levels of the eval loss (averaged): fine to coarse detail."},
     )
-    p_mean: float = field(
-        default=-1.2, metadata={"help": "unet: mean of log sigma in training (EDM's value)."}
-    )
-    p_std: float = field(default=1.2, metadata={"help": "unet: std of log sigma in training (EDM's value)."})
+    p_mean: float = field(default=-1.2, metadata={"help": "unet: mean of training log sigma (EDM)."})
+    p_std: float = field(default=1.2, metadata={"help": "unet: std of training log sigma (EDM)."})
+    # ------------------------------------------------------------------ method
     method: Method = field(
-        default="lora_plus",
-        metadata={
-            "help": "lora, lora_plus, lora_ga, lora_ga_plus or full; LoRA+ is the fastest in our benchmark."
-        },
+        default="lora_plus", metadata={"help": "lora_plus: fastest to LoRA's final loss in our benchmark."}
     )
-    lora_rank: int = field(
-        default=8, metadata={"help": "LoRA rank r (LoRA-GA needs 2r <= each layer's size)."}
-    )
-    lora_alpha: float = field(
-        default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."}
-    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (peft's default)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; update scale alpha / r."})
     target_modules: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "peft target modules; empty: 'all-linear' (transformers) / resnet+attention (unet)."
-        },
+        default_factory=list, metadata={"help": "[]: 'all-linear' (text) / resnet+attention (unet)."}
     )
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input (peft)."})
-    use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rsLoRA)."})
-    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA, peft)."})
-    lr: float = field(
-        default=2e-4, metadata={"help": "Learning rate (of A with LoRA+; of every weight otherwise)."}
-    )
-    loraplus_ratio: float = field(
-        default=16.0, metadata={"help": "LoRA+: B's lr = ratio x lr (16: the paper's recommendation)."}
-    )
-    loraplus_lr_embedding: float = field(
-        default=1e-6, metadata={"help": "LoRA+: lr of LoRA embedding layers (the paper's value)."}
-    )
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "Decoupled weight decay (never on norms/biases)."}
-    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale alpha / sqrt(r)."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA)."})
+    lr: float = field(default=2e-4, metadata={"help": "Learning rate (of A with LoRA+)."})
+    loraplus_ratio: float = field(default=16.0, metadata={"help": "LoRA+: B's lr / A's (paper's 16)."})
+    loraplus_lr_embedding: float = field(default=1e-6, metadata={"help": "LoRA+: embedding lr (paper's)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled decay (never norms/biases)."})
     optimizer: Literal["adamw", "adam", "sgd", "adamw8bit"] = field(
-        default="adamw", metadata={"help": "Optimiser class (adamw8bit needs bitsandbytes)."}
+        default="adamw", metadata={"help": "adamw8bit needs bitsandbytes."}
     )
-    loraga_batches: int = field(
-        default=8, metadata={"help": "LoRA-GA: gradient-estimation batches per process."}
-    )
-    loraga_batch_size: int = field(
-        default=0, metadata={"help": "LoRA-GA: estimation batch size; 0: batch_size."}
-    )
-    loraga_gamma: float = field(
-        default=16.0, metadata={"help": "LoRA-GA: stable-scale gamma (the paper's value)."}
-    )
+    loraga_batches: int = field(default=8, metadata={"help": "LoRA-GA: gradient batches per process."})
+    loraga_batch_size: int = field(default=0, metadata={"help": "LoRA-GA: their size; 0: batch_size."})
+    loraga_gamma: float = field(default=16.0, metadata={"help": "LoRA-GA: stable-scale gamma (paper's)."})
     loraga_direction: Literal["ArB2r", "ArBr", "A2rBr"] = field(
-        default="ArB2r", metadata={"help": "LoRA-GA: singular vectors for A, B (the paper's default ArB2r)."}
+        default="ArB2r", metadata={"help": "LoRA-GA: singular vectors for A, B (paper's default)."}
     )
+    # ------------------------------------------------------------------ export
     merge: bool = field(default=False, metadata={"help": "Also write the merged full model."})
-    export_dir: str | None = field(
-        default=None, metadata={"help": "Where the export goes; None: <output_dir>/export."}
-    )
+    export_dir: str | None = field(default=None, metadata={"help": "None: <output_dir>/export."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.lora_rank < 1 or self.lora_alpha <= 0 or self.lr <= 0 or self.loraplus_ratio <= 0:
             raise ValueError(
-                f"need lora_rank >= 1 and lora_alpha, lr, loraplus_ratio > 0; got lora_rank={self.lora_rank}, "
-                f"lora_alpha={self.lora_alpha}, lr={self.lr}, loraplus_ratio={self.loraplus_ratio}"
+                "need lora_rank >= 1 and lora_alpha, lr, loraplus_ratio > 0; got "
+                f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, lr={self.lr}, "
+                f"loraplus_ratio={self.loraplus_ratio}"
             )
         if self.loraga_batches < 1 or self.loraga_batch_size < 0 or self.eval_examples < 1:
             raise ValueError("need loraga_batches >= 1, loraga_batch_size >= 0 and eval_examples >= 1")
@@ -240,8 +209,6 @@ class DenoiserTask(FinetuneTask):
         self.cfg = cfg
 
     def load_data(self) -> tuple[TensorDataset, Any]:
-        from distill.data import new_digits
-
         cfg = self.cfg
         images, _ = new_digits("train", cfg.digit_classes, cfg.digits_transform)
         eval_images, _ = new_digits("heldout", cfg.digit_classes, cfg.digits_transform)
@@ -251,8 +218,6 @@ class DenoiserTask(FinetuneTask):
         return TensorDataset(images), _stack_images
 
     def build_model(self) -> nn.Module:
-        from distill.teachers.loading import load_teacher, resolve_teacher_path
-
         self.model_path = str(resolve_teacher_path(self.cfg.model))
         return load_teacher(self.cfg.model)
 
@@ -261,8 +226,6 @@ class DenoiserTask(FinetuneTask):
         return model, model.model
 
     def loss(self, model: nn.Module, batch: Any, generator: torch.Generator | None = None) -> torch.Tensor:
-        from distill.teachers.edm import edm_denoising_loss, sample_lognormal_sigmas
-
         x0 = batch["pixel_values"]
         device = generator.device if generator is not None else x0.device
         sigma = sample_lognormal_sigmas(len(x0), self.cfg.p_mean, self.cfg.p_std, device, generator)
@@ -271,8 +234,6 @@ class DenoiserTask(FinetuneTask):
     def eval_sums(
         self, model: nn.Module, rank: int, world: int, device: torch.device
     ) -> dict[str, torch.Tensor]:
-        from distill.teachers.edm import edm_denoising_loss
-
         x0 = self.eval_images[rank::world].to(device)
         total = torch.zeros((), device=device)
         size = self.cfg.batch_size
@@ -291,8 +252,6 @@ class DenoiserTask(FinetuneTask):
         model.save_pretrained(folder)
 
     def merge(self, adapter: Path, folder: Path) -> None:
-        from distill.teachers.loading import load_teacher
-
         teacher = load_teacher(self.cfg.model)
         teacher.model = PeftModel.from_pretrained(teacher.model, str(adapter)).merge_and_unload()
         teacher.save_pretrained(folder)
@@ -334,7 +293,8 @@ class LoraRecipe(Recipe):
         self._checked_groups = False
 
     def setup(self, trainer: Trainer) -> RecipeParts:
-        """Data (first: it sizes a classifier's head) -> model -> LoRA -> LoRA-GA init -> optimiser -> loader."""
+        """Data (first: it sizes a classifier's head) -> model -> LoRA -> LoRA-GA init -> LoRA+ optimiser
+        -> loader."""
         cfg, task = self.config, self.task
         self.trainer = trainer
         train_set, collate = task.load_data()
@@ -394,11 +354,11 @@ class LoraRecipe(Recipe):
             raise ValueError(f"Not enough training data for one LoRA-GA batch of {size} on each process")
         loader = DataLoader(Subset(train_set, share), batch_size=size, collate_fn=collate)
         model.to(trainer.device)
-        sigmas = make_generator(cfg.seed + LORAGA_SIGMA_SEED_OFFSET + acc.process_index)
+        sigma_generator = make_generator(cfg.seed + LORAGA_SIGMA_SEED_OFFSET + acc.process_index)
 
         def loss_fn(batch: Any) -> torch.Tensor:
             with acc.autocast():
-                return self.task.loss(model, send_to_device(batch, trainer.device), sigmas)
+                return self.task.loss(model, send_to_device(batch, trainer.device), sigma_generator)
 
         options = LoraGAOptions(direction=cfg.loraga_direction, stable_gamma=cfg.loraga_gamma)
         initial = apply_lora_ga(self.peft_model, loader, loss_fn, options)
@@ -453,11 +413,7 @@ class LoraRecipe(Recipe):
             if self.peft_model is not None:
                 if full_state is not None:  # keys relative to the peft model, which may sit inside the module
                     prefix = next(n for n, m in unwrapped.named_modules() if m is self.peft_model)
-                    full_state = (
-                        {k.removeprefix(f"{prefix}."): v for k, v in full_state.items()}
-                        if prefix
-                        else full_state
-                    )
+                    full_state = {k.removeprefix(f"{prefix}."): v for k, v in full_state.items()}
                 save_adapter(
                     self.peft_model,
                     out / "adapter",
