@@ -125,7 +125,7 @@ def _is_local_path(spec: str) -> bool:
     than one "/"."""
     return (
         Path(spec).suffix.lower() in FILE_BUILDERS
-        or spec.startswith(("/", "./", "../", "~", "."))
+        or spec.startswith(("/", ".", "~"))
         or spec.count("/") > 1
     )
 

@@ -29,7 +29,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 class FinetuneTask(ABC):
     """One model family + its data, as the LoRA recipe uses it (see the module docstring)."""
 
-    #: What the exported adapter records as ``base_model_name_or_path`` (set by :meth:`build_model`).
+    #: What the exported adapter records as ``base_model_name_or_path`` (set when the task loads).
     model_path: str = ""
     #: peft ``task_type`` (``None``: a plain module such as a UNet).
     peft_task_type: str | None = None
