@@ -124,9 +124,7 @@ def _is_local_path(spec: str) -> bool:
     """A path, not a hub id ("name" or "owner/name"): a data-file suffix, an absolute or ./ ../ ~ path, or more
     than one "/"."""
     return (
-        Path(spec).suffix.lower() in FILE_BUILDERS
-        or spec.startswith(("/", ".", "~"))
-        or spec.count("/") > 1
+        Path(spec).suffix.lower() in FILE_BUILDERS or spec.startswith(("/", ".", "~")) or spec.count("/") > 1
     )
 
 
