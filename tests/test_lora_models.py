@@ -119,14 +119,14 @@ def tiny_unet(seed: int = 0):
 
 
 def tiny_text_dataset(folder: Path) -> Path:
-    """A saved ``DatasetDict`` (train/eval, ``text`` + 4-class ``label``) from :data:`TEXTS`."""
+    """A saved ``DatasetDict`` (train/validation, ``text`` + 4-class ``label``) from :data:`TEXTS`."""
     texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]
     labels = [i % 4 for i in range(len(texts))]
     features = datasets.Features(
         {"text": datasets.Value("string"), "label": datasets.ClassLabel(num_classes=4)}
     )
     full = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
-    datasets.DatasetDict({"train": full, "eval": full.select(range(8))}).save_to_disk(str(folder))
+    datasets.DatasetDict({"train": full, "validation": full.select(range(8))}).save_to_disk(str(folder))
     return folder
 
 

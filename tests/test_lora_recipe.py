@@ -8,8 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 from launch_utils import ROOT, accelerate_launch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -17,7 +19,7 @@ from test_lora_models import UNET_TARGETS, tiny_bert, tiny_llama, tiny_text_data
 from tiny_models import tiny_edm_teacher
 
 RECIPE = ROOT / "recipes" / "lora.py"
-COMMON = ["--log_with", "none", "--progress_bar", "false", "--rank", "2", "--loraga_batches", "2"]
+COMMON = ["--log_with", "none", "--progress_bar", "false", "--lora_rank", "2", "--loraga_batches", "2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,9 +33,10 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def _check_text_export(run: Path, bert: Path, ratio: float) -> None:
-    """The adapter on the original base reproduces the trained model (read back from the last checkpoint)."""
-    from transformers import AutoModelForSequenceClassification
+def _check_text_export(run: Path, bert: Path, data: Path, ratio: float) -> None:
+    """The adapter on the original base reproduces the trained model (read back from the last checkpoint),
+    and the reported eval metrics are that model's on the validation split."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     info = json.loads((run / "export" / "metrics.json").read_text())
     lrs = info["optimizer_lrs"]
@@ -50,6 +53,14 @@ def _check_text_export(run: Path, bert: Path, ratio: float) -> None:
         want, got, before = (m.eval()(input_ids=ids).logits for m in (trained, loaded, base))
     assert torch.allclose(want, got, atol=1e-5), (want - got).abs().max()
     assert (want - before).abs().max() > 1e-4
+    # the eval metrics, summed over both processes' shares, equal the loaded adapter on the validation split
+    validation = datasets.load_from_disk(str(data))["validation"]
+    tokenizer = AutoTokenizer.from_pretrained(str(bert))
+    with torch.no_grad():
+        logits = torch.cat([loaded(**tokenizer(t, return_tensors="pt")).logits for t in validation["text"]])
+    labels = torch.tensor(list(validation["label"]))
+    assert info["eval_loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), abs=1e-5)
+    assert info["eval_accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
 
 
 def test_text_recipe_two_processes_lora_ga_plus(tmp_path):
@@ -69,7 +80,7 @@ def test_text_recipe_two_processes_lora_ga_plus(tmp_path):
         *COMMON,
     ]
     accelerate_launch(RECIPE, args)
-    _check_text_export(run, tmp_path / "bert", ratio=16)
+    _check_text_export(run, tmp_path / "bert", tmp_path / "data", ratio=16)
     state = json.loads((run / "checkpoints" / "step_3" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
 
@@ -158,7 +169,7 @@ def test_deepspeed_zero3_two_processes_lora_ga_plus(tmp_path):
         accelerate_launch(RECIPE, args)
     finally:
         launch_utils.CPU_CONFIG = original
-    _check_text_export(run, tmp_path / "bert", ratio=16)
+    _check_text_export(run, tmp_path / "bert", tmp_path / "data", ratio=16)
 
 
 def test_resumed_lora_ga_run_exports_the_same_adapter(tmp_path):
@@ -183,27 +194,38 @@ def test_resumed_lora_ga_run_exports_the_same_adapter(tmp_path):
         assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
 
 
-def test_full_fine_tuning_of_the_unet_and_the_shipped_configs(tmp_path):
-    from engine.config import parse_config
-    from recipes.lora import LoraRecipeConfig, main
+def test_full_fine_tuning_of_the_unet_reports_the_eval_loss_of_its_export(tmp_path):
+    """``full`` trains every weight; eval_loss is the EDM loss of the exported model on the first
+    ``eval_examples`` held-out rotated digits, at every eval sigma with the fixed EVAL_NOISE_SEED noise."""
+    from distill.data import new_digits
+    from distill.teachers.denoiser import Denoiser
+    from distill.teachers.edm import edm_denoising_loss
+    from recipes.lora import EVAL_NOISE_SEED, LoraRecipeConfig, main
 
     teacher = tiny_edm_teacher(tmp_path / "teacher")
     args = ["--model_kind", "unet", "--model", str(teacher), "--method", "full", "--max_steps", "2"]
     metrics = main(
         [*args, "--batch_size", "8", "--eval_examples", "16", "--output_dir", str(tmp_path), *COMMON]
     )
-    assert metrics["eval_loss"] > 0
-    assert (tmp_path / "export" / "merged" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    for name in ("lora_minilm.yaml", "lora_teacher_digits.yaml"):
-        cfg = parse_config(LoraRecipeConfig, ["--config", str(ROOT / "recipes" / "configs" / name)])
-        assert cfg.method in ("lora", "lora_plus", "lora_ga", "lora_ga_plus", "full")
+    merged = Denoiser.from_pretrained(str(tmp_path / "export" / "merged")).eval()
+    x0 = new_digits("heldout")[0][:16]
+    sigmas = LoraRecipeConfig().eval_sigmas
+    noise = torch.randn(len(sigmas), *x0.shape, generator=torch.Generator().manual_seed(EVAL_NOISE_SEED))
+    with torch.no_grad():
+        want = [edm_denoising_loss(merged, x0, torch.full((16,), s), n).mean() for s, n in zip(sigmas, noise)]
+        before = Denoiser.from_pretrained(str(teacher)).eval()
+        untrained = [
+            edm_denoising_loss(before, x0, torch.full((16,), s), n).mean() for s, n in zip(sigmas, noise)
+        ]
+    assert metrics["eval_loss"] == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
+    assert abs(metrics["eval_loss"] - torch.stack(untrained).mean().item()) > 1e-4  # the weights changed
 
 
 def test_stdlib_docstrings_is_a_real_offline_text_task():
     from finetune.data import STDLIB_PACKAGES, stdlib_docstrings
 
     splits = stdlib_docstrings()
-    train, evaluation = splits["train"], splits["eval"]
+    train, evaluation = splits["train"], splits["validation"]
     assert train.features["label"].names == list(STDLIB_PACKAGES)
     assert len(train) > 1000 and len(evaluation) > 200
     assert set(train["label"]) == set(range(len(STDLIB_PACKAGES)))
