@@ -240,6 +240,8 @@ class SiDConfig(TrainConfig):
 
 
 class SiDRecipe(Recipe):
+    """SiD on the engine: phases "fake_score" (step 1) and "generator" (step 2), each with its own optimiser."""
+
     def __init__(self, config: SiDConfig) -> None:
         self.config = config
 
@@ -333,6 +335,7 @@ class SiDRecipe(Recipe):
         return fake + ["generator"]
 
     def loss(self, phase: str, batch: Any, models: Mapping[str, torch.nn.Module]) -> LossOutput:
+        """The phase's step; ``batch`` is SiDA's real images (None for data-free SiD)."""
         step = self.fake_score_step if phase == "fake_score" else self.generator_step
         return step(batch, models)
 
