@@ -4,19 +4,24 @@
     accelerate launch recipes/sid.py --teacher PATH_OR_ID --config recipes/configs/sid_digits.yaml
     accelerate launch recipes/sid.py --config recipes/configs/sid_lora_digits.yaml   # LoRA students
 
-Algorithm (Zhou et al. 2024, with SiD-LSG guidance for conditional teachers), one iteration:
-  0. teacher f_phi frozen; fake score f_psi and generator G both start as copies of the teacher;
-  1. fake-score step: x_g = G(sigma_init z) without grad; sigma ~ LogNormal(P_mean, P_std);
-     loss = lambda(sigma) ||f_psi(x_g + sigma n) - x_g||^2;
-  2. generator step: x_g = G(sigma_init z) with grad; t ~ U[0, tmax/1000] -> sigma;
-     x_t = x_g + sigma n; loss = SiD(x_g, f_phi(x_t), f_psi(x_t), alpha) (gradient through x_t, both scores);
-  3. EMA of G; periodically evaluate G_ema (one-step FD on the default data), finally export it as a diffusers
-     pipeline folder with a model card.
+Algorithm (Zhou et al. 2024, with SiD-LSG guidance for conditional teachers). The teacher f_phi is frozen; the
+fake score f_psi and the generator G both start as copies of it. Each iteration is two steps (phases):
 
-``--real_data DATA`` (SiDA, Zhou et al. 2024b): f_psi's encoder is also a discriminator (channel mean of its
-last down block, distill/sid/discriminator.py). Step 1 adds D's loss on real images noised like x_g (same sigma and
-noise); G waits ``generator_freeze_images``, and from ``adversarial_start_images`` on step 2's loss is
-0.5 SiD + 0.5 * weight * adversarial term.
+  1. fake-score step (:meth:`SiDRecipe.fake_score_step`): x_g = G(sigma_init z) without grad;
+     sigma ~ LogNormal(P_mean, P_std); loss = lambda(sigma) ||f_psi(x_g + sigma n) - x_g||^2;
+  2. generator step (:meth:`SiDRecipe.generator_step`): x_g = G(sigma_init z) with grad;
+     t ~ U[0, max_timestep/1000] -> sigma; x_t = x_g + sigma n;
+     loss = SiD(x_g, f_phi(x_t), f_psi(x_t), alpha), the gradient flowing through x_t and both scores into G;
+
+then the EMA of G. G_ema is evaluated periodically (FD on fixed noise) and finally exported as a diffusers
+pipeline folder with a model card. A k-step G (``step_sigmas`` with k entries) is sampled by
+:func:`distill.sampling.student.student_sample`: in training after a random number of steps, only the last one
+differentiable; in evaluation and export with all k.
+
+``--real_data DATA`` (SiDA, Zhou et al. 2024b) adds one term to each step: f_psi's encoder is also a
+discriminator (channel mean of its last down block, distill/sid/discriminator.py). Step 1 adds D's loss on real
+images noised like x_g (same sigma and noise); G waits ``generator_freeze_images``, and from
+``adversarial_start_images`` on step 2's loss is 0.5 SiD + 0.5 * weight * adversarial term.
 
 ``--student lora``: the teacher is loaded once and frozen; f_psi and G are the LoRA adapters "fake_score" and
 "generator" on it (f_phi = the base with adapters disabled; see distill/sid/lora_student.py). Only the adapters are
@@ -29,10 +34,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch.utils.data import DataLoader
@@ -41,6 +46,7 @@ from distill.data import load_image_dataset, torch_collate
 from distill.evaluation.quality import QualityTracker
 from distill.export.adapter import export_merged, save_sid_adapter
 from distill.export.generator import export_generator
+from distill.sampling.student import student_sample
 from distill.sid.discriminator import EncoderLogits
 from distill.sid.lora_student import (
     ADAPTERS,
@@ -57,60 +63,84 @@ from distill.sid.losses import (
     sid_generator_loss,
 )
 from distill.teachers.denoiser import Condition, Denoiser
-from distill.teachers.edm import sample_lognormal_sigmas
+from distill.teachers.edm import drop_labels, sample_lognormal_sigmas
 from distill.teachers.loading import load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
-from engine.recipe import Recipe, RecipeParts, TrainedModel
+from engine.recipe import LossOutput, Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer
 
 
 @dataclass
 class SiDConfig(TrainConfig):
-    output_dir: str = "outputs/sid"
+    #: old config keys, answered by parse_config with their new names
+    renamed_keys: ClassVar[dict[str, str]] = {"tmax": "max_timestep", "student_sigmas": "step_sigmas"}
+
+    output_dir: str = field(
+        default="outputs/sid",
+        metadata={"help": "Run folder: checkpoints, logs, samples, the exported student."},
+    )
     teacher: str = field(default="default", metadata={"help": "'default', a diffusers folder, or a hub id."})
     alpha: float = field(
         default=1.0,
         metadata={
-            "help": "SiD's alpha. 1.0 (SiD-LSG, SiDA; unbiased in theory); with the paper's CIFAR 1.2 the digits "
-            "teacher's student was at FD 6.7 after 70k images, with 1.0 at 3.8."
+            "help": "SiD's alpha in the generator loss; 1.0 as in SiD-LSG and SiDA (the digits student trained "
+            "better with it than with the paper's CIFAR-10 1.2)."
         },
     )
-    student_sigmas: list[float] = field(
-        default_factory=lambda: [2.5], metadata={"help": "Generator input noise levels; k entries = k steps."}
+    step_sigmas: list[float] = field(
+        default_factory=lambda: [2.5],
+        metadata={
+            "help": "G's input noise level per step (k entries = a k-step student); SiD's sigma_init 2.5."
+        },
     )
-    tmax: float = 800.0
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    lr_generator: float = 1e-4
-    lr_fake_score: float = 1e-4
-    adam_beta1: float = 0.0
+    max_timestep: float = field(
+        default=800.0,
+        metadata={
+            "help": "Generator loss noise: t ~ U[0, max_timestep/1000] on EDM's rho-curve (teacher's 0-1000 "
+            "scale); the paper's t_max = 800, sigma <= 24.4."
+        },
+    )
+    p_mean: float = field(default=-1.2, metadata={"help": "Mean of log sigma in f_psi's loss (EDM's value)."})
+    p_std: float = field(default=1.2, metadata={"help": "Std of log sigma in f_psi's loss (EDM's value)."})
+    lr_generator: float = field(default=1e-4, metadata={"help": "Adam lr of the generator G."})
+    lr_fake_score: float = field(default=1e-4, metadata={"help": "Adam lr of the fake score f_psi."})
+    adam_beta1: float = field(
+        default=0.0, metadata={"help": "Adam beta1 of both networks; 0 as the SiD authors use."}
+    )
     adam_beta1_generator: float | None = field(
         default=None,
         metadata={"help": "Adam beta1 of G alone (None: adam_beta1); the authors use 0.9 for G on FFHQ."},
     )
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 of both networks."})
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam epsilon of both networks."})
     fake_score_updates: int = field(default=1, metadata={"help": "f_psi steps per generator step."})
     ema_halflife_images: float = field(
         default=200_000.0,
-        metadata={
-            "help": "EMA half-life of G in images (digits, constant lr: 50k-100k followed G's late drift, FD "
-            "4-7 where 200k held 3.0-3.5)."
-        },
+        metadata={"help": "EMA half-life of G in images; shorter ones followed G's late drift on digits."},
     )
     ema_rampup_ratio: float = field(
         default=0.5, metadata={"help": "Half-life <= ratio * images seen early on (EDM's ramp-up)."}
     )
-    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale kappa (conditional teachers)."})
-    label_dropout: float = field(default=0.1, metadata={"help": "Share of conditions set to null for f_psi."})
-    num_classes: int | None = field(
-        default=None, metadata={"help": "Classes of a class-conditional teacher."}
+    guidance_scale: float = field(
+        default=1.0, metadata={"help": "CFG scale kappa of f_phi and f_psi (SiD-LSG; conditional teachers)."}
     )
-    batch_size: int = 128
-    max_steps: int = 2000
-    eval_every: int = 250
-    eval_samples: int = 5000
-    eval_seed: int = 12345
+    label_dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of f_psi's labels set to null in its step, so it learns the null score CFG uses."
+        },
+    )
+    num_classes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Classes of a class-conditional teacher (default: its class embeddings less the null)."
+        },
+    )
+    batch_size: int = field(default=128, metadata={"help": "Generated images per process and step."})
+    max_steps: int = field(default=2000, metadata={"help": "Iterations (each: f_psi step(s), then G's)."})
+    eval_every: int = field(default=250, metadata={"help": "Evaluate G's EMA every N steps; 0 = at the end."})
+    eval_samples: int = field(default=5000, metadata={"help": "Samples per evaluation (FD on fixed noise)."})
+    eval_seed: int = field(default=12345, metadata={"help": "Seed of the fixed evaluation noise."})
     fp16_initial_scale: float = field(
         default=128.0, metadata={"help": "SiD's fp16 runs use small fixed scales (1 for f_psi, 100 for G)."}
     )
@@ -118,7 +148,7 @@ class SiDConfig(TrainConfig):
         default="full",
         metadata={"help": "full: three teacher copies; lora: two adapters on one frozen teacher."},
     )
-    lora_rank: int = 16
+    lora_rank: int = field(default=16, metadata={"help": "lora: rank of both adapters."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling = lora_alpha / lora_rank."})
     lora_targets: list[str] = field(
         default_factory=list,
@@ -160,10 +190,22 @@ class SiDConfig(TrainConfig):
             "help": "SiDA: G waits this many images while f_psi and the discriminator warm up (authors: 100k)."
         },
     )
-    export_dir: str | None = None
+    export_dir: str | None = field(
+        default=None, metadata={"help": "Where to export the EMA student (default: output_dir/student)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.step_sigmas or min(self.step_sigmas) <= 0:
+            raise ValueError(f"step_sigmas={self.step_sigmas} must be one or more noise levels > 0")
+        if not 0 < self.max_timestep <= 1000:
+            raise ValueError(
+                f"max_timestep={self.max_timestep} must be in (0, 1000] (teacher timestep scale)"
+            )
+        if not 0 <= self.label_dropout <= 1:
+            raise ValueError(f"label_dropout={self.label_dropout} must be in [0, 1]")
+        if self.fake_score_updates < 1:
+            raise ValueError(f"fake_score_updates={self.fake_score_updates} must be >= 1")
         for name in (
             "adversarial_weight_fake_score",
             "adversarial_weight_generator",
@@ -198,6 +240,8 @@ class SiDConfig(TrainConfig):
 
 
 class SiDRecipe(Recipe):
+    """SiD on the engine: phases "fake_score" (step 1) and "generator" (step 2), each with its own optimiser."""
+
     def __init__(self, config: SiDConfig) -> None:
         self.config = config
 
@@ -206,10 +250,7 @@ class SiDRecipe(Recipe):
         cfg = self.config
         teacher = load_teacher(cfg.teacher)
         self.shape = (teacher.in_channels, teacher.sample_size, teacher.sample_size)
-        embeds = teacher.num_class_embeds
-        self.num_classes = (
-            cfg.num_classes if cfg.num_classes is not None else (embeds - 1 if embeds else None)
-        )
+        self.num_classes = cfg.num_classes if cfg.num_classes is not None else teacher.num_classes
         self.quality = QualityTracker(trainer, cfg.eval_samples, cfg.eval_seed, self.shape, self.num_classes)
         ema = {"ema_halflife_images": cfg.ema_halflife_images, "ema_rampup_ratio": cfg.ema_rampup_ratio}
         lrs = {"fake_score": cfg.lr_fake_score, "generator": cfg.lr_generator}
@@ -293,75 +334,104 @@ class SiDRecipe(Recipe):
             return fake  # SiDA: f_psi and its discriminator warm up on the initial generator first
         return fake + ["generator"]
 
-    # generator sampling ----------------------------------------------------------------------------
-    def _conditions(self, n: int, device) -> tuple[Condition | None, Condition | None]:
-        if self.num_classes is None:
-            return None, None
-        labels = torch.randint(0, self.num_classes, (n,), device=device)
-        null = torch.full_like(labels, self.num_classes)
-        return Condition(class_labels=labels), Condition(class_labels=null)
+    def loss(self, phase: str, batch: Any, models: Mapping[str, torch.nn.Module]) -> LossOutput:
+        """The phase's step; ``batch`` is SiDA's real images (None for data-free SiD)."""
+        step = self.fake_score_step if phase == "fake_score" else self.generator_step
+        return step(batch, models)
 
-    def generate(self, generator: Denoiser, z: torch.Tensor, cond: Condition | None) -> torch.Tensor:
-        """k-step student: x = G(sigma_0 z); re-noise to sigma_i and apply G again (inputs detached)."""
-        sigmas = self.config.student_sigmas
-        step = torch.randint(len(sigmas), ()).item() if len(sigmas) > 1 else 0
-        x = z * sigmas[0]
-        for i in range(step):
-            with torch.no_grad():
-                x0 = generator(x, torch.full((z.shape[0],), sigmas[i], device=z.device), cond)
-            x = x0 + sigmas[i + 1] * torch.randn_like(z)
-        return generator(x, torch.full((z.shape[0],), sigmas[step], device=z.device), cond)
-
-    # 1-2. losses -----------------------------------------------------------------------------------
-    def loss(self, phase, batch, models):
-        cfg, device = self.config, self.quality.device
-        n = cfg.batch_size
+    # the generator's samples -------------------------------------------------------------------------
+    def latents(self) -> tuple[torch.Tensor, Condition | None, Condition | None]:
+        """A batch of G's input noise z, and for class-conditional teachers random labels and their null."""
+        n, device = self.config.batch_size, self.quality.device
         z = torch.randn(n, *self.shape, device=device)
-        cond, null = self._conditions(n, device)
-        guide = {"guidance_scale": cfg.guidance_scale, "null_cond": null} if cond is not None else {}
-        if phase == "fake_score":
-            if self.discriminator is not None and cond is not None:
-                cond = Condition(class_labels=batch["label"].to(device))  # SiDA: the real batch's classes
-            with torch.no_grad():
-                x_g = self.generate(models["generator"], z, cond)
-            sigma = sample_lognormal_sigmas(n, cfg.p_mean, cfg.p_std, device=device)
-            noise = torch.randn_like(x_g)
-            x_t = x_g + sigma.view(-1, 1, 1, 1) * noise
-            train_cond = cond
-            if cond is not None and cfg.label_dropout > 0:
-                drop = torch.rand(n, device=device) < cfg.label_dropout
-                train_cond = Condition(class_labels=torch.where(drop, null.class_labels, cond.class_labels))
-            if self.discriminator is None:
-                y_fake = models["fake_score"](x_t, sigma, train_cond, **guide)
-                return fake_score_loss(y_fake, x_g, sigma).mean()
-            # SiDA: real images with the same sigma and noise, through f_psi in the same batched call
-            x_real_t = batch["pixel_values"].to(device, x_g.dtype) + sigma.view(-1, 1, 1, 1) * noise
-            both_cond = None if train_cond is None else Condition.cat(train_cond, cond)
-            with self.discriminator.capture() as logits:
-                y_both = models["fake_score"](torch.cat([x_t, x_real_t]), sigma.repeat(2), both_cond)
-            logits_fake, logits_real = logits[-1].chunk(2)
-            score = fake_score_loss(y_both[:n], x_g, sigma).mean()
-            d_loss = discriminator_loss(logits_real, logits_fake, sigma)
-            return score + cfg.adversarial_weight_fake_score * d_loss, {
-                "score_loss": score.detach(),
-                "discriminator_loss": d_loss.detach(),
-            }
-        x_g = self.generate(models["generator"], z, cond)
-        sigma = sample_generator_sigmas(n, cfg.tmax, device=device)
+        if self.num_classes is None:
+            return z, None, None
+        labels = torch.randint(0, self.num_classes, (n,), device=device)
+        return (
+            z,
+            Condition(class_labels=labels),
+            Condition(class_labels=torch.full_like(labels, self.num_classes)),
+        )
+
+    def generator_sample(self, generator: Denoiser, z: torch.Tensor, cond: Condition | None) -> torch.Tensor:
+        """x_g for training: G after a random number of its k steps, only the last call differentiable.
+
+        Each step of a k-step student is trained with the same losses; one step draws nothing.
+        """
+        sigmas = self.config.step_sigmas
+        steps = int(torch.randint(len(sigmas), ()).item()) + 1 if len(sigmas) > 1 else 1
+        return student_sample(generator, z, sigmas, cond, steps=steps)
+
+    def guidance(self, null: Condition | None) -> dict[str, Any]:
+        """SiD-LSG: f_phi and f_psi are both called with the CFG scale kappa (conditional teachers)."""
+        return {} if null is None else {"guidance_scale": self.config.guidance_scale, "null_cond": null}
+
+    # 1. fake-score step --------------------------------------------------------------------------------
+    def fake_score_step(self, batch: Any, models: Mapping[str, torch.nn.Module]) -> LossOutput:
+        """f_psi learns the denoiser of G's current samples: EDM's loss at x_g + sigma n, sigma ~ LogNormal."""
+        cfg = self.config
+        z, cond, null = self.latents()
+        if self.discriminator is not None and cond is not None:  # SiDA: G draws the real batch's classes
+            cond = Condition(class_labels=batch["label"].to(z.device))
+        with torch.no_grad():
+            x_g = self.generator_sample(models["generator"], z, cond)
+        sigma = sample_lognormal_sigmas(len(z), cfg.p_mean, cfg.p_std, device=z.device)
+        noise = torch.randn_like(x_g)
+        x_t = x_g + sigma.view(-1, 1, 1, 1) * noise
+        train_cond = None
+        if cond is not None:
+            labels = drop_labels(cond.class_labels, cfg.label_dropout, self.num_classes)
+            train_cond = Condition(class_labels=labels)
+        with self.discriminator_logits(self.discriminator is not None) as logits_fake:
+            y_fake = models["fake_score"](x_t, sigma, train_cond, **self.guidance(null))
+        loss = fake_score_loss(y_fake, x_g, sigma).mean()
+        if self.discriminator is None:
+            return loss
+        d_loss = self.discriminator_term(batch, models, sigma, noise, cond, logits_fake[-1])
+        total = loss + cfg.adversarial_weight_fake_score * d_loss
+        return total, {"score_loss": loss.detach(), "discriminator_loss": d_loss.detach()}
+
+    # 2. generator step ---------------------------------------------------------------------------------
+    def generator_step(self, batch: Any, models: Mapping[str, torch.nn.Module]) -> LossOutput:
+        """G follows f_phi - f_psi: SiD's loss at x_t = x_g + sigma n, through both scores into G."""
+        cfg = self.config
+        z, cond, null = self.latents()
+        x_g = self.generator_sample(models["generator"], z, cond)
+        sigma = sample_generator_sigmas(len(z), cfg.max_timestep, device=z.device)
         x_t = x_g + sigma.view(-1, 1, 1, 1) * torch.randn_like(x_g)
-        y_real = models["teacher"](x_t, sigma, cond, **guide)
+        y_real = models["teacher"](x_t, sigma, cond, **self.guidance(null))
         adversarial = (
             self.discriminator is not None and self.trainer.images_seen >= cfg.adversarial_start_images
         )
-        with self.discriminator.capture() if adversarial else contextlib.nullcontext() as logits:
-            y_fake = models["fake_score"](x_t, sigma, cond, **guide)
+        with self.discriminator_logits(adversarial) as logits_fake:
+            y_fake = models["fake_score"](x_t, sigma, cond, **self.guidance(null))
         loss = sid_generator_loss(x_g, y_real, y_fake, cfg.alpha).mean()
         extra = {"x_g_std": x_g.detach().float().std()}
-        if adversarial:
-            gan = generator_adversarial_loss(logits[-1], x_g, y_real)
-            extra |= {"sid_loss": loss.detach(), "adversarial_loss": gan.detach()}
-            loss = 0.5 * loss + 0.5 * cfg.adversarial_weight_generator * gan  # SiDA's 0.5/0.5 mix
-        return loss, extra
+        if not adversarial:
+            return loss, extra
+        gan = generator_adversarial_loss(logits_fake[-1], x_g, y_real)
+        extra |= {"sid_loss": loss.detach(), "adversarial_loss": gan.detach()}
+        return 0.5 * loss + 0.5 * cfg.adversarial_weight_generator * gan, extra  # SiDA's 0.5/0.5 mix
+
+    # SiDA's addition to both steps: f_psi's encoder as a discriminator ---------------------------------
+    def discriminator_logits(self, active: bool) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+        """Records the encoder logits of the f_psi calls inside it when ``active`` (SiDA), else nothing."""
+        return self.discriminator.capture() if active else contextlib.nullcontext([])
+
+    def discriminator_term(
+        self,
+        batch: Any,
+        models: Mapping[str, torch.nn.Module],
+        sigma: torch.Tensor,
+        noise: torch.Tensor,
+        cond: Condition | None,
+        logits_fake: torch.Tensor,
+    ) -> torch.Tensor:
+        """D's loss: real images noised like x_g (same sigma and noise) against the generated ones."""
+        x_real = batch["pixel_values"].to(noise.device, noise.dtype)
+        with self.discriminator_logits(True) as logits_real:
+            models["fake_score"](x_real + sigma.view(-1, 1, 1, 1) * noise, sigma, cond)
+        return discriminator_loss(logits_real[-1], logits_fake, sigma)
 
     # 3. evaluation and export -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -375,31 +445,21 @@ class SiDRecipe(Recipe):
             yield view
 
     def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
+        """FD etc. of G's EMA with all k steps (the exported sampler), on fixed noise."""
+        sigmas = self.config.step_sigmas
         with self.ema_generator(trainer) as ema:
-            return self.quality.evaluate(lambda z, c: self.sample_with(ema, z, c), tag="generator_ema")
+            return self.quality.evaluate(lambda z, c: student_sample(ema, z, sigmas, c), tag="generator_ema")
 
-    @torch.no_grad()
-    def sample_with(self, generator: Denoiser, z: torch.Tensor, cond: Condition | None) -> torch.Tensor:
-        sigmas = self.config.student_sigmas
-        x = z * sigmas[0]
-        for i, sigma in enumerate(sigmas):
-            x0 = generator(x, torch.full((z.shape[0],), sigma, device=z.device), cond)
-            if i + 1 < len(sigmas):
-                x = x0 + sigmas[i + 1] * torch.randn_like(z)
-        return x0
-
-    def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if not trainer.is_main:
-            return
+    def card_facts(self, trainer: Trainer, metrics: dict[str, float]) -> dict[str, Any]:
+        """The exported model card's facts: the settings that define the student and how far it trained."""
         cfg = self.config
-        out = Path(cfg.export_dir or Path(cfg.output_dir) / "student")
         sida = cfg.real_data is not None
-        name = "Adversarial Score identity Distillation (SiDA)" if sida else "Score identity Distillation"
         facts = {
             "method": "SiDA" if sida else "SiD",
             "alpha": cfg.alpha,
-            "student_steps": len(cfg.student_sigmas),
-            "student_sigmas": json.dumps(cfg.student_sigmas),
+            "num_steps": len(cfg.step_sigmas),
+            "step_sigmas": json.dumps(cfg.step_sigmas),
+            "max_timestep": cfg.max_timestep,
             "training_steps": trainer.step,
             "generated_images_seen": trainer.images_seen,
             "guidance_scale": cfg.guidance_scale,
@@ -421,12 +481,23 @@ class SiDRecipe(Recipe):
                 "lora_alpha": cfg.lora_alpha,
                 "loraplus_ratio": cfg.loraplus_ratio,
             }
+        return facts
+
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if not trainer.is_main:
+            return
+        cfg = self.config
+        out = Path(cfg.export_dir or Path(cfg.output_dir) / "student")
+        facts = self.card_facts(trainer, metrics)
+        sida = cfg.real_data is not None
+        name = "Adversarial Score identity Distillation (SiDA)" if sida else "Score identity Distillation"
+        if cfg.student == "lora":
             with self.ema_generator(trainer) as ema:
                 save_sid_adapter(
                     ema.shared.model,
                     out,
                     adapter_name="generator",
-                    step_sigmas=cfg.student_sigmas,
+                    step_sigmas=cfg.step_sigmas,
                     teacher=cfg.teacher,
                     method=f"{name} (Zhou et al. 2024), generator LoRA on the frozen teacher, EMA",
                     facts=facts,
@@ -438,7 +509,7 @@ class SiDRecipe(Recipe):
         export_generator(
             trainer.models.ema("generator"),
             out,
-            step_sigmas=cfg.student_sigmas,
+            step_sigmas=cfg.step_sigmas,
             base_model=cfg.teacher,
             method=f"{name} (Zhou et al. 2024), EMA generator",
             facts=facts,

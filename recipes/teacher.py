@@ -23,7 +23,7 @@ from distill.evaluation.quality import evaluate_sampler
 from distill.export.model_card import write_model_card
 from distill.teachers.builders import build_unet, edm_scheduler
 from distill.teachers.denoiser import Condition, Denoiser
-from distill.teachers.edm import edm_denoising_loss, sample_lognormal_sigmas
+from distill.teachers.edm import drop_labels, edm_denoising_loss, sample_lognormal_sigmas
 from engine.config import TrainConfig, parse_config
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer
@@ -31,27 +31,43 @@ from engine.trainer import Trainer
 
 @dataclass
 class TeacherConfig(TrainConfig):
-    output_dir: str = "outputs/teacher"
+    output_dir: str = field(
+        default="outputs/teacher", metadata={"help": "Run folder: checkpoints, logs, samples."}
+    )
     dataset: str = field(
         default="digits", metadata={"help": "'digits', a local image folder, or a hub dataset."}
     )
     resolution: int | None = field(default=None, metadata={"help": "Image size (default: the dataset's)."})
     channels: int | None = field(default=None, metadata={"help": "1 or 3 (default: the dataset's)."})
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
-    layers_per_block: int = 2
-    attention: bool = False
-    class_conditional: bool = False
-    label_dropout: float = field(default=0.1, metadata={"help": "Share of labels dropped to null (for CFG)."})
-    lr: float = 2e-3
-    lr_warmup_steps: int = 200
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    ema_halflife_images: float = 50_000.0
-    batch_size: int = 128
-    max_steps: int = 5000
-    eval_samples: int = 2000
-    eval_nfe: int = 35
+    block_out_channels: list[int] = field(
+        default_factory=lambda: [32, 64], metadata={"help": "UNet channels per resolution level."}
+    )
+    layers_per_block: int = field(default=2, metadata={"help": "UNet ResNet layers per level."})
+    attention: bool = field(default=False, metadata={"help": "Self-attention at the lowest resolution."})
+    class_conditional: bool = field(
+        default=False, metadata={"help": "Condition on the dataset's labels (plus a null class for CFG)."}
+    )
+    label_dropout: float = field(
+        default=0.1,
+        metadata={"help": "Share of labels dropped to null, so the teacher also learns CFG's null."},
+    )
+    lr: float = field(default=2e-3, metadata={"help": "Adam lr."})
+    lr_warmup_steps: int = field(
+        default=200, metadata={"help": "Linear lr warm-up steps: the high lr is unstable on a fresh UNet."}
+    )
+    p_mean: float = field(default=-1.2, metadata={"help": "Mean of log sigma in the loss (EDM's value)."})
+    p_std: float = field(default=1.2, metadata={"help": "Std of log sigma in the loss (EDM's value)."})
+    ema_halflife_images: float = field(default=50_000.0, metadata={"help": "EMA half-life in images."})
+    batch_size: int = field(default=128, metadata={"help": "Images per process and step."})
+    max_steps: int = field(default=5000, metadata={"help": "Optimisation steps."})
+    eval_samples: int = field(default=2000, metadata={"help": "Samples per evaluation (FD on digits)."})
+    eval_nfe: int = field(default=35, metadata={"help": "Heun NFE of the evaluation sampler (EDM's 35)."})
     export_dir: str | None = field(default=None, metadata={"help": "Where to write the diffusers teacher."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.label_dropout <= 1:
+            raise ValueError(f"label_dropout={self.label_dropout} must be in [0, 1]")
 
 
 class TeacherRecipe(Recipe):
@@ -97,11 +113,10 @@ class TeacherRecipe(Recipe):
         x0 = batch["pixel_values"]
         sigma = sample_lognormal_sigmas(x0.shape[0], self.config.p_mean, self.config.p_std, device=x0.device)
         cond = None
-        if self.num_classes is not None:
-            labels = batch["label"].clone()
-            drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
-            labels[drop] = self.num_classes  # the null class
-            cond = Condition(class_labels=labels)
+        if self.num_classes is not None:  # the null class is num_classes
+            cond = Condition(
+                class_labels=drop_labels(batch["label"], self.config.label_dropout, self.num_classes)
+            )
         teacher = models["teacher"]
         return edm_denoising_loss(lambda x, s: teacher(x, s, cond), x0, sigma).mean()
 

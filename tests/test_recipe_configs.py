@@ -1,5 +1,6 @@
 """Every shipped YAML config parses into its recipe's config class (unknown or mistyped keys would fail)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,18 @@ def test_default_teacher_ships_in_the_package():
     teacher = load_teacher("default")
     assert teacher.parameterization == "edm" and teacher.in_channels == 1 and teacher.sample_size == 8
     assert (DEFAULT_TEACHER / "README.md").read_text().count("recipes/teacher.py") >= 1
+
+
+@pytest.mark.parametrize("config_class", [SiDConfig, ReflowConfig, TeacherConfig], ids=lambda c: c.__name__)
+def test_every_setting_has_help(config_class):
+    """`recipes/X.py --help` prints each setting's meaning: no field may lack a help string."""
+    missing = [f.name for f in dataclasses.fields(config_class) if not f.metadata.get("help")]
+    assert not missing, f"{config_class.__name__} fields without help: {missing}"
+
+
+@pytest.mark.parametrize("config_class", [SiDConfig, ReflowConfig], ids=lambda c: c.__name__)
+def test_renamed_keys_name_old_keys_and_current_fields(config_class):
+    names = {f.name for f in dataclasses.fields(config_class)}
+    assert config_class.renamed_keys
+    for old, new in config_class.renamed_keys.items():
+        assert old not in names and new in names, (old, new)

@@ -1,7 +1,6 @@
 """The reflow recipe end to end on tiny teachers of both kinds, exports reloading, and a 2-process launch."""
 
 import json
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -12,16 +11,19 @@ from launch_utils import ROOT, accelerate_launch
 from tiny_models import tiny_edm_teacher
 
 from distill.pipelines import OneStepPipeline, RectifiedFlowPipeline
+from distill.reflow import stages
+from distill.reflow.flow import interpolate, sample_flow_times, straightness, velocity_from_denoiser
 from distill.reflow.pairs import load_pairs, open_pairs
 from distill.teachers.builders import build_unet
 from distill.teachers.denoiser import Denoiser
+from distill.teachers.loading import load_teacher
 from engine.trainer import Trainer
 from recipes import reflow as reflow_recipe
 
 FAST = [
     "--num_pairs", "32", "--pairs_shard_size", "8", "--pairs_batch_size", "8", "--pairs_nfe", "3",
     "--batch_size", "8", "--reflow_steps", "3", "--distill_steps", "2", "--eval_samples", "16",
-    "--eval_steps", "1", "2", "--straightness_samples", "8", "--straightness_steps", "4", "--log_with", "none",
+    "--eval_nfes", "1", "2", "--straightness_samples", "8", "--straightness_steps", "4", "--log_with", "none",
     "--progress_bar", "false", "--later_pairs_steps", "2",
 ]  # fmt: skip
 
@@ -57,11 +59,21 @@ def test_all_stages_on_a_diffusion_teacher_then_rerun_skips(tmp_path, edm_teache
     assert summary["pairs_r1"]["pairs"] == 32 and summary["pairs_r1"]["complete"]
     reflow = summary["reflow_r1"]
     assert reflow["training_steps"] == 3 and reflow["pairs_seen"] == 24
-    assert math.isfinite(reflow["straightness_before"]) and math.isfinite(reflow["straightness_after"])
     assert {"final_fd", "final_fd_2step"} <= set(reflow)
+    # straightness before (the teacher) and after (the exported 2-RF), measured again on the same 8 paths
+    z = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(12345))
+    t_max = reflow["t_max"]
+    for key, folder in (
+        ("straightness_before", edm_teacher),
+        ("straightness_after", tmp_path / "reflow_r1" / "model"),
+    ):
+        model = load_teacher(str(folder))
+        want = straightness(lambda x_t, t, m=model: velocity_from_denoiser(m, x_t, t), z, 4, t_max)
+        assert reflow[key] == pytest.approx(want, rel=1e-5), key
+    assert reflow["straightness_after"] != reflow["straightness_before"]  # two different models were measured
     student = tmp_path / "distill" / "student"
     card = (student / "README.md").read_text()
-    assert "library_name: diffusers" in card and "rectified-flow" in card and "student_steps: 1" in card
+    assert "library_name: diffusers" in card and "rectified-flow" in card and "num_steps: 1" in card
     assert json.loads((tmp_path / "summary.json").read_text())["distill"]["init"] == str(
         tmp_path / "reflow_r1" / "model"
     )
@@ -79,7 +91,7 @@ def test_conditional_flow_teacher_two_rounds_and_two_step_student(tmp_path):
         "2.0",
         "--rectified_k",
         "3",
-        "--student_steps",
+        "--num_steps",
         "2",
         "--loss",
         "pseudo_huber",
@@ -106,28 +118,58 @@ def test_conditional_flow_teacher_two_rounds_and_two_step_student(tmp_path):
         pipe(batch_size=1, num_inference_steps=3)
 
 
+def direct_loss(recipe, student, batch, mode: str) -> torch.Tensor:
+    """The stage's loss from its formula, drawing the times as the recipe does (call after the same seed)."""
+    x, z = batch["sample"].float(), batch["noise"].float()
+    n, t_max = len(x), recipe.t_max
+    if mode == "reflow":  # U-shaped times on [t_min, t_max]; x_t on the straight line; v onto z - x
+        t = sample_flow_times(n, "u_shaped", 1e-3, t_max, 0.0, 1.0, 4.0)
+        x_t = interpolate(x, z, t)
+    else:  # the 2-step grid t_max, t_max / 2; the first step starts from pure noise t_max z
+        idx = torch.randint(2, (n,))
+        t = torch.tensor([t_max, t_max / 2])[idx]
+        x_t = torch.where((idx == 0).view(-1, 1, 1, 1), t.view(-1, 1, 1, 1) * z, interpolate(x, z, t))
+    tb = t.view(-1, 1, 1, 1)
+    v = (x_t - student(x_t / (1 - tb), t / (1 - t))) / tb
+    if mode == "reflow":
+        return (v - (z - x)).square().mean()
+    return (x_t - tb * v - x).square().mean()
+
+
 @pytest.mark.parametrize("mode", ["reflow", "distill"])
-def test_exports_reproduce_the_recipe_samples(tmp_path, edm_teacher, mode):
+def test_loss_and_exports_reproduce_the_recipe(tmp_path, edm_teacher, mode):
     cfg = reflow_recipe.parse_config(
-        reflow_recipe.ReflowConfig, ["--teacher", str(edm_teacher), "--output_dir", str(tmp_path), *FAST]
+        reflow_recipe.ReflowConfig,
+        ["--teacher", str(edm_teacher), "--output_dir", str(tmp_path), *FAST, "--num_steps", "2"],
     )
-    reflow_recipe.run_pairs(cfg, 1)
+    stages.run_pairs(cfg, 1)
     stage = replace(cfg, output_dir=str(tmp_path / mode), max_steps=2)
     export = tmp_path / mode / "model"
     recipe = reflow_recipe.ReflowRecipe(stage, mode, str(edm_teacher), tmp_path / "pairs_r1", export)
     trainer = Trainer(stage, recipe)
+
+    pairs, _ = load_pairs(tmp_path / "pairs_r1")
+    batch = pairs.with_format("torch", columns=["noise", "sample"])[:8]
+    student = trainer.models["student"]
+    for seed in range(3):
+        torch.manual_seed(seed)
+        got = recipe.loss("student", batch, trainer.models)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(got, direct_loss(recipe, student, batch, mode))
+
     trainer.fit()
     ema = trainer.models.ema("student")
     z = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     pipe = RectifiedFlowPipeline.from_pretrained(str(export))
-    for nfe in (1, 3) if mode == "reflow" else (1,):
-        want = recipe.sample_with(ema, z, None, nfe).clamp(-1, 1)
+    for nfe in (1, 3) if mode == "reflow" else (2,):
+        want = recipe.sample(ema, z, None, nfe).clamp(-1, 1)
         torch.testing.assert_close(
             pipe(batch_size=5, noise=z, num_inference_steps=nfe, output_type="pt").images, want
         )
     # the one-step sampler is the one OneStepPipeline (SiD's export) runs at sigma_max
-    one = OneStepPipeline.from_pretrained(str(export))(batch_size=5, noise=z, output_type="pt").images
-    torch.testing.assert_close(one, recipe.sample_with(ema, z, None, 1).clamp(-1, 1))
+    one = OneStepPipeline.from_pretrained(str(export))
+    got = one(batch_size=5, noise=z, num_inference_steps=1, output_type="pt").images
+    torch.testing.assert_close(got, recipe.sample(ema, z, None, 1).clamp(-1, 1))
     assert any(
         not torch.equal(a, b)
         for a, b in zip(ema.parameters(), Denoiser.from_pretrained(edm_teacher).parameters())
@@ -155,7 +197,7 @@ def test_two_processes_generate_the_same_pairs_and_train(tmp_path, edm_teacher):
         reflow_recipe.ReflowConfig,
         ["--teacher", str(edm_teacher), "--output_dir", str(tmp_path / "one"), *FAST],
     )
-    reflow_recipe.run_pairs(cfg, 1)
+    stages.run_pairs(cfg, 1)
     two, _ = load_pairs(tmp_path / "two" / "pairs_r1")
     one, _ = load_pairs(tmp_path / "one" / "pairs_r1")
     assert two["index"][:].tolist() == list(range(32))
@@ -164,7 +206,7 @@ def test_two_processes_generate_the_same_pairs_and_train(tmp_path, edm_teacher):
     assert (tmp_path / "two" / "distill" / "student" / "reflow_export.json").is_file()
 
 
-def test_config_is_checked():
+def test_config_is_checked_and_the_stages_planned():
     with pytest.raises(ValueError, match="round=3"):
         reflow_recipe.ReflowConfig(rectified_k=3, round=3)
     with pytest.raises(ValueError, match="rectified_k=0"):
@@ -173,6 +215,10 @@ def test_config_is_checked():
         reflow_recipe.ReflowConfig(adam_beta2=1.0)
     with pytest.raises(ValueError, match=r"adam_beta1=-0\.1 must be in"):
         reflow_recipe.ReflowConfig(adam_beta1=-0.1)
-    plan = reflow_recipe.plan(reflow_recipe.ReflowConfig(rectified_k=3))
+    with pytest.raises(ValueError, match="num_steps=0"):
+        reflow_recipe.ReflowConfig(num_steps=0)
+    with pytest.raises(ValueError, match=r"eval_nfes=\[1, 0\]"):
+        reflow_recipe.ReflowConfig(eval_nfes=[1, 0])
+    plan = stages.plan(reflow_recipe.ReflowConfig(rectified_k=3))
     assert plan == [("pairs", 1), ("reflow", 1), ("pairs", 2), ("reflow", 2), ("distill", 2)]
-    assert reflow_recipe.plan(reflow_recipe.ReflowConfig(rectified_k=1)) == [("pairs", 1), ("distill", 1)]
+    assert stages.plan(reflow_recipe.ReflowConfig(rectified_k=1)) == [("pairs", 1), ("distill", 1)]

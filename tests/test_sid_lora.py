@@ -212,7 +212,7 @@ def trained_run(tmp_path_factory, class_teacher_dir):
         out,
         class_teacher_dir,
         max_steps=3,
-        student_sigmas=[2.5, 0.8],
+        step_sigmas=[2.5, 0.8],
         guidance_scale=1.5,
         lora_export_merged=True,
     )
@@ -222,7 +222,7 @@ def trained_run(tmp_path_factory, class_teacher_dir):
 
 def one_step_ema_samples(trainer: Trainer, z, labels) -> torch.Tensor:
     """The trained EMA generator's first step, G(sigma_0 z; sigma_0), as the recipe evaluates it."""
-    sigma0 = trainer.recipe.config.student_sigmas[0]
+    sigma0 = trainer.recipe.config.step_sigmas[0]
     with trainer.recipe.ema_generator(trainer) as g, torch.no_grad():
         sigma = torch.full((z.shape[0],), sigma0)
         return g(z * sigma0, sigma, Condition(class_labels=labels)).clamp(-1, 1)

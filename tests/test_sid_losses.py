@@ -1,10 +1,8 @@
-import math
-
 import pytest
 import torch
 
 from distill.sid.losses import fake_score_loss, sample_generator_sigmas, sid_generator_loss, sid_sigma_from_t
-from distill.teachers.edm import edm_denoising_loss, edm_weight, sample_lognormal_sigmas
+from distill.teachers.edm import drop_labels, edm_denoising_loss, edm_weight, sample_lognormal_sigmas
 
 
 def test_generator_loss_matches_direct_computation():
@@ -60,7 +58,7 @@ def test_normaliser_is_stop_gradient():
 def test_sigma_schedules():
     assert sid_sigma_from_t(torch.tensor(0.0)).item() == pytest.approx(0.002, rel=1e-4)
     assert sid_sigma_from_t(torch.tensor(1.0)).item() == pytest.approx(80.0, rel=1e-4)
-    s = sample_generator_sigmas(10000, tmax=800, generator=torch.Generator().manual_seed(0))
+    s = sample_generator_sigmas(10000, max_timestep=800, generator=torch.Generator().manual_seed(0))
     assert s.min() >= 0.002 and s.max() <= sid_sigma_from_t(torch.tensor(0.8)).item() + 1e-4
     assert 24.0 < sid_sigma_from_t(torch.tensor(0.8)).item() < 24.5
     ln = sample_lognormal_sigmas(20000, -1.2, 1.2, generator=torch.Generator().manual_seed(0)).log()
@@ -86,4 +84,17 @@ def test_edm_losses_match_direct_computation():
     assert edm_weight(torch.tensor(0.5)).item() == pytest.approx(2 * 0.25 / (0.25 * 0.25))
     with pytest.raises(ValueError, match=r"shape \[3\]"):
         edm_denoising_loss(denoise, x0, sigma[:2], noise)
-    assert math.isfinite(got.sum().item())
+
+
+def test_label_dropout_sets_a_share_of_labels_to_the_null_class():
+    labels = torch.arange(20000) % 10
+    assert drop_labels(labels, 0.0, 10) is labels
+    assert torch.equal(drop_labels(labels, 1.0, 10), torch.full_like(labels, 10))
+    torch.manual_seed(0)
+    dropped = drop_labels(labels, 0.25, 10)
+    torch.manual_seed(0)
+    want = torch.where(torch.rand(20000) < 0.25, 10, labels)  # the same draw, one per label
+    assert torch.equal(dropped, want)
+    assert (dropped == 10).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    with pytest.raises(ValueError, match=r"p=1.5 must be in \[0, 1\]"):
+        drop_labels(labels, 1.5, 10)

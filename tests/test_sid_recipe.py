@@ -4,10 +4,14 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from launch_utils import ROOT, accelerate_launch
 from tiny_models import sid_trainer, tiny_edm_teacher
 
 from distill.pipelines import OneStepPipeline
+from distill.sampling.student import student_sample
+from distill.teachers.denoiser import Condition
+from distill.teachers.edm import edm_weight, sample_lognormal_sigmas
 from engine.trainer import Trainer
 
 
@@ -43,6 +47,43 @@ def test_generator_gradient_is_zero_while_fake_score_equals_teacher(tmp_path, te
     assert at_init < 1e-5 * perturbed, (at_init, perturbed)
 
 
+def test_losses_equal_a_direct_recomputation(tmp_path, teacher_dir):
+    """Both steps against the paper's formulas, drawing the random numbers in the recipe's documented order."""
+    trainer = make(tmp_path, teacher_dir, step_sigmas=[2.5, 0.8], alpha=1.2, max_timestep=600)
+    models, recipe = trainer.models, trainer.recipe
+    with torch.no_grad():  # f_psi != f_phi, so the SiD loss is not ~0
+        for p in models["fake_score"].parameters():
+            p.add_(0.01 * torch.randn_like(p))
+
+    def sampled(seed):
+        """x_g as the recipe draws it: z, then the number of steps, then the earlier steps' fresh noise."""
+        torch.manual_seed(seed)
+        z = torch.randn(4, 1, 8, 8)
+        steps = int(torch.randint(2, ())) + 1
+        return z, steps, student_sample(models["generator"], z, [2.5, 0.8], steps=steps)
+
+    for seed in range(4):
+        z, steps, x_g = sampled(seed)
+        sigma = sample_lognormal_sigmas(4, -1.2, 1.2)
+        noise = torch.randn_like(x_g)
+        y_fake = models["fake_score"](x_g + sigma.view(-1, 1, 1, 1) * noise, sigma)
+        want = (edm_weight(sigma) * (y_fake - x_g).pow(2).sum((1, 2, 3))).mean()
+        torch.manual_seed(seed)
+        torch.testing.assert_close(recipe.loss("fake_score", None, models), want)
+
+        z, steps, x_g = sampled(seed)
+        t = torch.rand(4) * 0.6
+        sigma = (80 ** (1 / 7) + (1 - t) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7  # EDM's rho-curve
+        x_t = x_g + sigma.view(-1, 1, 1, 1) * torch.randn_like(x_g)
+        y_real, y_fake = models["teacher"](x_t, sigma), models["fake_score"](x_t, sigma)
+        w = (x_g - y_real).abs().mean((1, 2, 3), keepdim=True)
+        want = ((y_real - y_fake) * ((y_real - x_g) - 1.2 * (y_real - y_fake)) / w).sum((1, 2, 3)).mean()
+        torch.manual_seed(seed)
+        got, extra = recipe.loss("generator", None, models)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(extra["x_g_std"], x_g.std())
+
+
 def test_sid_trains_exports_and_pipeline_reproduces_ema(tmp_path, teacher_dir):
     trainer = make(tmp_path, teacher_dir, max_steps=3, alpha=0.9)
     metrics = trainer.fit()
@@ -51,27 +92,60 @@ def test_sid_trains_exports_and_pipeline_reproduces_ema(tmp_path, teacher_dir):
     teacher = trainer.frozen["teacher"]
     assert any(not torch.equal(a, b) for a, b in zip(gen.parameters(), teacher.parameters()))
     folder = tmp_path / "student"
-    card = (folder / "README.md").read_text()
-    assert "library_name: diffusers" in card and "alpha: 0.9" in card and "generated_images_seen: 12" in card
-    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "diffusers"
+    facts = card.data.to_dict()["onestep"]
+    cfg = trainer.config
+    want = {
+        "method": "SiD",
+        "alpha": 0.9,
+        "num_steps": 1,
+        "step_sigmas": "[2.5]",
+        "max_timestep": cfg.max_timestep,
+        "training_steps": 3,
+        "generated_images_seen": 12,
+        "lr_generator": cfg.lr_generator,
+        "lr_fake_score": cfg.lr_fake_score,
+        "adam_betas_generator": "[0.0, 0.999]",
+        "ema_halflife_images": cfg.ema_halflife_images,
+        "lr_decay": "none",
+    }
+    assert {k: facts[k] for k in want} == want
+    assert facts["final_fd"] == pytest.approx(metrics["fd"])
     pipe = OneStepPipeline.from_pretrained(str(folder))
     z = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     got = pipe(batch_size=5, noise=z, output_type="pt").images
-    want = trainer.recipe.sample_with(trainer.models.ema("generator"), z, None).clamp(-1, 1)
-    torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        want_images = student_sample(trainer.models.ema("generator"), z, [2.5]).clamp(-1, 1)
+    torch.testing.assert_close(got, want_images)
 
 
-def test_class_conditional_teacher_with_guidance(tmp_path):
+def test_class_conditional_two_step_student_with_guidance(tmp_path):
     teacher = tiny_edm_teacher(tmp_path / "teacher_c", num_classes=10)
-    trainer = make(tmp_path / "run", teacher, guidance_scale=2.0, student_sigmas=[2.5, 0.8])
+    trainer = make(tmp_path / "run", teacher, guidance_scale=2.0, step_sigmas=[2.5, 0.8])
     assert trainer.recipe.num_classes == 10
     trainer.fit()
     pipe = OneStepPipeline.from_pretrained(str(tmp_path / "run" / "student"))
     assert pipe.config.step_sigmas == [2.5, 0.8]
-    out = pipe(
-        batch_size=3, class_labels=[1, 2, 3], output_type="pt", generator=torch.Generator().manual_seed(0)
-    )
-    assert out.images.shape == (3, 1, 8, 8)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([1, 2, 3])
+    got = pipe(
+        batch_size=3,
+        noise=z,
+        class_labels=labels,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    renoise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        want = student_sample(
+            trainer.models.ema("generator"),
+            z,
+            [2.5, 0.8],
+            Condition(class_labels=labels),
+            fresh_noise=lambda: torch.randn(3, 1, 8, 8, generator=renoise),
+        ).clamp(-1, 1)
+    torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="num_inference_steps=3"):
         pipe(batch_size=1, num_inference_steps=3)
 

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from tiny_models import sid_trainer, tiny_edm_teacher
 
 from distill.sid.discriminator import EncoderLogits, find_encoder_end
-from distill.sid.losses import discriminator_loss, generator_adversarial_loss
-from distill.teachers.edm import edm_weight
+from distill.sid.losses import discriminator_loss, fake_score_loss, generator_adversarial_loss
+from distill.teachers.edm import edm_weight, sample_lognormal_sigmas
 from distill.teachers.loading import load_teacher
 from engine.trainer import Trainer
 from recipes import sid as sid_recipe
@@ -95,14 +95,30 @@ def test_generator_waits_then_trains_with_the_adversarial_term(tmp_path, teacher
 
 def test_fake_score_step_adds_the_discriminator_loss(tmp_path, teacher_dir):
     trainer = make(tmp_path, teacher_dir, generator_freeze_images=0, adversarial_weight_fake_score=0.5)
+    models = trainer.models
     batch = {"pixel_values": torch.rand(4, 1, 8, 8) * 2 - 1}
     torch.manual_seed(5)
-    loss, extra = trainer.recipe.loss("fake_score", batch, trainer.models)
+    loss, extra = trainer.recipe.loss("fake_score", batch, models)
     torch.testing.assert_close(loss, extra["score_loss"] + 0.5 * extra["discriminator_loss"])
+
+    # direct re-computation: real and generated images noised with the same sigma and noise through f_psi
+    torch.manual_seed(5)
+    z = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        x_g = models["generator"](2.5 * z, torch.full((4,), 2.5))
+    sigma = sample_lognormal_sigmas(4, -1.2, 1.2)
+    noise = torch.randn_like(x_g)
+    s = sigma.view(-1, 1, 1, 1)
+    with EncoderLogits(models["fake_score"]).capture() as logits:
+        y_fake = models["fake_score"](x_g + s * noise, sigma)
+        models["fake_score"](batch["pixel_values"] + s * noise, sigma)
+    torch.testing.assert_close(extra["score_loss"], fake_score_loss(y_fake, x_g, sigma).mean())
+    torch.testing.assert_close(extra["discriminator_loss"], discriminator_loss(logits[1], logits[0], sigma))
+
     trainer.config.real_data = None
     trainer.recipe.discriminator = None
     torch.manual_seed(5)
-    plain = trainer.recipe.loss("fake_score", batch, trainer.models)
+    plain = trainer.recipe.loss("fake_score", batch, models)
     torch.testing.assert_close(plain, extra["score_loss"])  # same noise: the score part is plain SiD's
 
 

@@ -22,20 +22,23 @@ def sid_sigma_from_t(
 
 def sample_generator_sigmas(
     n: int,
-    tmax: float = 800.0,
+    max_timestep: float,
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     rho: float = 7.0,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Noise levels for the generator loss: t ~ U[0, tmax/1000] mapped through :func:`sid_sigma_from_t`."""
-    t = torch.rand(n, device=device, generator=generator) * (tmax / 1000.0)
+    """Noise levels for the generator loss: t ~ U[0, max_timestep/1000] mapped through :func:`sid_sigma_from_t`.
+
+    ``max_timestep`` is on the teacher's 0-1000 timestep scale (the paper's t_max = 800 gives sigma <= 24.4).
+    """
+    t = torch.rand(n, device=device, generator=generator) * (max_timestep / 1000.0)
     return sid_sigma_from_t(t, sigma_min, sigma_max, rho)
 
 
 def sid_generator_loss(
-    x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float = 1.2, eps: float = 1e-5
+    x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float, eps: float = 1e-5
 ) -> torch.Tensor:
     """Per-sample SiD generator loss (summed over C,H,W).
 
@@ -43,7 +46,8 @@ def sid_generator_loss(
     w = stopgrad(mean_{C,H,W} |x_g - y_real|) clamped to >= eps.
 
     ``y_real`` = f_phi(x_t) (teacher) and ``y_fake`` = f_psi(x_t) (fake score), both x0 predictions at
-    x_t = x_g + sigma * n, with gradients flowing through x_t into the generator.
+    x_t = x_g + sigma * n, with gradients flowing through x_t into the generator. ``alpha`` has no default on
+    purpose: the paper's CIFAR-10 value is 1.2, SiD-LSG and SiDA use 1.0, and the caller's config decides.
     """
     if not (x_g.shape == y_real.shape == y_fake.shape):
         raise ValueError(

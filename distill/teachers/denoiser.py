@@ -476,6 +476,12 @@ class Denoiser(nn.Module):
         """Number of class embeddings (num_classes + 1 with a null class), if class-conditional."""
         return self._model_config_value("num_class_embeds")
 
+    @property
+    def num_classes(self) -> int | None:
+        """Real classes of a class-conditional model: its embeddings less the null class (the last one)."""
+        embeds = self.num_class_embeds
+        return embeds - 1 if embeds else None
+
     def _model_config_value(self, key: str) -> Any:
         cfg = getattr(self.model, "config", None)
         if isinstance(cfg, Mapping) and key in cfg:

@@ -1,4 +1,5 @@
-"""EDM training pieces (Karras et al. 2022): the log-normal noise distribution and the weighted denoising loss.
+"""EDM training pieces (Karras et al. 2022): the log-normal noise distribution, the weighted denoising loss, and
+label dropout for classifier-free guidance.
 
 Used to train teachers and, in SiD, the fake score f_psi on generator samples. Plain functions of tensors so the
 loss can be checked against a direct re-computation.
@@ -43,3 +44,17 @@ def edm_denoising_loss(
     x0_hat = denoise(x_sigma, sigma)
     per_sample = (x0_hat.float() - x0.float()).pow(2).flatten(1).sum(1)
     return edm_weight(sigma.float(), sigma_data) * per_sample
+
+
+def drop_labels(labels: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
+    """CFG training: each class label becomes the null class ``null_label`` with probability ``p``.
+
+    A model trained this way also learns the unconditional score, which classifier-free guidance needs.
+    Draws ``torch.rand(labels.shape)`` only when ``p > 0``.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"label dropout p={p} must be in [0, 1]")
+    if p == 0:
+        return labels
+    drop = torch.rand(labels.shape, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null_label), labels)

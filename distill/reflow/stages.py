@@ -1,0 +1,201 @@
+"""The reflow pipeline's stages and their folders: teacher pairs -> k-rectified flow -> few-step student.
+
+``output_dir`` holds one folder per stage: ``pairs_r{r}`` (round r's pairs, made by the round's source model),
+``reflow_r{r}`` (the (r+1)-rectified flow trained on them, exported to ``reflow_r{r}/model``) and ``distill``
+(the student, exported to ``distill/student``); ``summary.json`` collects each stage's result. Round 1's source is
+the teacher, round r > 1's the r-RF of the round before; the student starts from the k-RF (the teacher when
+k = 1) and learns from the last round's pairs.
+
+This module plans and runs stages; what one training stage optimises (its loss, evaluation and export) is the
+recipe's (``recipes/reflow.py``), which :func:`run_training` receives as ``recipe_class`` because ``distill``
+does not import ``recipes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+
+from distill.export.flow import DONE_FILE
+from distill.reflow.pairs import generate_pairs, make_spec, open_pairs
+from distill.teachers.loading import load_teacher
+from engine.recipe import Recipe
+from engine.trainer import Trainer, build_accelerator
+
+TrainingStage = Literal["reflow", "distill"]
+
+
+class StagesConfig(Protocol):
+    """The settings the stages read: the fields of the reflow recipe's config (a dataclass)."""
+
+    output_dir: str
+    stage: Literal["all", "pairs", "reflow", "distill"]
+    teacher: str
+    rectified_k: int
+    round: int
+    num_classes: int | None
+    guidance_scale: float
+    cpu: bool
+    num_pairs: int
+    pairs_shard_size: int
+    pairs_batch_size: int
+    pairs_sampler: str
+    pairs_nfe: int
+    pairs_sigma_max: float | None
+    pairs_seed: int
+    pairs_minutes: float
+    later_pairs_steps: int
+    pairs_dir: str | None
+    init_from: str | None
+    export_dir: str | None
+    reflow_steps: int
+    reflow_minutes: float
+    distill_steps: int
+    distill_minutes: float
+
+
+#: builds one training stage's recipe: (stage config, mode, source model, pairs folder, export folder)
+RecipeClass = Callable[[Any, TrainingStage, str, Path, Path], Recipe]
+
+
+# -------------------------------------------------------------------------------------------- layout
+def single_stage(cfg: StagesConfig) -> bool:
+    """Whether one stage runs alone: only then do ``pairs_dir`` / ``init_from`` / ``export_dir`` apply."""
+    return cfg.stage != "all"
+
+
+def pairs_dir(cfg: StagesConfig, round_: int) -> Path:
+    if cfg.pairs_dir and single_stage(cfg):
+        return Path(cfg.pairs_dir)
+    return Path(cfg.output_dir) / f"pairs_r{round_}"
+
+
+def reflow_dir(cfg: StagesConfig, round_: int) -> Path:
+    return Path(cfg.output_dir) / f"reflow_r{round_}"
+
+
+def source_model(cfg: StagesConfig, round_: int) -> str:
+    """The model that makes round ``round_``'s pairs and initialises its reflow: teacher, then the r-RF."""
+    if cfg.init_from and single_stage(cfg):
+        return cfg.init_from
+    return cfg.teacher if round_ == 1 else str(reflow_dir(cfg, round_ - 1) / "model")
+
+
+def distill_source(cfg: StagesConfig) -> str:
+    """The student's starting point: the k-RF (the teacher itself when k = 1)."""
+    if cfg.init_from and single_stage(cfg):
+        return cfg.init_from
+    return cfg.teacher if cfg.rectified_k == 1 else str(reflow_dir(cfg, cfg.rectified_k - 1) / "model")
+
+
+def plan(cfg: StagesConfig) -> list[tuple[str, int]]:
+    """(stage, round) in execution order; distillation uses the last round's pairs."""
+    last = max(cfg.rectified_k - 1, 1)
+    if cfg.stage == "pairs":
+        return [("pairs", cfg.round)]
+    if cfg.stage == "reflow":
+        return [("reflow", cfg.round)]
+    if cfg.stage == "distill":
+        return [("distill", last)]
+    steps: list[tuple[str, int]] = []
+    for r in range(1, cfg.rectified_k):
+        steps += [("pairs", r), ("reflow", r)]
+    if cfg.rectified_k == 1:
+        steps.append(("pairs", 1))
+    return [*steps, ("distill", last)]
+
+
+# --------------------------------------------------------------------------------------------- pairs
+def run_pairs(cfg: StagesConfig, round_: int, state: Any = None) -> dict[str, Any]:
+    """Generate (or complete) round ``round_``'s pair set; returns a summary of the folder."""
+    from accelerate import PartialState
+
+    state = state or PartialState(cpu=cfg.cpu or not torch.cuda.is_available())
+    folder = pairs_dir(cfg, round_)
+    source = source_model(cfg, round_)
+    model = load_teacher(source).to(state.device).eval().requires_grad_(False)
+    num_classes = cfg.num_classes if cfg.num_classes is not None else model.num_classes
+    if round_ == 1:
+        sampler, nfe, guidance, sigma_max = (
+            cfg.pairs_sampler,
+            cfg.pairs_nfe,
+            cfg.guidance_scale,
+            cfg.pairs_sigma_max,
+        )
+    else:  # an r-RF was trained on guided pairs: sample it unguided, from the range it was trained on
+        previous = open_pairs(pairs_dir(cfg, round_ - 1)).spec
+        sampler, nfe, guidance, sigma_max = "flow_euler", cfg.later_pairs_steps, 1.0, previous.sigma_max
+    spec = make_spec(
+        model,
+        source,
+        cfg.num_pairs,
+        sampler=sampler,
+        nfe=nfe,
+        sigma_max=sigma_max,
+        guidance_scale=guidance,
+        num_classes=num_classes,
+        shard_size=cfg.pairs_shard_size,
+        batch_size=cfg.pairs_batch_size,
+        seed=cfg.pairs_seed,
+        round=round_,
+    )
+    pairs = generate_pairs(model, spec, folder, state=state, max_minutes=cfg.pairs_minutes)
+    return {"folder": str(folder), "pairs": pairs.num_pairs, "complete": pairs.complete, "nfe": spec.nfe}
+
+
+# ------------------------------------------------------------------------------------------ training
+def run_training(
+    cfg: StagesConfig, mode: TrainingStage, round_: int, recipe_class: RecipeClass
+) -> dict[str, Any]:
+    """One engine run of a training stage in its own folder; returns the export's facts (main process).
+
+    With ``stage=all`` a stage whose export is complete is skipped (its facts are read back).
+    """
+    if mode == "reflow":
+        run_dir, init, default_export = reflow_dir(cfg, round_), source_model(cfg, round_), "model"
+        steps, minutes = cfg.reflow_steps, cfg.reflow_minutes
+    else:
+        run_dir, init, default_export = Path(cfg.output_dir) / "distill", distill_source(cfg), "student"
+        steps, minutes = cfg.distill_steps, cfg.distill_minutes
+    export = Path(cfg.export_dir) if cfg.export_dir and single_stage(cfg) else run_dir / default_export
+    done = export / DONE_FILE
+    if not single_stage(cfg) and done.is_file():
+        print(f"[reflow] {mode} stage already exported at {export}: skipped", flush=True)
+        return json.loads(done.read_text())
+    stage_cfg = dataclasses.replace(cfg, output_dir=str(run_dir), max_steps=steps, max_minutes=minutes)
+    recipe = recipe_class(stage_cfg, mode, init, pairs_dir(cfg, round_), export)
+    trainer = Trainer(stage_cfg, recipe, accelerator=build_accelerator(stage_cfg))
+    trainer.fit(end_training=False)
+    trainer.accelerator.wait_for_everyone()
+    return json.loads(done.read_text()) if trainer.is_main else {}
+
+
+def run(cfg: StagesConfig, recipe_class: RecipeClass) -> dict[str, Any]:
+    """Run the planned stages; the main process keeps ``output_dir/summary.json`` up to date."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cfg.cpu or not torch.cuda.is_available())
+    summary_path = Path(cfg.output_dir) / "summary.json"
+    summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    for stage, round_ in plan(cfg):
+        if stage == "pairs":
+            result = run_pairs(cfg, round_, state)
+            key = f"pairs_r{round_}"
+        else:
+            result = run_training(cfg, stage, round_, recipe_class)  # type: ignore[arg-type]
+            key = f"reflow_r{round_}" if stage == "reflow" else "distill"
+        if state.is_main_process:
+            summary[key] = result
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = summary_path.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(summary, indent=1, default=str))
+            os.replace(tmp, summary_path)
+        state.wait_for_everyone()
+    state.destroy_process_group()
+    return summary
