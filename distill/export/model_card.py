@@ -236,10 +236,14 @@ def call_snippet(unet: Any, batch: int = 16) -> tuple[str, str]:
 
 # --- publishing ------------------------------------------------------------------------------------------
 def _looks_local(text: str, folder: Path) -> bool:
-    path = Path(text).expanduser()
+    """Whether a quoted string in a card is a local path (``folder`` itself, however written, or any other)."""
     if text.startswith(("/", "./", "../", "~")) or os.path.isabs(text):
         return True
-    return (os.sep in text or "/" in text) and (path.exists() or path.resolve() == folder)
+    try:
+        path = Path(text).expanduser()
+        return path.resolve() == folder or (("/" in text or os.sep in text) and path.exists())
+    except (OSError, ValueError):
+        return False
 
 
 def card_for_repo(text: str, folder: str | Path, repo_id: str, download: bool = False) -> str:
@@ -259,7 +263,7 @@ def card_for_repo(text: str, folder: str | Path, repo_id: str, download: bool = 
         value = match.group(1)
         if not _looks_local(value, folder):
             return match.group(0)
-        if Path(value).expanduser().resolve() == folder:
+        if Path(value).expanduser().resolve() == folder:  # (a path that _looks_local resolves)
             used = True
             return target
         return f'"path/to/{Path(value).name}"'
