@@ -113,7 +113,8 @@ def evaluate_sampler(
     cond = None
     if num_classes is not None:
         cond = Condition(class_labels=torch.arange(count) % num_classes)
-    device = next(denoiser.parameters()).device
+    params = denoiser.parameters() if hasattr(denoiser, "parameters") else iter(())
+    device = next(params, torch.empty(0)).device
     desc = f"eval: {count} samples at NFE {nfe} ({threads_note(device)})"
     with samples_bar(count, desc, enabled=progress_bar) as bar:
         result = sample(
