@@ -19,7 +19,9 @@ classifier ever trains on them.
 from __future__ import annotations
 
 import functools
+import io
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -112,10 +114,6 @@ def load_digits_dataset(
 
 
 # --- image folders and hub datasets -------------------------------------------------------------------------
-def _channels_of(image: Image.Image) -> int:
-    return 1 if image.mode in _ONE_CHANNEL_MODES else 3
-
-
 def pil_to_pixel_values(image: Image.Image, resolution: int, channels: int) -> np.ndarray:
     """PIL image -> C x R x R float32 in [-1, 1]: shorter side resized to R (bicubic), then centre-cropped."""
     image = image.convert("L" if channels == 1 else "RGB")
@@ -147,20 +145,110 @@ def _find_label_column(dataset: datasets.Dataset) -> str | None:
     return None
 
 
+def _channels_of_mode(mode: str) -> int:
+    return 1 if mode in _ONE_CHANNEL_MODES else 3
+
+
+def _image_name(value: dict[str, Any], row: int) -> str:
+    path = value.get("path")
+    return "/".join(Path(path).parts[-2:]) if path else f"row {row}"
+
+
+def survey_images(dataset: datasets.Dataset, image_column: str) -> dict[tuple[int, int, str], list]:
+    """``{(width, height, mode): [count, example names...]}`` over all images, read from file headers only
+    (nothing is decoded), so a folder of mixed sizes or colour modes is found before any resizing."""
+    raw = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    groups: dict[tuple[int, int, str], list] = {}
+    row = 0
+    for batch in raw.iter(batch_size=1000):
+        for value in batch[image_column]:
+            source = value.get("path") if value.get("bytes") is None else io.BytesIO(value["bytes"])
+            with Image.open(source) as image:
+                key = (image.size[0], image.size[1], image.mode)
+            entry = groups.setdefault(key, [0])
+            entry[0] += 1
+            if len(entry) < 4:
+                entry.append(_image_name(value, row))
+            row += 1
+    return groups
+
+
+def _describe_groups(groups: dict[tuple[int, int, str], list], limit: int = 6) -> str:
+    ordered = sorted(groups.items(), key=lambda item: -item[1][0])
+    parts = [
+        f"{w}x{h} {mode}: {entry[0]} image{'s' if entry[0] != 1 else ''} (e.g. {', '.join(entry[1:])})"
+        for (w, h, mode), entry in ordered[:limit]
+    ]
+    if len(ordered) > limit:
+        parts.append(f"and {len(ordered) - limit} more size/mode combinations")
+    return "; ".join(parts)
+
+
+def _checked_shape(
+    groups: dict[tuple[int, int, str], list], resolution: int | None, channels: int | None, source: str
+) -> tuple[int, int]:
+    """The (resolution, channels) to convert to: as given, else the images' own when they all agree.
+
+    Mixed sizes (without ``resolution``) or mixed channel counts (without ``channels``) are refused rather
+    than silently resized to one image's shape.
+    """
+    sizes = {(w, h) for w, h, _ in groups}
+    counts = {_channels_of_mode(mode) for _, _, mode in groups}
+    mixed = []
+    if resolution is None and len(sizes) > 1:
+        mixed.append("sizes")
+    if channels is None and len(counts) > 1:
+        mixed.append("channel counts (grey and colour)")
+    if mixed:
+        size, colour = min(min(wh) for wh in sizes), max(counts)
+        raise ValueError(
+            f"{source} holds images of different {' and '.join(mixed)}: {_describe_groups(groups)}. "
+            "Pass a resolution (and channels: 1 grey, 3 RGB) to resize them on purpose, e.g. "
+            f"--resolution {size} --channels {colour} "
+            f"(load_image_dataset(..., resolution={size}, channels={colour}))"
+        )
+    resolution = resolution or min(next(iter(sizes)))
+    channels = channels or next(iter(counts))
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    return resolution, channels
+
+
+def _note_conversions(
+    groups: dict[tuple[int, int, str], list], resolution: int, channels: int, source: str
+) -> None:
+    total = sum(entry[0] for entry in groups.values())
+    resized = sum(entry[0] for (w, h, _), entry in groups.items() if (w, h) != (resolution, resolution))
+    converted = sum(entry[0] for (_, _, mode), entry in groups.items() if _channels_of_mode(mode) != channels)
+    if resized:
+        print(
+            f"{source}: resized {resized} of {total} images to {resolution}x{resolution} "
+            f"(shorter side to {resolution}, then centre crop)",
+            file=sys.stderr,
+            flush=True,
+        )
+    if converted:
+        target = "grey" if channels == 1 else "RGB"
+        print(f"{source}: converted {converted} of {total} images to {target}", file=sys.stderr, flush=True)
+
+
 def images_to_pixel_values(
     dataset: datasets.Dataset, resolution: int | None, channels: int | None, source: str
 ) -> datasets.Dataset:
     """Replace the image column by ``pixel_values`` (and keep a class column as ``label``), so every source
-    looks the same to recipes. Defaults: the first image's shorter side and colour mode."""
+    looks the same to recipes.
+
+    Without ``resolution`` / ``channels`` all images must share a size / channel count (a square size is
+    kept, a non-square one is centre-cropped to its shorter side); otherwise the error lists examples of each
+    size and mode found. With them, images are resized / converted and a line says how many were.
+    """
     if len(dataset) == 0:
         raise ValueError(f"{source}: the dataset has no rows")
     image_column = _find_image_column(dataset, source)
     label_column = _find_label_column(dataset)
-    first = dataset[0][image_column]
-    resolution = resolution or min(first.size)
-    channels = channels or _channels_of(first)
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    groups = survey_images(dataset, image_column)
+    resolution, channels = _checked_shape(groups, resolution, channels, source)
+    _note_conversions(groups, resolution, channels, source)
     features: dict[str, Any] = {
         "pixel_values": datasets.Array3D(shape=(channels, resolution, resolution), dtype="float32")
     }

@@ -143,3 +143,53 @@ def test_image_folder_with_train_and_test_splits(tmp_path: Path) -> None:
     _write_folder(tmp_path / "flat")
     with pytest.raises(ValueError, match="no split matches 'heldout'"):
         load_image_folder_dataset(tmp_path / "flat", 8, split="heldout", cache_dir=cache)
+
+
+def _two_sizes(root: Path) -> None:
+    """Three 12x12 grey images and two 20x16 RGB ones."""
+    root.mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (12, 12), 40 * i).save(root / f"small_{i}.png")
+    for i in range(2):
+        Image.new("RGB", (20, 16), (200, 10 * i, 0)).save(root / f"big_{i}.png")
+
+
+def test_mixed_sizes_or_modes_are_refused_with_examples(tmp_path: Path) -> None:
+    _two_sizes(tmp_path / "mixed")
+    cache = str(tmp_path / "c")
+    with pytest.raises(ValueError) as err:
+        load_image_folder_dataset(tmp_path / "mixed", cache_dir=cache)
+    message = str(err.value)
+    assert "different sizes and channel counts" in message
+    assert "12x12 L: 3 images (e.g. mixed/small_0.png" in message
+    assert "20x16 RGB: 2 images (e.g. mixed/big_0.png, mixed/big_1.png)" in message
+    assert "--resolution 12 --channels 3" in message  # the smallest side, colour kept
+    with pytest.raises(ValueError, match=r"different channel counts \(grey and colour\): "):
+        load_image_folder_dataset(tmp_path / "mixed", resolution=8, cache_dir=cache)  # size given, mode not
+    with pytest.raises(ValueError, match="different sizes: "):
+        load_image_folder_dataset(tmp_path / "mixed", channels=1, cache_dir=cache)  # mode given, size not
+
+
+def test_resizing_on_purpose_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _two_sizes(tmp_path / "mixed")
+    ds = load_image_folder_dataset(
+        tmp_path / "mixed", resolution=12, channels=1, cache_dir=str(tmp_path / "c")
+    )
+    x = to_torch(ds)["pixel_values"][:]
+    assert x.shape == (5, 1, 12, 12)
+    err = capsys.readouterr().err
+    assert "resized 2 of 5 images to 12x12" in err and "converted 2 of 5 images to grey" in err
+    # grey 0/40/80 unchanged; RGB (200, 0, 0) and (200, 10, 0) to grey (ITU-R 601-2 luma) 60 and 66
+    values = sorted(round(float(v[0, 0, 0]) * 127.5 + 127.5) for v in x)
+    assert values == [0, 40, 60, 66, 80]
+    assert all(float(v.std()) < 1e-6 for v in x)  # flat images stay flat through resize and crop
+
+
+def test_uniform_folder_needs_no_resolution_and_reports_nothing(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "same"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (10, 10), (i, i, i)).save(root / f"{i}.png")
+    ds = load_image_folder_dataset(root, cache_dir=str(tmp_path / "c"))
+    assert to_torch(ds)["pixel_values"][:].shape == (3, 3, 10, 10)
+    assert "resized" not in capsys.readouterr().err

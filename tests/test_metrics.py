@@ -50,14 +50,32 @@ def test_fd_of_diagonal_gaussians_matches_the_closed_form() -> None:
     assert frechet_distance(a, b) == pytest.approx(closed, rel=0.03)
 
 
+def _fd_by_eigh(x: np.ndarray, y: np.ndarray) -> float:
+    """FD with tr((S1 S2)^(1/2)) = sum of sqrt(eigenvalues of S1^(1/2) S2 S1^(1/2)): symmetric eigensolvers
+    only, an independent route to the number ``frechet_distance`` gets from scipy's sqrtm."""
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ s2 @ root), 0, None)).sum()
+    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+
+
 def test_fd_is_symmetric_and_survives_singular_covariances() -> None:
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(300, 8)), rng.normal(1.0, 2.0, size=(200, 8))
     assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(_fd_by_eigh(a, b), rel=1e-9)
     few_a, few_b = rng.normal(size=(5, 20)), rng.normal(size=(6, 20))  # rank-deficient covariances
-    assert math.isfinite(frechet_distance(few_a, few_b))
+    assert frechet_distance(few_a, few_b) == pytest.approx(_fd_by_eigh(few_a, few_b), rel=1e-6)
     with pytest.raises(ValueError, match="feature dimensions differ"):
         frechet_distance(a, few_a)
+
+
+def test_fd_of_a_shifted_copy_is_the_squared_shift() -> None:
+    """Same covariance, means apart by c: FD = ||c||^2 exactly (the trace terms cancel)."""
+    feats = np.random.default_rng(3).normal(size=(400, 10))
+    shift = np.linspace(-0.5, 0.5, 10)
+    assert frechet_distance(feats, feats + shift) == pytest.approx(float(shift @ shift), rel=1e-7)
 
 
 # --- precision / recall -------------------------------------------------------------------------------------
@@ -147,8 +165,12 @@ def test_evaluator_rejects_wrong_shapes_and_dtypes(evaluator: DigitsEvaluator) -
         evaluator.evaluate(torch.full((7, 1, 8, 8), float("nan")))
     with pytest.raises(ValueError, match="at least 2 images"):
         evaluator.evaluate(torch.zeros(1, 1, 8, 8))
-    tiny = evaluator.evaluate(torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
-    assert math.isfinite(tiny["fd"]) and math.isnan(tiny["precision"]) and tiny["num_samples"] == 3
+    three = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    tiny = evaluator.evaluate(three)
+    assert tiny["fd"] == pytest.approx(
+        frechet_distance(evaluator.real_features, evaluator.features(three)[0])
+    )
+    assert math.isnan(tiny["precision"]) and tiny["num_samples"] == 3
 
 
 def test_evaluator_on_the_reference_itself_and_clamping(evaluator: DigitsEvaluator) -> None:

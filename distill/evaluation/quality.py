@@ -2,6 +2,11 @@
 offline metrics on the main process (digits-shaped data), a sample grid, and the best figure so far.
 
 The SiD generator loss is no convergence signal; this is what the progress log shows instead.
+
+The feature metrics (FD, precision/recall, label coverage) use the shipped digits classifier, so they exist
+only for 1x8x8 samples. For any other shape nothing but the sample grid and the mean/std of its images would
+use the samples, so only :data:`GRID_SAMPLES` are generated (from the first rows of the same fixed noise), and
+a note says once per shape why the feature metrics are skipped.
 """
 
 from __future__ import annotations
@@ -11,12 +16,16 @@ from collections.abc import Callable
 import torch
 from accelerate.utils import gather
 
+from distill.evaluation.progress import ProgressDenoiser, samples_bar, say, threads_note
 from distill.sampling.ode import sample
 from distill.teachers.denoiser import Condition, Denoiser
 
 DIGITS_SHAPE = (1, 8, 8)
+#: samples generated for shapes without feature metrics: one 8x8 sample grid
+GRID_SAMPLES = 64
 
 _EVALUATOR = None
+_SKIP_NOTED: set[tuple[int, ...]] = set()
 
 
 def digits_evaluator():
@@ -29,6 +38,30 @@ def digits_evaluator():
     return _EVALUATOR
 
 
+def has_feature_metrics(shape: tuple[int, ...]) -> bool:
+    """Whether FD / precision / recall exist for samples of ``shape`` (C, H, W): only digits-shaped ones."""
+    return tuple(shape) == DIGITS_SHAPE
+
+
+def samples_needed(num_samples: int, shape: tuple[int, ...]) -> int:
+    """All ``num_samples`` where feature metrics apply, else only a grid's worth (they would go unused)."""
+    return num_samples if has_feature_metrics(shape) else min(num_samples, GRID_SAMPLES)
+
+
+def note_skipped_metrics(shape: tuple[int, ...], num_samples: int) -> None:
+    """Say once per shape (per process) that FD etc. are skipped, why, and how many samples are drawn instead."""
+    shape = tuple(int(s) for s in shape)
+    if has_feature_metrics(shape) or shape in _SKIP_NOTED:
+        return
+    _SKIP_NOTED.add(shape)
+    got, want = "x".join(map(str, shape)), "x".join(map(str, DIGITS_SHAPE))
+    say(
+        f"eval: FD/precision/recall skipped for {got} samples (their features come from the digits classifier, "
+        f"which only reads {want} images); each evaluation draws {samples_needed(num_samples, shape)} samples "
+        f"for the sample grid and their mean/std instead of {num_samples}"
+    )
+
+
 def metrics_for(images: torch.Tensor) -> dict[str, float]:
     """Offline metrics when the images are digits-shaped, else only their statistics.
 
@@ -39,12 +72,23 @@ def metrics_for(images: torch.Tensor) -> dict[str, float]:
     images = images[finite]
     if len(images) < 2:
         return {"nonfinite_samples": float(dropped)}
-    if tuple(images.shape[1:]) == DIGITS_SHAPE:
+    if has_feature_metrics(tuple(images.shape[1:])):
         metrics = {k: float(v) for k, v in digits_evaluator().evaluate(images).items()}
     else:
-        metrics = {"mean": float(images.mean()), "std": float(images.std())}
+        metrics = {
+            "mean": float(images.mean()),
+            "std": float(images.std()),
+            "num_samples": float(len(images)),
+        }
     metrics["nonfinite_samples"] = float(dropped)
     return metrics
+
+
+def sample_shape(denoiser: Denoiser) -> tuple[int, int, int]:
+    """(C, H, W) of the denoiser's samples."""
+    size = denoiser.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(denoiser.in_channels), int(h), int(w))
 
 
 def evaluate_sampler(
@@ -55,24 +99,33 @@ def evaluate_sampler(
     method: str = "heun",
     num_classes: int | None = None,
     guidance_scale: float = 1.0,
+    progress_bar: bool = True,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Metrics of a multi-step teacher sampler at ``nfe`` function evaluations (one process).
+    """Metrics of a multi-step teacher sampler at ``nfe`` function evaluations (one process), and the samples.
 
-    Class-conditional teachers are sampled with labels cycling through the classes.
+    Class-conditional teachers are sampled with labels cycling through the classes. For shapes without
+    feature metrics only :func:`samples_needed` samples are drawn: the first ones of the full run's noise.
     """
+    shape = sample_shape(denoiser)
+    count = samples_needed(num_samples, shape)
+    note_skipped_metrics(shape, num_samples)
     generator = torch.Generator().manual_seed(seed)
     cond = None
     if num_classes is not None:
-        cond = Condition(class_labels=torch.arange(num_samples) % num_classes)
-    result = sample(
-        denoiser,
-        num_samples,
-        nfe=nfe,
-        method=method,
-        generator=generator,
-        cond=cond,
-        guidance_scale=guidance_scale,
-    )
+        cond = Condition(class_labels=torch.arange(count) % num_classes)
+    params = denoiser.parameters() if hasattr(denoiser, "parameters") else iter(())
+    device = next(params, torch.empty(0)).device
+    desc = f"eval: {count} samples at NFE {nfe} ({threads_note(device)})"
+    with samples_bar(count, desc, enabled=progress_bar) as bar:
+        result = sample(
+            ProgressDenoiser(denoiser, bar, nfe),
+            count,
+            nfe=nfe,
+            method=method,
+            generator=generator,
+            cond=cond,
+            guidance_scale=guidance_scale,
+        )
     images = result.images.clamp(-1, 1)
     metrics = metrics_for(images)
     metrics["nfe"] = float(result.nfe)
@@ -80,16 +133,24 @@ def evaluate_sampler(
 
 
 class QualityTracker:
-    """Evaluates a sampling function ``f(z, cond) -> x0`` on fixed noise, split across processes."""
+    """Evaluates a sampling function ``f(z, cond) -> x0`` on fixed noise, split across processes.
+
+    Digits-shaped samples get all ``num_samples``; other shapes only :data:`GRID_SAMPLES` (see the module
+    docstring). The bar (main process) follows ``trainer.config.progress_bar``.
+    """
 
     def __init__(
         self, trainer, num_samples: int, seed: int, shape: tuple[int, ...], num_classes: int | None = None
     ):
         self.trainer = trainer
         self.device = trainer.device
+        self.shape = tuple(shape)
+        count = samples_needed(num_samples, self.shape)
+        if trainer.accelerator.is_main_process:
+            note_skipped_metrics(self.shape, num_samples)
         noise_gen = torch.Generator().manual_seed(seed)
-        self.noise = torch.randn(num_samples, *shape, generator=noise_gen)
-        self.labels = None if num_classes is None else torch.arange(num_samples) % num_classes
+        self.noise = torch.randn(count, *self.shape, generator=noise_gen)
+        self.labels = None if num_classes is None else torch.arange(count) % num_classes
         self.best: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self.last_grid: str | None = None
@@ -102,11 +163,17 @@ class QualityTracker:
         rank, world = acc.process_index, acc.num_processes
         per = -(-len(self.noise) // world)
         idx = torch.arange(rank * per, (rank + 1) * per) % len(self.noise)
+        show = acc.is_main_process and getattr(getattr(self.trainer, "config", None), "progress_bar", True)
+        where = f"{world} processes" if world > 1 else threads_note(self.device)
+        desc = f"eval {tag}: {len(self.noise)} samples ({where})"
         images = []
-        for chunk in idx.split(500):
-            z = self.noise[chunk].to(self.device)
-            cond = None if self.labels is None else Condition(class_labels=self.labels[chunk].to(self.device))
-            images.append(sample_fn(z, cond).float().clamp(-1, 1))
+        with samples_bar(len(idx), desc, enabled=show, leave=False) as bar:
+            for chunk in idx.split(500):
+                z = self.noise[chunk].to(self.device)
+                labels = None if self.labels is None else self.labels[chunk].to(self.device)
+                cond = None if labels is None else Condition(class_labels=labels)
+                images.append(sample_fn(z, cond).float().clamp(-1, 1))
+                bar.update(len(chunk))
         images = gather(torch.cat(images))[: len(self.noise)]
         if not acc.is_main_process:
             return {}

@@ -19,25 +19,31 @@ checkpoint folder.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
 
 from distill.export.generator import export_generator
-from distill.export.model_card import write_model_card
+from distill.export.model_card import (
+    DEFAULT_LICENSE,
+    call_snippet,
+    describe_teacher,
+    pipeline_tag_for,
+    write_export_card,
+)
 from distill.pipelines import ADAPTER_INFO, load_adapter_student, read_adapter_info
 from distill.teachers.denoiser import Denoiser
 
-USAGE = """from distill.pipelines import OneStepPipeline
+USAGE = """import torch
+from distill.pipelines import OneStepPipeline
 
 pipe = OneStepPipeline.from_teacher_and_adapter("{teacher}", "{path}")
-images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
+{setup}images = pipe(batch_size=16, {kwargs}generator=torch.Generator().manual_seed(0), output_type="pt").images
 
 # or by hand: the teacher's UNet + plain peft, sampled at sigma = step_sigmas[0] (see onestep_adapter.json)
-from peft import PeftModel
-unet = PeftModel.from_pretrained(teacher_unet, "{path}")
+# from peft import PeftModel
+# unet = PeftModel.from_pretrained(teacher_unet, "{path}")
 # diffusers UNets with LoRA support (UNet2DConditionModel) also load it natively:
 # teacher_unet.load_lora_adapter("{path}", prefix="unet", use_safetensors=True)"""
 
@@ -51,6 +57,7 @@ def save_sid_adapter(
     method: str,
     facts: dict[str, Any],
     sample_grid: str | None = None,
+    license: str = DEFAULT_LICENSE,
 ) -> Path:
     """Write ``adapter_name`` of ``peft_model`` (a peft-wrapped teacher UNet) as a plug-in adapter folder."""
     from finetune.export import save_adapter
@@ -69,19 +76,20 @@ def save_sid_adapter(
     )
     info = {"step_sigmas": [float(s) for s in step_sigmas], "teacher": teacher, "method": method}
     (folder / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    grid_name = None
-    if sample_grid and Path(sample_grid).is_file():
-        grid_name = "samples.png"
-        shutil.copyfile(sample_grid, folder / grid_name)
-    write_model_card(
+    base_unet = peft_model.get_base_model()
+    setup, kwargs = call_snippet(base_unet)
+    ref = describe_teacher(teacher)
+    write_export_card(
         folder,
-        title=f"One-step LoRA adapter for {teacher}",
+        title=f"One-step LoRA adapter for {ref.name if ref else teacher}",
         method=method,
         facts={**facts, "adapter_parameters": _adapter_parameters(folder)},
-        base_model=teacher if teacher != "default" else "onestep-toolkit/default-digits-teacher",
+        teacher=teacher,
         tags=["distillation", "one-step", "sid", "lora"],
-        sample_grid=grid_name,
-        usage=USAGE.format(path=folder, teacher=teacher),
+        usage=USAGE.replace("{teacher}", teacher).replace("{setup}", setup).replace("{kwargs}", kwargs),
+        sample_grid=sample_grid,
+        pipeline_tag=pipeline_tag_for(base_unet),
+        license=license,
     )
     return folder
 

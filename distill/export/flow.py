@@ -4,11 +4,10 @@ that :class:`distill.pipelines.RectifiedFlowPipeline` loads."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from distill.export.model_card import write_model_card
+from distill.export.model_card import DEFAULT_LICENSE, call_snippet, pipeline_tag_for, write_export_card
 from distill.pipelines import RectifiedFlowPipeline, scheduler_from_denoiser
 from distill.teachers.denoiser import Denoiser
 
@@ -18,8 +17,8 @@ USAGE = """import torch
 from distill.pipelines import RectifiedFlowPipeline
 
 pipe = RectifiedFlowPipeline.from_pretrained("{path}")
-images = pipe(batch_size=16, num_inference_steps={steps}, generator=torch.Generator().manual_seed(0),
-              output_type="pt").images"""
+{setup}images = pipe(batch_size=16, {kwargs}num_inference_steps={steps},
+             generator=torch.Generator().manual_seed(0), output_type="pt").images"""
 
 
 def export_flow_model(
@@ -32,12 +31,14 @@ def export_flow_model(
     method: str,
     facts: dict[str, Any],
     sample_grid: str | None = None,
+    license: str = DEFAULT_LICENSE,
 ) -> Path:
     """Write ``folder`` = model_index.json + unet/ (safetensors) + scheduler/ + README.md (+ samples.png).
 
     The folder is loadable by :class:`RectifiedFlowPipeline` (and ``Denoiser.from_pretrained`` for the next
     reflow round) and publishable with ``onestep publish``. ``reflow_export.json`` is written last and marks
-    the export complete.
+    the export complete. ``base_model`` is the teacher as the recipe got it; a local one is named by its folder
+    name, in ``title`` too.
     """
     folder = Path(folder)
     done = folder / DONE_FILE
@@ -49,25 +50,24 @@ def export_flow_model(
         any_steps=any_steps,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-    grid_name = None
-    if sample_grid and Path(sample_grid).is_file():
-        grid_name = "samples.png"
-        shutil.copyfile(sample_grid, folder / grid_name)
     steps = len(step_sigmas)
     facts = {
         **facts,
         "sampling": f"Euler in flow time from x = {step_sigmas[0]:g} z, z ~ N(0, I) "
         + ("(any number of steps)" if any_steps else f"on step_sigmas {[round(s, 4) for s in step_sigmas]}"),
     }
-    write_model_card(
+    setup, kwargs = call_snippet(model.model)
+    write_export_card(
         folder,
         title=title,
         method=method,
         facts={**facts, "parameters": sum(p.numel() for p in model.parameters())},
-        base_model=base_model if base_model != "default" else "onestep-toolkit/default-digits-teacher",
+        teacher=base_model,
         tags=["distillation", "rectified-flow", "reflow", "one-step" if steps == 1 else "few-step"],
-        sample_grid=grid_name,
-        usage=USAGE.format(path=folder, steps=steps),
+        usage=USAGE.replace("{setup}", setup).replace("{kwargs}", kwargs).replace("{steps}", str(steps)),
+        sample_grid=sample_grid,
+        pipeline_tag=pipeline_tag_for(model.model),
+        license=license,
     )
     done.write_text(
         json.dumps({k: v for k, v in facts.items() if isinstance(v, (int, float, str))}, indent=1)

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-from distill.export.model_card import write_model_card
+from distill.export.model_card import (
+    DEFAULT_LICENSE,
+    call_snippet,
+    describe_teacher,
+    pipeline_tag_for,
+    write_export_card,
+)
 from distill.pipelines import OneStepPipeline, scheduler_from_denoiser
 from distill.teachers.denoiser import Denoiser
 
-USAGE = """from distill.pipelines import OneStepPipeline, scheduler_from_denoiser
+USAGE = """import torch
+from distill.pipelines import OneStepPipeline
 
 pipe = OneStepPipeline.from_pretrained("{path}")
-images = pipe(batch_size=16, generator=torch.Generator().manual_seed(0), output_type="pt").images"""
+{setup}images = pipe(batch_size=16, {kwargs}generator=torch.Generator().manual_seed(0), output_type="pt").images"""
+
+
+def student_title(num_steps: int, method: str | None, teacher: str) -> str:
+    """'One-step SiD student of default_teacher' (the teacher by its display name, never a local path)."""
+    steps = "One-step" if num_steps == 1 else f"{num_steps}-step"
+    ref = describe_teacher(teacher)
+    short = f" {method}" if method and len(method) <= 12 else ""
+    return f"{steps}{short} student of {ref.name if ref else teacher}"
 
 
 def export_generator(
@@ -24,24 +38,28 @@ def export_generator(
     method: str,
     facts: dict[str, Any],
     sample_grid: str | None = None,
+    license: str = DEFAULT_LICENSE,
 ) -> Path:
-    """Write ``folder`` = model_index.json + unet/ (safetensors) + scheduler/ + README.md (+ samples.png)."""
+    """Write ``folder`` = model_index.json + unet/ (safetensors) + scheduler/ + README.md (+ samples.png).
+
+    ``base_model`` is the teacher as the recipe got it ('default', a local folder or a Hub id); ``facts``'
+    ``method`` (e.g. 'SiD') goes into the title.
+    """
     folder = Path(folder)
     scheduler = scheduler_from_denoiser(generator)
     pipe = OneStepPipeline(unet=generator.model, scheduler=scheduler, step_sigmas=list(step_sigmas))
     pipe.save_pretrained(folder, safe_serialization=True)
-    grid_name = None
-    if sample_grid and Path(sample_grid).is_file():
-        grid_name = "samples.png"
-        shutil.copyfile(sample_grid, folder / grid_name)
-    write_model_card(
+    setup, kwargs = call_snippet(generator.model)
+    write_export_card(
         folder,
-        title=f"One-step student of {base_model}",
+        title=student_title(len(step_sigmas), facts.get("method"), base_model),
         method=method,
         facts={**facts, "parameters": sum(p.numel() for p in generator.parameters())},
-        base_model=base_model if base_model != "default" else "onestep-toolkit/default-digits-teacher",
-        tags=["distillation", "one-step", "sid"],
-        sample_grid=grid_name,
-        usage=USAGE.format(path=folder),
+        teacher=base_model,
+        tags=["distillation", "one-step" if len(step_sigmas) == 1 else "few-step", "sid"],
+        usage=USAGE.replace("{setup}", setup).replace("{kwargs}", kwargs),
+        sample_grid=sample_grid,
+        pipeline_tag=pipeline_tag_for(generator.model),
+        license=license,
     )
     return folder

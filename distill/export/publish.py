@@ -3,6 +3,10 @@
 Everything is checked before any upload: the folder is a complete export (model_index.json or config.json, and
 a README.md model card), a token is available, and the hub is not switched off (HF_HUB_OFFLINE). Network
 failures are reported as such instead of as a traceback.
+
+The card's usage snippet names the local folder; the uploaded card names the repo instead
+(:func:`distill.export.model_card.card_for_repo`). The local README.md is left as it is, and everything goes up
+in one commit.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import sys
 from pathlib import Path
 
 REQUIRED_ANY = ("model_index.json", "config.json", "adapter_config.json")
-IGNORED = (".*", "__pycache__", "*.pyc")
 
 
 class PublishError(RuntimeError):
@@ -41,17 +44,32 @@ def files_to_push(folder: str | Path) -> list[str]:
         str(p.relative_to(folder))
         for p in sorted(folder.rglob("*"))
         if p.is_file()
+        and p.suffix != ".pyc"
         and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(folder).parts)
     ]
     return files
 
 
+def hub_card(folder: str | Path, repo_id: str) -> str:
+    """The README.md of ``folder`` as uploaded to ``repo_id``: its snippet loads the repo, not the folder."""
+    from distill.export.model_card import card_for_repo
+    from distill.pipelines import ADAPTER_INFO
+
+    folder = Path(folder)
+    # adapter folders load from local files (onestep_adapter.json), so their snippet downloads the repo first
+    download = (folder / ADAPTER_INFO).is_file()
+    text = card_for_repo((folder / "README.md").read_text(), folder, repo_id, download=download)
+    if str(folder.resolve()) in text:
+        raise PublishError(f"the model card still names the local folder {folder.resolve()}; edit README.md")
+    return text
+
+
 def publish(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Upload ``folder`` to ``repo_id``; returns the repo URL. Raises :class:`PublishError` with the reason."""
-    files_to_push(folder)
+    files = files_to_push(folder)
     if "/" not in repo_id or repo_id.count("/") != 1:
         raise PublishError(f"repo_id {repo_id!r} must look like 'organisation/name'")
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise PublishError(
@@ -60,10 +78,23 @@ def publish(folder: str | Path, repo_id: str, private: bool = False, token: str 
     token = token or get_token()
     if not token:
         raise PublishError("no hub token: run `hf auth login` or set HF_TOKEN, then publish again")
+    folder = Path(folder)
+    card = hub_card(folder, repo_id)
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+        for name in files
+        if name != "README.md"
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, ignore_patterns=list(IGNORED))
+        api.create_commit(
+            repo_id,
+            operations,
+            commit_message=f"Upload {folder.name} with onestep publish",
+            repo_type="model",
+        )
     except OSError as err:  # requests' connection errors derive from OSError
         raise PublishError(f"could not reach the hub to push {folder} to {repo_id}: {err}") from err
     return f"https://huggingface.co/{repo_id}"

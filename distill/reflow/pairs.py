@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from distill.reflow.flow import euler_on_sigmas, flow_sigmas, t_max_for
 from distill.sampling.ode import default_sigma_range, edm_heun_sample, euler_sample, steps_for_nfe
@@ -174,8 +176,15 @@ def pair_labels(indices: range | list[int], num_classes: int | None) -> Tensor |
 
 
 @torch.no_grad()
-def solve_pairs(denoiser: Denoiser, spec: PairSpec, noise: Tensor, labels: Tensor | None) -> Tensor:
-    """``x = ODE(sigma_max * z)`` with the spec's sampler, guidance and range, in chunks of ``batch_size``."""
+def solve_pairs(
+    denoiser: Denoiser,
+    spec: PairSpec,
+    noise: Tensor,
+    labels: Tensor | None,
+    progress: Callable[[int], None] | None = None,
+) -> Tensor:
+    """``x = ODE(sigma_max * z)`` with the spec's sampler, guidance and range, in chunks of ``batch_size``
+    (``progress(n)`` is called after each chunk of ``n`` pairs)."""
     device = next(denoiser.parameters()).device
     out = []
     for start in range(0, len(noise), spec.batch_size):
@@ -200,6 +209,8 @@ def solve_pairs(denoiser: Denoiser, spec: PairSpec, noise: Tensor, labels: Tenso
                 rho=spec.rho,
             ).images
         out.append(x.float().cpu())
+        if progress is not None:
+            progress(len(z))
     return torch.cat(out)
 
 
@@ -313,12 +324,14 @@ def rename_shard(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def _generate_shard(denoiser: Denoiser, spec: PairSpec, shard: int) -> dict[str, np.ndarray]:
+def _generate_shard(
+    denoiser: Denoiser, spec: PairSpec, shard: int, progress: Callable[[int], None] | None = None
+) -> dict[str, np.ndarray]:
     rows = spec.shard_rows(shard)
     seeds = [pair_seed(spec.seed, spec.round, i) for i in rows]
     noise = pair_noise(seeds, spec.shape)
     labels = pair_labels(rows, spec.num_classes)
-    sample = solve_pairs(denoiser, spec, noise, labels)
+    sample = solve_pairs(denoiser, spec, noise, labels, progress)
     cols = {
         "index": np.asarray(list(rows), dtype=np.int64),
         "seed": np.asarray(seeds, dtype=np.int64),
@@ -455,12 +468,14 @@ def generate_pairs(
     max_minutes: float = 0.0,
     log: Callable[[str], None] | None = None,
     verify_hashes: bool = False,
+    progress_bar: bool = True,
 ) -> PairSet:
     """Write the missing shards of ``spec`` into ``folder`` across all processes; returns what is complete.
 
     ``state`` is accelerate's ``PartialState`` (built on demand). With ``max_minutes`` a process starts a shard
     only if its last shard's duration still fits (the first always runs, so every run makes progress), so a
     time-limited run stops on shard boundaries. ``verify_hashes`` checks every listed shard's sha256 first.
+    ``progress_bar``: a bar over the main process's pairs (stderr).
     """
     if state is None:
         from accelerate import PartialState
@@ -468,7 +483,7 @@ def generate_pairs(
         state = PartialState(cpu=not torch.cuda.is_available())
     folder = Path(folder)
     rank, world = state.process_index, state.num_processes
-    log = log or (lambda msg: print(msg, flush=True))
+    log = log or tqdm.write  # print, without tearing the progress bar
     if state.is_main_process:
         reconcile(folder, spec, log, verify_hashes)
     state.wait_for_everyone()
@@ -481,6 +496,15 @@ def generate_pairs(
             f"[pairs] {folder}: {len(done)}/{spec.num_shards} shards present, {world} process(es) writing "
             f"{spec.num_shards - len(done)} ({spec.sampler}, nfe={spec.nfe}, guidance={spec.guidance_scale})"
         )
+    todo = sum(len(spec.shard_rows(s)) for s in mine)
+    bar = tqdm(
+        total=todo,
+        desc=f"pairs: {todo} teacher samples at NFE {spec.nfe}"
+        + (f" (process 0 of {world})" if world > 1 else ""),
+        unit=" pairs",
+        disable=not (progress_bar and state.is_main_process),
+        file=sys.stderr,
+    )
     start, last = time.perf_counter(), 0.0
     for shard in mine:
         elapsed = time.perf_counter() - start
@@ -490,12 +514,13 @@ def generate_pairs(
             )
             break
         t0 = time.perf_counter()
-        cols = _generate_shard(denoiser, spec, shard)
+        cols = _generate_shard(denoiser, spec, shard, bar.update)
         entry = write_shard(folder, spec, shard, cols)
         last = time.perf_counter() - t0
         entry.update(process=rank, seconds=round(last, 3))
         _record_shard(folder, spec, shard, entry)
         log(f"[pairs] process {rank}: shard {shard} ({entry['rows']} pairs) in {last:.1f}s")
+    bar.close()
     state.wait_for_everyone()
     return open_pairs(folder)
 
