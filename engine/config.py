@@ -233,7 +233,10 @@ def load_yaml_config(path: Path) -> dict[str, Any]:
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        what = "; ".join(str(m) for m in (err.context, err.problem) if m)
+        context = err.context
+        if context and err.context_mark is not None and err.context_mark is not mark:
+            context += f" started at line {err.context_mark.line + 1}, column {err.context_mark.column + 1}"
+        what = "; ".join(str(m) for m in (context, err.problem) if m)
         raise ValueError(f"{where}: not valid YAML: {what}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
