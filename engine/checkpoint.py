@@ -36,7 +36,8 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
-    """Map ``--resume_from`` to a checkpoint folder; 'latest' with none present means a fresh start."""
+    """Map ``--resume_from`` to a checkpoint folder; 'latest' with none present means a fresh start (the
+    Trainer warns, so a re-launch script can always pass 'latest')."""
     if not resume_from:
         return None
     if resume_from == "latest":

@@ -2,7 +2,8 @@
 
 Parsing is done by transformers' ``HfArgumentParser`` (as trl does); this module only turns a YAML file into
 the same ``--key value`` form so that YAML values and command-line values go through one type conversion, and
-refuses unknown keys with a message that names them.
+refuses unknown keys with a message that names them (or the key's new name, for keys a recipe renamed).
+``--help`` prints every setting with its type, default and meaning (``metadata={"help": ...}`` of the field).
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
+import shutil
 import sys
+import textwrap
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
 from transformers import HfArgumentParser
@@ -25,6 +31,9 @@ C = TypeVar("C")
 @dataclass
 class TrainConfig:
     """Fields every recipe shares. Recipes subclass this and add their own fields."""
+
+    #: old config key -> new key; parse_config answers an old key (YAML or command line) with its new name
+    renamed_keys: ClassVar[dict[str, str]] = {}
 
     output_dir: str = field(
         default="outputs/run", metadata={"help": "Run folder: checkpoints, logs, samples."}
@@ -42,7 +51,8 @@ class TrainConfig:
         default=1, metadata={"help": "Micro-batches per optimiser step."}
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
-        default="no", metadata={"help": "Autocast precision."}
+        default="no",
+        metadata={"help": "Autocast precision: no (fp32), fp16 (with a dynamic loss scale) or bf16."},
     )
     fp16_initial_scale: float = field(
         default=65536.0, metadata={"help": "Initial loss scale of the fp16 GradScaler (dynamic afterwards)."}
@@ -71,7 +81,11 @@ class TrainConfig:
     )
     checkpoints_total_limit: int = field(default=3, metadata={"help": "Keep the last K checkpoints."})
     resume_from: str | None = field(
-        default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."}
+        default=None,
+        metadata={
+            "help": "'latest' (newest complete checkpoint in output_dir/checkpoints; a fresh run, with a "
+            "warning, when there is none) or a checkpoint folder to resume from."
+        },
     )
     log_every: int = field(default=10, metadata={"help": "Log scalars every N steps."})
     log_with: str = field(
@@ -84,6 +98,14 @@ class TrainConfig:
     deterministic: bool = field(default=False, metadata={"help": "Use torch deterministic algorithms."})
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even when an accelerator is present."})
     progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm bar on the main process."})
+    num_threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch CPU threads per process. 0 = automatic: your OMP_NUM_THREADS or "
+            "--num_cpu_threads_per_process when set, else CPUs / processes on this machine (replacing "
+            "accelerate launch's default of 1 thread). On a CPU busy with other jobs, 1 can be much faster."
+        },
+    )
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every")
@@ -97,6 +119,7 @@ class TrainConfig:
             "max_grad_norm",
             "max_minutes",
             "lr_warmup_steps",
+            "num_threads",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name}={getattr(self, name)!r} must be >= 0")
@@ -123,10 +146,35 @@ def _field_names(config_cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(config_cls)]
 
 
-def _unknown_key_error(key: str, known: list[str], source: str) -> ValueError:
+def renamed_keys(config_cls: type) -> dict[str, str]:
+    """``renamed_keys`` of the class, checked: an old name must not still be a field, a new one must be."""
+    renames = dict(getattr(config_cls, "renamed_keys", {}) or {})
+    known = set(_field_names(config_cls))
+    for old, new in renames.items():
+        if old in known or new not in known:
+            raise TypeError(
+                f"{config_cls.__name__}.renamed_keys maps {old!r} -> {new!r}: the old key must not be a field "
+                "and the new key must be one"
+            )
+    return renames
+
+
+def _unknown_key_error(key: str, config_cls: type, source: str) -> ValueError:
+    renames = renamed_keys(config_cls)
+    if key in renames:
+        return ValueError(f"config key '{key}' in {source} was renamed to '{renames[key]}'")
+    known = _field_names(config_cls)
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return ValueError(f"Unknown config key '{key}' in {source}.{hint} Known keys: {', '.join(sorted(known))}")
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 def yaml_to_args(values: dict[str, Any], config_cls: type, source: str) -> list[str]:
@@ -136,7 +184,7 @@ def yaml_to_args(values: dict[str, Any], config_cls: type, source: str) -> list[
     args: list[str] = []
     for key, value in values.items():
         if key not in known:
-            raise _unknown_key_error(key, known, source)
+            raise _unknown_key_error(str(key), config_cls, source)
         if value is None:
             if defaults[key] is not None:
                 args += [f"--{key}", "None"]
@@ -155,12 +203,151 @@ def _check_cli_keys(argv: Sequence[str], config_cls: type) -> None:
         if token.startswith("--"):
             key = token[2:].split("=", 1)[0].replace("-", "_")
             if key not in known and key != "config":
-                raise _unknown_key_error(key, known, "the command line")
+                raise _unknown_key_error(key, config_cls, "the command line")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one silently)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (lines {seen[key]} and {line})", key_node.start_mark
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml_config(path: Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``; syntax errors become a one-line ValueError naming the file, line and column."""
+    try:
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        context = err.context
+        if context and err.context_mark is not None and err.context_mark is not mark:
+            context += f" started at line {err.context_mark.line + 1}, column {err.context_mark.column + 1}"
+        what = "; ".join(str(m) for m in (context, err.problem) if m)
+        raise ValueError(f"{where}: not valid YAML: {what}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(
+            f"Config file {path} must hold a mapping of field: value lines (e.g. 'max_steps: 100'), "
+            f"got a {type(loaded).__name__} at the top level"
+        )
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------- --help
+def field_help(config_cls: type, name: str) -> str:
+    """The help text of field ``name``: the most derived class that gives one (a subclass that only changes a
+    default keeps its parent's meaning)."""
+    for klass in config_cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("help"):
+            return str(f.metadata["help"])
+    return ""
+
+
+def _defining_class(config_cls: type, name: str) -> type:
+    """The most basic dataclass in the MRO that declares ``name`` (where the setting was introduced)."""
+    owner = config_cls
+    for klass in config_cls.__mro__:
+        if name in getattr(klass, "__dataclass_fields__", {}):
+            owner = klass
+    return owner
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " | ".join(_type_name(a) for a in inner) + (" | None" if len(inner) < len(args) else "")
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _format_default(value: Any) -> str:
+    if value is dataclasses.MISSING:
+        return "required"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def format_help(config_cls: type, prog: str | None = None) -> str:
+    """Usage line, then every field as ``--name TYPE (default: X)`` and its help, the recipe's own fields first
+    and the shared :class:`TrainConfig` fields last."""
+    prog = prog or os.path.basename(sys.argv[0]) or "recipe.py"
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except Exception:  # an annotation that does not resolve: show it as written
+        hints = {}
+    groups: dict[type, list[dataclasses.Field]] = {}
+    for f in dataclasses.fields(config_cls):
+        groups.setdefault(_defining_class(config_cls, f.name), []).append(f)
+    order = [
+        k for k in config_cls.__mro__ if k in groups
+    ]  # most derived first: the recipe's own, then shared
+    width = min(110, shutil.get_terminal_size((110, 24)).columns)
+    doc = (config_cls.__doc__ or "").strip().splitlines()
+    lines = [
+        f"usage: {prog} [--config FILE.yaml] [--KEY VALUE ...] [-h/--help]",
+        "",
+        *([doc[0], ""] if doc and not doc[0].startswith(config_cls.__name__ + "(") else []),
+        "Each setting starts at its default below; a --config YAML file of 'key: value' lines overrides it, and",
+        "--key value on the command line overrides both (lists: --key a b c; booleans: true/false).",
+    ]
+    for klass in order:
+        title = (
+            "shared training settings (TrainConfig, every recipe)"
+            if klass is TrainConfig
+            else f"{klass.__name__} settings"
+        )
+        lines += ["", f"{title}:"]
+        for f in groups[klass]:
+            type_name = _type_name(hints[f.name]) if f.name in hints else str(f.type)
+            default = _format_default(_field_default(f))
+            base = klass.__dataclass_fields__[f.name]
+            if klass is not config_cls and _field_default(base) != _field_default(f):
+                default += f"; {klass.__name__}'s: {_format_default(_field_default(base))}"
+            lines.append(f"  --{f.name} {type_name} (default: {default})")
+            text = field_help(config_cls, f.name) or "(no help text)"
+            lines += textwrap.wrap(text, width=width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    renames = renamed_keys(config_cls)
+    if renames:
+        lines += ["", "renamed keys (old -> new): " + ", ".join(f"{o} -> {n}" for o, n in renames.items())]
+    return "\n".join(lines)
 
 
 def parse_config(config_cls: type[C], argv: Sequence[str] | None = None) -> C:
-    """Build ``config_cls`` from ``--config FILE`` (YAML) plus ``--field value`` overrides (the CLI wins)."""
+    """Build ``config_cls`` from ``--config FILE`` (YAML) plus ``--field value`` overrides (the CLI wins).
+
+    ``-h``/``--help`` prints every field with its type, default and help, then exits with status 0.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    renamed_keys(config_cls)  # a broken rename table is the recipe's bug: say so on every run
+    if "-h" in argv or "--help" in argv:
+        if os.environ.get("RANK", "0") == "0":  # once per launch, not once per process
+            print(format_help(config_cls), flush=True)
+        raise SystemExit(0)
     file_args: list[str] = []
     if "--config" in argv or any(a.startswith("--config=") for a in argv):
         if "--config" in argv:
@@ -177,12 +364,7 @@ def parse_config(config_cls: type[C], argv: Sequence[str] | None = None) -> C:
             raise FileNotFoundError(
                 f"Config file not found: {path} (expected a YAML file of {config_cls.__name__})"
             )
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(
-                f"Config file {path} must hold a mapping of field: value, got {type(loaded).__name__}"
-            )
-        file_args = yaml_to_args(loaded, config_cls, str(path))
+        file_args = yaml_to_args(load_yaml_config(path), config_cls, str(path))
     _check_cli_keys(argv, config_cls)
     parser = HfArgumentParser(config_cls)
     (config,) = parser.parse_args_into_dataclasses(args=file_args + argv)

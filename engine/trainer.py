@@ -24,14 +24,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from engine.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
+from engine.checkpoint import checkpoint_root, load_trainer_state, resolve_resume, save_checkpoint
 from engine.config import TrainConfig, config_to_dict, save_config
 from engine.data import BatchStream
 from engine.ema import EMA, ParameterEMA
 from engine.images import make_grid, save_grid
+from engine.log import get_logger
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.schedules import lr_factor, scale_learning_rates
 from engine.seeding import seed_everything
+from engine.threads import configure_threads
 
 _SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
@@ -53,7 +55,19 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     )
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
         _enable_cpu_fp16(accelerator, config.fp16_initial_scale)
+    threads = configure_threads(config.num_threads, on_cpu=accelerator.device.type == "cpu")
+    if accelerator.is_main_process:
+        get_logger().info(run_line(accelerator, threads))
     return accelerator
+
+
+def run_line(accelerator: Accelerator, threads: str) -> str:
+    """What runs: distribution, processes, device, precision and threads (logged once at the start)."""
+    n = accelerator.num_processes
+    return (
+        f"distributed_type={accelerator.distributed_type.value}, {n} process{'es' if n > 1 else ''}, "
+        f"device={accelerator.device.type}, mixed_precision={accelerator.mixed_precision}, {threads}"
+    )
 
 
 def _enable_cpu_fp16(accelerator: Accelerator, init_scale: float) -> None:
@@ -103,6 +117,10 @@ class Trainer:
         self.accelerator = accelerator or build_accelerator(config)
         self.output_dir = Path(config.output_dir)
         resume_path = resolve_resume(config.resume_from, config.output_dir)  # bad path: fail before any work
+        if config.resume_from == "latest" and resume_path is None and self.is_main:
+            get_logger().warning(
+                f"resume_from=latest: no checkpoint in {checkpoint_root(config.output_dir)}; starting a fresh run"
+            )
         seed_everything(config.seed, self.accelerator.process_index, config.deterministic)
         parts = recipe.setup(self)
         self._check_parts(parts)

@@ -5,7 +5,7 @@ accelerate launch recipes/engine_demo.py --max_steps 200
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from sklearn.datasets import load_digits
@@ -19,12 +19,19 @@ from engine.trainer import Trainer
 
 @dataclass
 class DemoConfig(TrainConfig):
+    """Engine demo: an MLP learns to remove Gaussian noise from 8x8 digits (scikit-learn's 1,797 images)."""
+
     output_dir: str = "outputs/engine_demo"
     max_steps: int = 300
     batch_size: int = 64
-    lr: float = 1e-3
-    noise: float = 0.5
-    ema_halflife_images: float = 2000.0
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the denoiser."})
+    noise: float = field(
+        default=0.5, metadata={"help": "Std of the Gaussian noise added to images scaled to [-1, 1]."}
+    )
+    ema_halflife_images: float = field(
+        default=2000.0,
+        metadata={"help": "EMA half-life in images (about one pass over the data); evaluation uses the EMA."},
+    )
 
 
 class DenoisingAutoencoder(Recipe):
@@ -60,10 +67,12 @@ class DenoisingAutoencoder(Recipe):
         return {"ema_mse": float((clean - x).pow(2).mean())}
 
 
-def main() -> None:
-    config = parse_config(DemoConfig)
-    Trainer(config, DenoisingAutoencoder(config)).fit()
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    config = parse_config(DemoConfig, argv)
+    return Trainer(config, DenoisingAutoencoder(config)).fit()
 
 
 if __name__ == "__main__":
-    main()
+    from engine.launch import run_main
+
+    run_main(main)

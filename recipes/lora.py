@@ -466,4 +466,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.launch import run_main
+
+    run_main(main)

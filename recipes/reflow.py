@@ -375,4 +375,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.launch import run_main
+
+    run_main(main)

@@ -523,4 +523,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.launch import run_main
+
+    run_main(main)

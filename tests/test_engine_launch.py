@@ -1,8 +1,11 @@
 """The engine under a real ``accelerate launch`` with 2 CPU (gloo) processes."""
 
 import json
+import os
+import subprocess
+import sys
 
-from launch_utils import ROOT, accelerate_launch
+from launch_utils import CPU_CONFIG, ROOT, accelerate_launch, free_port
 from safetensors.torch import load_file
 from test_engine_loop import assert_weights_close, reference_one_step
 from toy_recipe import ToyConfig
@@ -36,5 +39,22 @@ def test_two_processes_with_accumulation_match_full_batch_then_resume(tmp_path):
         ROOT / "tests" / "toy_recipe.py", [*args, "--max_steps", "3", "--resume_from", "latest"]
     )
     assert "Resumed from" in result.stdout + result.stderr
+    # the run's setup line; launch_utils' explicit OMP_NUM_THREADS=1 is the user's choice and stays
+    assert (
+        "[engine] distributed_type=MULTI_CPU, 2 processes, device=cpu, mixed_precision=no, 1 torch thread per "
+        "process (OMP_NUM_THREADS=1, your choice at accelerate launch)" in result.stderr
+    )
     state = json.loads((tmp_path / "checkpoints/step_3/trainer_state.json").read_text())
     assert state["step"] == 3 and state["images_seen"] == 48
+
+
+def test_failing_launch_names_the_recipe_error():
+    """Each failing process ends with its one-line error, and torch elastic's failure summary repeats it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG)]
+    cmd += ["--main_process_port", str(free_port()), "recipes/engine_demo.py", "--max_steps", "0"]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    error = "error: ValueError: config field max_steps=0 must be >= 1"
+    assert out.stderr.splitlines().count(error) == 2  # the last line of each of the two processes
+    assert f"traceback : {error}" in out.stderr.split("Root Cause")[1]

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 
 import pytest
@@ -374,3 +375,19 @@ def test_lr_warmup_refuses_a_recipe_scheduler(tmp_path):
     recipe.setup = setup_with_scheduler
     with pytest.raises(ValueError, match="lr_warmup_steps=5 but|lr_warmup_steps=5 .*own lr_scheduler"):
         Trainer(cfg, recipe)
+
+
+def test_resume_latest_without_checkpoint_warns_and_starts_fresh(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="engine")
+    trainer = make(tmp_path, resume_from="latest", max_steps=2)
+    want = f"resume_from=latest: no checkpoint in {tmp_path / 'checkpoints'}; starting a fresh run"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [want]
+    assert trainer.step == 0
+    # the run's setup is logged once at the start: distribution, processes, device, precision, threads
+    (setup,) = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert setup.startswith("distributed_type=NO, 1 process, device=cpu, mixed_precision=no, ")
+    assert f"{torch.get_num_threads()} torch thread" in setup
+    trainer.fit()
+    caplog.clear()
+    resumed = make(tmp_path, resume_from="latest", max_steps=3)
+    assert resumed.step == 2 and not [r for r in caplog.records if r.levelno == logging.WARNING]
