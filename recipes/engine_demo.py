@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine.config import TrainConfig, parse_config
+from engine.launch import run_main
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer
 
@@ -73,6 +74,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from engine.launch import run_main
-
     run_main(main)

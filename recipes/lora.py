@@ -40,6 +40,7 @@ from distill.teachers.edm import edm_denoising_loss, sample_lognormal_sigmas
 from distill.teachers.loading import load_teacher, resolve_teacher_path
 from engine.checkpoint import resolve_resume
 from engine.config import TrainConfig, parse_config
+from engine.launch import run_main
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.seeding import make_generator
 from engine.trainer import Trainer
@@ -466,6 +467,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from engine.launch import run_main
-
     run_main(main)

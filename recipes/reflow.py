@@ -52,6 +52,7 @@ from distill.reflow.stages import TrainingStage, run
 from distill.teachers.denoiser import Condition, Denoiser
 from distill.teachers.loading import load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
+from engine.launch import run_main
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer
 
@@ -375,6 +376,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from engine.launch import run_main
-
     run_main(main)

@@ -66,6 +66,7 @@ from distill.teachers.denoiser import Condition, Denoiser
 from distill.teachers.edm import drop_labels, sample_lognormal_sigmas
 from distill.teachers.loading import load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
+from engine.launch import run_main
 from engine.recipe import LossOutput, Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer
 
@@ -523,6 +524,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from engine.launch import run_main
-
     run_main(main)

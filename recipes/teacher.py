@@ -25,6 +25,7 @@ from distill.teachers.builders import build_unet, edm_scheduler
 from distill.teachers.denoiser import Condition, Denoiser
 from distill.teachers.edm import drop_labels, edm_denoising_loss, sample_lognormal_sigmas
 from engine.config import TrainConfig, parse_config
+from engine.launch import run_main
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer
 
@@ -175,6 +176,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from engine.launch import run_main
-
     run_main(main)

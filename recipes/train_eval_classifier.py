@@ -31,6 +31,7 @@ from distill.evaluation.classifier import (
     DigitsClassifier,
     save_digits_classifier,
 )
+from engine.launch import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -175,6 +176,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from engine.launch import run_main
-
     run_main(main)

@@ -116,20 +116,15 @@ def _recipe_config(module: str, name: str):
     return load
 
 
-_NOT_OURS = pytest.mark.xfail(
-    strict=False, reason="help strings added by the recipe owners; lead removes this at merge"
-)
-
-
 @pytest.mark.parametrize(
     "load",
     [
         pytest.param(lambda: TrainConfig, id="TrainConfig"),
         pytest.param(_demo_config, id="engine_demo"),
-        pytest.param(_recipe_config("sid", "SiDConfig"), id="sid", marks=_NOT_OURS),
-        pytest.param(_recipe_config("reflow", "ReflowConfig"), id="reflow", marks=_NOT_OURS),
-        pytest.param(_recipe_config("lora", "LoraRecipeConfig"), id="lora", marks=_NOT_OURS),
-        pytest.param(_recipe_config("teacher", "TeacherConfig"), id="teacher", marks=_NOT_OURS),
+        pytest.param(_recipe_config("sid", "SiDConfig"), id="sid"),
+        pytest.param(_recipe_config("reflow", "ReflowConfig"), id="reflow"),
+        pytest.param(_recipe_config("lora", "LoraRecipeConfig"), id="lora"),
+        pytest.param(_recipe_config("teacher", "TeacherConfig"), id="teacher"),
     ],
 )
 def test_every_recipe_config_field_has_help(load):
