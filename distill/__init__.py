@@ -5,3 +5,7 @@ the k-step student sampler), ``sid`` and ``reflow`` (the two methods), ``evaluat
 ``onestep eval``/``sample`` commands), ``export`` (diffusers folders, model cards, publishing); ``pipelines``
 holds the diffusers pipelines users sample exported students with, and ``data`` the image datasets.
 """
+
+from engine.log import quiet_third_party_imports
+
+quiet_third_party_imports()

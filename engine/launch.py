@@ -44,6 +44,10 @@ def run_main(main: Callable[[list[str] | None], object]) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted (KeyboardInterrupt)", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        # the reader went away (``--help | head``): not an error of the run; silence the flush at exit too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
     except Exception as exc:
         sys.stdout.flush()
         traceback.print_exc(file=sys.stderr)

@@ -23,3 +23,14 @@ def get_logger() -> logging.Logger:
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
     return logger
+
+
+#: third-party loggers whose import-time warnings say nothing about a run: bitsandbytes (imported by peft)
+#: warns on every import on AVX512-BF16 CPUs that it could not fetch an optional kernel from a hub
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+def quiet_third_party_imports() -> None:
+    """Raise the named loggers to ERROR so their import-time warnings do not open every recipe's output."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
