@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from distill.evaluation.quality import QualityTracker
 from distill.export.flow import export_flow_model
+from distill.export.model_card import describe_teacher
 from distill.reflow.flow import (
     distill_loss,
     euler_on_sigmas,
@@ -348,13 +349,14 @@ class ReflowRecipe(Recipe):
         facts.update({f"final_{k}": v for k, v in metrics.items()})
         self.facts = facts
         grid = self.trackers[self.evaluated_nfes()[0]].last_grid
+        teacher_name = describe_teacher(cfg.teacher).name  # a folder name, never a local path
         if self.mode == "reflow":
-            title = f"{self.spec.round + 1}-rectified flow of {cfg.teacher}"
+            title = f"{self.spec.round + 1}-rectified flow of {teacher_name}"
             method = f"Rectified-flow reflow (Liu et al. 2023; Lee et al. 2024), round {self.spec.round}, EMA"
             sigmas, any_steps = [self.sigma_max], True
         else:
             steps = cfg.num_steps
-            title = f"{steps}-step rectified-flow student of {cfg.teacher}"
+            title = f"{steps}-step rectified-flow student of {teacher_name}"
             method = "Rectified-flow distillation (Liu et al. 2023; InstaFlow) of the k-rectified flow, EMA"
             sigmas, any_steps = self.sigmas(steps), False
         export_flow_model(

@@ -26,6 +26,7 @@ from distill.export.flow import DONE_FILE
 from distill.reflow.pairs import generate_pairs, make_spec, open_pairs
 from distill.teachers.loading import load_teacher
 from engine.recipe import Recipe
+from engine.threads import configure_threads
 from engine.trainer import Trainer, build_accelerator
 
 TrainingStage = Literal["reflow", "distill"]
@@ -42,6 +43,8 @@ class StagesConfig(Protocol):
     num_classes: int | None
     guidance_scale: float
     cpu: bool
+    num_threads: int
+    progress_bar: bool
     num_pairs: int
     pairs_shard_size: int
     pairs_batch_size: int
@@ -117,6 +120,9 @@ def run_pairs(cfg: StagesConfig, round_: int, state: Any = None) -> dict[str, An
     from accelerate import PartialState
 
     state = state or PartialState(cpu=cfg.cpu or not torch.cuda.is_available())
+    threads = configure_threads(cfg.num_threads, on_cpu=state.device.type == "cpu")
+    if state.is_main_process:
+        print(f"[reflow] pairs round {round_}: {threads}", flush=True)
     folder = pairs_dir(cfg, round_)
     source = source_model(cfg, round_)
     model = load_teacher(source).to(state.device).eval().requires_grad_(False)
@@ -145,7 +151,9 @@ def run_pairs(cfg: StagesConfig, round_: int, state: Any = None) -> dict[str, An
         seed=cfg.pairs_seed,
         round=round_,
     )
-    pairs = generate_pairs(model, spec, folder, state=state, max_minutes=cfg.pairs_minutes)
+    pairs = generate_pairs(
+        model, spec, folder, state=state, max_minutes=cfg.pairs_minutes, progress_bar=cfg.progress_bar
+    )
     return {"folder": str(folder), "pairs": pairs.num_pairs, "complete": pairs.complete, "nfe": spec.nfe}
 
 
