@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from common import print_result
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -109,7 +110,7 @@ def main() -> None:
             f"engine step: median {statistics.median(engine_ms):.2f} ms; plain step: median {statistics.median(plain_ms):.2f} ms"
         )
         print(f"per-block ratios: {' '.join(f'{r:.3f}' for r in ratios)}")
-        print(f"RESULT overhead_ratio={statistics.median(ratios):.3f}")
+        print_result(overhead_ratio=statistics.median(ratios))
 
 
 if __name__ == "__main__":

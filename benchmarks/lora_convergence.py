@@ -22,23 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # recipes/ is not an installed package
+from common import Panel, plot_panels, print_result, reset_accelerate
 
 METHODS = ("full", "lora", "lora_plus", "lora_ga", "lora_ga_plus")
 
 
 def run_one(model: str, method: str, args: argparse.Namespace, workdir: Path) -> list[tuple[int, float]]:
     """Train one (model, method) through the recipe; return [(step, eval_loss)] including step 0."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     from engine.trainer import Trainer
     from recipes.lora import LoraRecipe, LoraRecipeConfig
 
@@ -48,8 +43,8 @@ def run_one(model: str, method: str, args: argparse.Namespace, workdir: Path) ->
         "seed": args.seed,
         "log_with": "none",
         "progress_bar": False,
-        "rank": args.rank,
-        "alpha": args.alpha,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha,
         "loraplus_ratio": args.loraplus_ratio,
         "loraga_batches": args.loraga_batches,
         "lr_warmup_steps": 0,
@@ -84,9 +79,7 @@ def run_one(model: str, method: str, args: argparse.Namespace, workdir: Path) ->
     trainer = Trainer(cfg, recipe)
     start = recipe.evaluate(trainer, 0)["eval_loss"]
     trainer.fit()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()  # the next run's Trainer builds a fresh Accelerator
     return [(0, start)] + [(step, m["eval_loss"]) for step, m in recipe.history[1:]]
 
 
@@ -97,27 +90,7 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> str:
     return "never"
 
 
-def plot(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    titles = {"a": "(a) all-MiniLM-L6-v2, stdlib docstrings", "b": "(b) digits teacher UNet, rotated digits"}
-    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False)
-    for ax, (model, runs) in zip(axes[0], curves.items()):
-        for method, curve in runs.items():
-            steps, losses = zip(*curve)
-            ax.plot(steps, losses, marker=".", label=method)
-        ax.set_title(titles[model])
-        ax.set_xlabel("step")
-        ax.set_ylabel("eval loss")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+TITLES = {"a": "(a) all-MiniLM-L6-v2, stdlib docstrings", "b": "(b) digits teacher UNet, rotated digits"}
 
 
 def main() -> None:
@@ -127,8 +100,8 @@ def main() -> None:
     parser.add_argument("--models", default="a,b")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--lora_rank", type=int, default=8)
+    parser.add_argument("--lora_alpha", type=float, default=16.0)
     parser.add_argument("--loraplus_ratio", type=float, default=16.0)
     parser.add_argument("--loraga_batches", type=int, default=8)
     parser.add_argument("--steps_a", type=int, default=100)
@@ -166,14 +139,21 @@ def main() -> None:
     for model, runs in curves.items():
         target = runs["lora"][-1][1]
         for method, curve in runs.items():
-            print(
-                f"RESULT model={model} method={method} steps={curve[-1][0]} final_eval_loss={curve[-1][1]:.4f} "
-                f"steps_to_lora_final={steps_to_reach(curve, target)}"
+            print_result(
+                model=model,
+                method=method,
+                steps=curve[-1][0],
+                final_eval_loss=f"{curve[-1][1]:.4f}",
+                steps_to_lora_final=steps_to_reach(curve, target),
             )
     path = Path(args.plot)
-    plot(curves, path)
+    panels = [
+        Panel(runs, title=TITLES[model], xlabel="step", ylabel="eval loss") for model, runs in curves.items()
+    ]
+    plot_panels(path, panels, panel_size=(6, 4.2))
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(curves, indent=1))
-    print(f"# plot: {path}  total {time.perf_counter() - started:.0f}s")
+    print(f"# curves: {path.with_suffix('.json')}  total {time.perf_counter() - started:.0f}s")
 
 
 if __name__ == "__main__":

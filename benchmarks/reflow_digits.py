@@ -24,8 +24,17 @@ import time
 from pathlib import Path
 
 import torch
+from common import (
+    EVAL_NOISE_SEED,
+    fd_line,
+    parse_overrides,
+    plot_curves,
+    print_result,
+    settings_argv,
+    teacher_metrics,
+)
 
-from distill.evaluation.quality import digits_evaluator, evaluate_sampler, metrics_for
+from distill.evaluation.quality import digits_evaluator, metrics_for
 from distill.reflow.flow import euler_on_sigmas, flow_sigmas
 from distill.teachers.loading import load_teacher
 from engine.config import parse_config
@@ -36,21 +45,9 @@ TEACHER_NFES = [(1, "euler"), (3, "heun"), (5, "heun"), (9, "heun"), (17, "heun"
 FLOW_NFES = [1, 2, 4, 8, 16]
 
 
-def fd_line(name: str, nfe: int, metrics: dict[str, float]) -> str:
-    return (
-        f"{name} nfe={nfe} fd={metrics['fd']:.3f} precision={metrics['precision']:.3f} "
-        f"recall={metrics['recall']:.3f}"
-    )
-
-
 def teacher_curve(teacher: str, num_samples: int) -> dict[int, float]:
-    model = load_teacher(teacher).eval()
-    out = {}
-    for nfe, method in TEACHER_NFES:
-        metrics, _ = evaluate_sampler(model, num_samples, nfe=nfe, method=method, seed=1)
-        out[nfe] = metrics["fd"]
-        print(fd_line(f"teacher ({method})", nfe, metrics), flush=True)
-    return out
+    """The teacher's FD at each of ``TEACHER_NFES`` on the shared evaluation noise (seed 1)."""
+    return {nfe: m["fd"] for nfe, _, m in teacher_metrics(teacher, num_samples, TEACHER_NFES)}
 
 
 @torch.no_grad()
@@ -60,7 +57,7 @@ def flow_curve(
     """FD of an exported flow model with ``n``-step Euler on the same noise as the teacher (seed 1)."""
     model = load_teacher(folder).eval()
     shape = (model.in_channels, model.sample_size, model.sample_size)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(EVAL_NOISE_SEED)
     noise = torch.cat([torch.randn((1, *shape), generator=gen) for _ in range(num_samples)])
     out = {}
     for nfe in nfes:
@@ -71,28 +68,6 @@ def flow_curve(
         out[nfe] = metrics["fd"]
         print(fd_line(name, nfe, metrics), flush=True)
     return out
-
-
-def plot(curves: dict[str, dict[int, float]], floor: float, path: Path, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[plots]')")
-        return
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for (name, points), marker in zip(curves.items(), ("o", "s", "*")):
-        xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], marker=marker, markersize=10 if marker == "*" else 6, label=name)
-    ax.axhline(floor, color="k", ls="--", lw=1, label="real data floor (train vs held-out)")
-    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FD (digits classifier features)", title=title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
 
 
 def main() -> None:
@@ -130,16 +105,13 @@ def main() -> None:
         "distill_steps": 10**9,
         "distill_minutes": budget["distill"],
         "eval_samples": min(eval_samples, 2000),
-        "eval_steps": 1,
+        "eval_nfes": 1,
         "log_every": 100,
         "log_with": "none",
         "progress_bar": "false",
     }
-    argv = [str(a) for k, v in settings.items() for a in (f"--{k}", v)]
-    for item in args.overrides:  # key=value, applied on top (the config's own parser converts the types)
-        key, _, value = item.partition("=")
-        argv += [f"--{key}", *value.split()]
-    cfg = parse_config(ReflowConfig, argv)
+    # the user's key=value overrides last, so they win; bad keys or values fail here, before any work
+    cfg = parse_config(ReflowConfig, settings_argv(settings) + parse_overrides(args.overrides))
     results: dict[str, dict] = {}
     for stage, round_ in plan(cfg):
         t0 = time.perf_counter()
@@ -157,7 +129,7 @@ def main() -> None:
         str(Path(distill_source(cfg))), "2-rectified flow (Euler)", FLOW_NFES, eval_samples, sigma_max
     )
     student_folder = str(Path(cfg.output_dir) / "distill" / "student")
-    student = flow_curve(student_folder, "distilled student", [cfg.student_steps], eval_samples, sigma_max)
+    student = flow_curve(student_folder, "distilled student", [cfg.num_steps], eval_samples, sigma_max)
     print(f"[bench] evaluation: {(time.perf_counter() - t0) / 60:.2f} min", flush=True)
     curves = {
         "teacher (EDM Heun / Euler)": teacher,
@@ -166,20 +138,30 @@ def main() -> None:
     }
     floor = digits_evaluator().real_floor()["fd"]
     title = f"Reflow on the digits teacher, {args.minutes:g} min, {pairs} pairs"
-    plot(curves, floor, Path(args.output_dir) / "fd_vs_nfe.png", title)
+    plot_curves(
+        Path(args.output_dir) / "fd_vs_nfe.png",
+        curves,
+        references={"real data floor (train vs held-out)": floor},
+        title=title,
+        xlabel="NFE",
+        xscale="log",
+    )
     before = results["reflow"]["straightness_before"]
     after = results["reflow"]["straightness_after"]
     print(
         f"wall minutes={(time.perf_counter() - start) / 60:.1f} reflow_steps={results['reflow']['training_steps']} "
         f"distill_steps={results['distill']['training_steps']} straightness_ratio={before / after:.2f} "
-        f"fd_ratio_student_vs_teacher={student[cfg.student_steps] / teacher[35]:.2f} real_floor_fd={floor:.3f}"
+        f"fd_ratio_student_vs_teacher={student[cfg.num_steps] / teacher[35]:.2f} real_floor_fd={floor:.3f}"
     )
-    ok_fd, ok_straight = student[cfg.student_steps] <= 2 * teacher[35], before >= 5 * after
+    ok_fd, ok_straight = student[cfg.num_steps] <= 2 * teacher[35], before >= 5 * after
     print(f"targets: student FD <= 2x teacher 35-NFE FD: {ok_fd}; straightness >= 5x lower: {ok_straight}")
-    print(
-        f"RESULT teacher_fd={teacher[35]:.3f} reflow_fd_1step={reflow[1]:.3f} "
-        f"distill_fd_1step={student[cfg.student_steps]:.3f} straightness_before={before:.5f} "
-        f"straightness_after={after:.5f} pairs={pairs}"
+    print_result(
+        teacher_fd=teacher[35],
+        reflow_fd_1step=reflow[1],
+        distill_fd_1step=student[cfg.num_steps],
+        straightness_before=f"{before:.5f}",
+        straightness_after=f"{after:.5f}",
+        pairs=pairs,
     )
 
 

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import print_result
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -151,11 +153,12 @@ def main() -> None:
             results[mode] = json.loads(lines[-1].removeprefix("WORKER "))
         full = results.get("full", {}).get("peak_mb")
         for mode, r in results.items():
-            ratio = f"{r['peak_mb'] / full:.3f}" if full else "nan"
-            print(
-                f"RESULT mode={mode} params_trained={r['params_trained']} peak_mb={r['peak_mb']:.1f} "
-                f"step_s={r['step_s']:.2f} ratio_to_full={ratio}",
-                flush=True,
+            print_result(
+                mode=mode,
+                params_trained=r["params_trained"],
+                peak_mb=f"{r['peak_mb']:.1f}",
+                step_s=f"{r['step_s']:.2f}",
+                ratio_to_full=r["peak_mb"] / full if full else "nan",
             )
 
 
