@@ -36,9 +36,10 @@ from common import (
 
 from distill.evaluation.quality import digits_evaluator, metrics_for
 from distill.reflow.flow import euler_on_sigmas, flow_sigmas
+from distill.reflow.stages import distill_source, plan, run_pairs, run_training
 from distill.teachers.loading import load_teacher
 from engine.config import parse_config
-from recipes.reflow import ReflowConfig, distill_source, plan, run_pairs, run_training
+from recipes.reflow import ReflowConfig, ReflowRecipe
 
 SPLIT = {"pairs": 0.35, "reflow": 0.35, "distill": 0.15}
 TEACHER_NFES = [(1, "euler"), (3, "heun"), (5, "heun"), (9, "heun"), (17, "heun"), (35, "heun")]
@@ -118,7 +119,7 @@ def main() -> None:
         if stage == "pairs":
             results[f"pairs_r{round_}"] = run_pairs(cfg, round_)
         else:
-            results[stage] = run_training(cfg, stage, round_)  # type: ignore[arg-type]
+            results[stage] = run_training(cfg, stage, round_, ReflowRecipe)  # type: ignore[arg-type]
         print(f"[bench] {stage} round {round_}: {(time.perf_counter() - t0) / 60:.2f} min", flush=True)
 
     pairs = results["pairs_r1"]["pairs"]
