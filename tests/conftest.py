@@ -11,6 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Distributed tests are slow too, so `pytest -m "not slow"` is the one switch for the fast part."""
+    for item in items:
+        if item.get_closest_marker("distributed") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a shared 2-core machine a second thread can make torch
@@ -33,3 +40,19 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """An unconditional tiny EDM teacher folder, built once per session (tests only read it)."""
+    from tiny_models import tiny_edm_teacher
+
+    return tiny_edm_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def class_teacher_dir(tmp_path_factory):
+    """A 10-class tiny EDM teacher folder (null class 10), built once per session."""
+    from tiny_models import tiny_edm_teacher
+
+    return tiny_edm_teacher(tmp_path_factory.mktemp("teacher_c"), num_classes=10)

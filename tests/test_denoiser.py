@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -276,50 +277,17 @@ def test_eps_score_velocity_vpred_consistent_with_x0(sched, tiny_unet):
 # ------------------------------------------------------------------------------------------- real UNets
 @pytest.fixture(scope="module")
 def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    return tiny_models.tiny_unet(seed=0)
 
 
 @pytest.fixture(scope="module")
 def class_unet() -> UNet2DModel:
-    torch.manual_seed(1)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=4,  # 3 classes + null class 3
-    ).eval()
+    return tiny_models.tiny_unet(seed=1, num_classes=3)  # 3 classes + null class 3
 
 
 @pytest.fixture(scope="module")
 def text_unet() -> UNet2DConditionModel:
-    torch.manual_seed(2)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-    ).eval()
+    return tiny_models.tiny_text_unet(seed=2)
 
 
 def test_real_unet_forward_module_contract(tiny_unet):

@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 from launch_utils import CPU_CONFIG, ROOT, accelerate_launch, free_port
 from safetensors.torch import load_file
 from test_engine_loop import assert_weights_close, reference_one_step
 from toy_recipe import ToyConfig
 
 
+@pytest.mark.distributed
 def test_two_processes_with_accumulation_match_full_batch_then_resume(tmp_path):
     # global batch = 4 per micro-batch x 2 micro-batches x 2 processes = the whole 16-sample dataset
     args = [
@@ -48,6 +50,7 @@ def test_two_processes_with_accumulation_match_full_batch_then_resume(tmp_path):
     assert state["step"] == 3 and state["images_seen"] == 48
 
 
+@pytest.mark.distributed
 def test_failing_launch_names_the_recipe_error():
     """Each failing process ends with its one-line error, and torch elastic's failure summary repeats it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

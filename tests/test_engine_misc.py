@@ -163,6 +163,7 @@ def test_run_main_interrupt_and_system_exit(capsys):
     assert run_main(lambda argv: 7) is None
 
 
+@pytest.mark.slow
 def test_failing_recipe_script_prints_its_error_last():
     import subprocess
     import sys

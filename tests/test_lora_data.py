@@ -12,7 +12,7 @@ import datasets
 import pytest
 import torch
 from peft import PeftModel
-from test_lora_models import TEXTS, tiny_bert, tiny_llama
+from tiny_models import TEXTS, tiny_bert, tiny_llama
 
 from finetune.data import HOLDOUT_SEED, load_text_splits, train_and_eval_splits
 

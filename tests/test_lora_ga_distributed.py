@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -53,6 +54,7 @@ def run(out: Path) -> None:
     state.destroy_process_group()  # leaving gloo's threads to interpreter exit can abort ("terminate called ...")
 
 
+@pytest.mark.distributed
 def test_two_processes_average_gradients_and_agree(tmp_path):
     from launch_utils import accelerate_launch
 

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from launch_utils import ROOT, accelerate_launch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from test_lora_models import UNET_TARGETS, tiny_bert, tiny_llama, tiny_text_dataset
-from tiny_models import tiny_edm_teacher
+from tiny_models import UNET_TARGETS, tiny_bert, tiny_edm_teacher, tiny_llama, tiny_text_dataset
 
 RECIPE = ROOT / "recipes" / "lora.py"
 COMMON = ["--log_with", "none", "--progress_bar", "false", "--lora_rank", "2", "--loraga_batches", "2"]
@@ -63,6 +62,7 @@ def _check_text_export(run: Path, bert: Path, data: Path, ratio: float) -> None:
     assert info["eval_accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
 
 
+@pytest.mark.distributed
 def test_text_recipe_two_processes_lora_ga_plus(tmp_path):
     tiny_bert(tmp_path / "bert")
     tiny_text_dataset(tmp_path / "data")
@@ -85,6 +85,7 @@ def test_text_recipe_two_processes_lora_ga_plus(tmp_path):
     assert state["num_processes"] == 2
 
 
+@pytest.mark.distributed
 def test_unet_recipe_two_processes_lora_ga_with_merge(tmp_path):
     from distill.teachers.denoiser import Denoiser
 
@@ -141,6 +142,7 @@ same_network: true
 """
 
 
+@pytest.mark.distributed
 def test_deepspeed_zero3_two_processes_lora_ga_plus(tmp_path):
     """ZeRO-3 on CPU: LoRA+ rates survive DeepSpeed's optimiser wrapper, the gathered adapter is exact."""
     pytest.importorskip("deepspeed")

@@ -7,9 +7,8 @@ import json
 import re
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
-from tiny_models import tiny_edm_teacher
+from tiny_models import tiny_edm_teacher, tiny_text_unet
 
 from distill.export.adapter import save_sid_adapter
 from distill.export.flow import export_flow_model
@@ -38,21 +37,21 @@ def metric_values(model_card: ModelCard) -> dict[str, float]:
 
 
 @pytest.fixture()
-def teacher_dir(tmp_path):
+def my_teacher_dir(tmp_path):
     return tiny_edm_teacher(tmp_path / "my_teacher")
 
 
 @pytest.fixture()
-def student(tmp_path, teacher_dir):
-    teacher = Denoiser.from_pretrained(teacher_dir)
+def student(tmp_path, my_teacher_dir):
+    teacher = Denoiser.from_pretrained(my_teacher_dir)
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"png")
     return export_generator(
-        teacher, tmp_path / "student", [2.5], str(teacher_dir), "SiD (test)", FACTS, str(grid)
+        teacher, tmp_path / "student", [2.5], str(my_teacher_dir), "SiD (test)", FACTS, str(grid)
     )
 
 
-def test_student_card_metadata_and_local_teacher(student, teacher_dir):
+def test_student_card_metadata_and_local_teacher(student, my_teacher_dir):
     c = card(student)
     assert c.data.license == "apache-2.0"
     assert c.data.pipeline_tag == "unconditional-image-generation"
@@ -68,7 +67,7 @@ def test_student_card_metadata_and_local_teacher(student, teacher_dir):
     assert c.data.to_dict()["onestep"]["alpha"] == 1.2
     assert "# One-step SiD student of my_teacher" in c.text
     assert "`my_teacher`, a local folder" in c.text
-    assert str(teacher_dir) not in c.text and str(teacher_dir.resolve()) not in c.content
+    assert str(my_teacher_dir) not in c.text and str(my_teacher_dir.resolve()) not in c.content
     assert (student / "samples.png").read_bytes() == b"png" and "![samples](samples.png)" in c.text
 
 
@@ -81,21 +80,21 @@ def test_student_snippet_runs_as_written(student):
 
 
 def test_class_conditional_flow_card_snippet_and_title(tmp_path):
-    teacher_dir = tiny_edm_teacher(tmp_path / "cls_teacher", num_classes=3)
-    model = Denoiser.from_pretrained(teacher_dir)
+    my_teacher_dir = tiny_edm_teacher(tmp_path / "cls_teacher", num_classes=3)
+    model = Denoiser.from_pretrained(my_teacher_dir)
     folder = export_flow_model(
         model,
         tmp_path / "flow",
         [80.0],
         any_steps=True,
-        base_model=str(teacher_dir),
-        title=f"1-rectified flow of {teacher_dir}",
+        base_model=str(my_teacher_dir),
+        title=f"1-rectified flow of {my_teacher_dir}",
         method="reflow",
         facts={"final_fd_2step": 3.0},
     )
     c = card(folder)
     assert "# 1-rectified flow of cls_teacher\n" in c.text
-    assert str(teacher_dir) not in c.content and c.data.base_model is None
+    assert str(my_teacher_dir) not in c.content and c.data.base_model is None
     assert metric_values(c) == {"final_fd_2step": 3.0}
     code = snippet(c.text)
     assert "class_labels=torch.arange(16) % 3" in code
@@ -104,13 +103,13 @@ def test_class_conditional_flow_card_snippet_and_title(tmp_path):
     assert scope["images"].shape == (16, 1, 8, 8)
 
 
-def test_hub_teachers_become_base_model(tmp_path, teacher_dir):
+def test_hub_teachers_become_base_model(tmp_path, my_teacher_dir):
     path = write_model_card(tmp_path / "a", "x", "m", {"fd": 2.0}, base_model="org/teacher")
     assert ModelCard.load(path).data.base_model == "org/teacher"
     # a local folder that records its hub id
-    config = teacher_dir / "unet" / "config.json"
+    config = my_teacher_dir / "unet" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "_name_or_path": "org/recorded"}))
-    assert describe_teacher(str(teacher_dir)).base_model == "org/recorded"
+    assert describe_teacher(str(my_teacher_dir)).base_model == "org/recorded"
     default = describe_teacher("default")
     assert default.base_model is None and default.name == "default_teacher"
 
@@ -131,16 +130,10 @@ def test_teacher_card_signature_still_works(tmp_path):
 
 
 def test_text_conditioned_adapter_card(tmp_path):
-    from diffusers import UNet2DConditionModel
 
     from distill.teachers.builders import edm_scheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
-    )  # fmt: skip
+    unet = tiny_text_unet(seed=0)
     shared = add_sid_adapters(Denoiser(unet, edm_scheduler()), rank=2, alpha=4.0)
     teacher = tmp_path / "text_teacher"
     teacher.mkdir()

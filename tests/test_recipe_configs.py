@@ -23,8 +23,10 @@ CONFIG_CLASSES = {
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_config_parses(path):
     prefix = path.stem.split("_")[0]
-    if prefix not in CONFIG_CLASSES:
-        pytest.skip(f"no config class registered for {path.name}")
+    assert prefix in CONFIG_CLASSES, (
+        f"{path.name}: no recipe config class for the prefix {prefix!r}; name configs <recipe>_<what>.yaml "
+        f"with a recipe from {sorted(CONFIG_CLASSES)}, or register the new recipe here"
+    )
     config = parse_config(CONFIG_CLASSES[prefix], ["--config", str(path)])
     assert config.output_dir.startswith("outputs/")
 

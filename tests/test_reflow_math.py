@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from tiny_models import tiny_edm_teacher
+from tiny_models import tiny_unet
 
 from distill.reflow.flow import (
     default_huber_c,
@@ -23,22 +23,19 @@ from distill.reflow.flow import (
     u_shaped_density,
     velocity_from_denoiser,
 )
-from distill.teachers.builders import build_unet
 from distill.teachers.denoiser import Denoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def edm(tmp_path_factory) -> Denoiser:
-    return Denoiser.from_pretrained(tiny_edm_teacher(tmp_path_factory.mktemp("edm"))).eval()
+def edm(teacher_dir) -> Denoiser:
+    return Denoiser.from_pretrained(teacher_dir).eval()
 
 
 @pytest.fixture(scope="module")
 def flow() -> Denoiser:
-    torch.manual_seed(1)
-    unet = build_unet(8, 1, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
-    return Denoiser(unet, FlowMatchEulerDiscreteScheduler()).eval()
+    return Denoiser(tiny_unet(seed=1), FlowMatchEulerDiscreteScheduler()).eval()
 
 
 def batch(n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

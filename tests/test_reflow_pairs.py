@@ -30,13 +30,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
+def teacher3_dir(tmp_path_factory):
     return tiny_edm_teacher(tmp_path_factory.mktemp("teacher"), num_classes=3)
 
 
 @pytest.fixture(scope="module")
-def teacher(teacher_dir) -> Denoiser:
-    return Denoiser.from_pretrained(teacher_dir).eval().requires_grad_(False)
+def teacher(teacher3_dir) -> Denoiser:
+    return Denoiser.from_pretrained(teacher3_dir).eval().requires_grad_(False)
 
 
 def spec_for(teacher: Denoiser, num_pairs: int = 40, **kw) -> PairSpec:
@@ -94,7 +94,8 @@ def test_training_reads_memory_mapped_shards(reference):
     assert item["noise"].shape == (1, 8, 8) and item["sample"].dtype == torch.float32
 
 
-def test_killed_run_resumes_to_the_same_pairs(tmp_path, teacher_dir, teacher, reference):
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_pairs(tmp_path, teacher3_dir, teacher, reference):
     """SIGKILL a real process while it commits its 3rd shard, then rerun: same pairs, no duplicate, no gap."""
     folder = tmp_path / "pairs"
     spec_json = json.dumps(asdict(spec_for(teacher)))
@@ -110,7 +111,7 @@ def kill_on_third(tmp, final):
         os.kill(os.getpid(), signal.SIGKILL)
     commit(tmp, final)
 P.rename_shard = kill_on_third
-P.generate_pairs(Denoiser.from_pretrained({str(teacher_dir)!r}), P.PairSpec(**json.loads({spec_json!r})), {str(folder)!r})
+P.generate_pairs(Denoiser.from_pretrained({str(teacher3_dir)!r}), P.PairSpec(**json.loads({spec_json!r})), {str(folder)!r})
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)

@@ -6,15 +6,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from launch_utils import ROOT, accelerate_launch
-from tiny_models import tiny_edm_teacher
+from tiny_models import tiny_flow_teacher
 
 from distill.pipelines import OneStepPipeline, RectifiedFlowPipeline
 from distill.reflow import stages
 from distill.reflow.flow import interpolate, sample_flow_times, straightness, velocity_from_denoiser
 from distill.reflow.pairs import load_pairs, open_pairs
-from distill.teachers.builders import build_unet
 from distill.teachers.denoiser import Denoiser
 from distill.teachers.loading import load_teacher
 from engine.trainer import Trainer
@@ -28,32 +26,11 @@ FAST = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine a second thread can make torch
-    20x slower; one thread also makes results bitwise comparable with the 1-thread subprocesses."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparable with the 1-thread subprocesses
 
 
-def tiny_flow_teacher(folder, num_classes: int | None = None):
-    torch.manual_seed(2)
-    unet = build_unet(
-        8, 1, block_out_channels=(8, 16), layers_per_block=1, num_classes=num_classes, norm_num_groups=4
-    )
-    Denoiser(unet, FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def edm_teacher(tmp_path_factory):
-    return tiny_edm_teacher(tmp_path_factory.mktemp("edm"))
-
-
-def test_all_stages_on_a_diffusion_teacher_then_rerun_skips(tmp_path, edm_teacher, capsys):
-    args = ["--teacher", str(edm_teacher), "--output_dir", str(tmp_path), *FAST]
+def test_all_stages_on_a_diffusion_teacher_then_rerun_skips(tmp_path, teacher_dir, capsys):
+    args = ["--teacher", str(teacher_dir), "--output_dir", str(tmp_path), *FAST]
     summary = reflow_recipe.main(args)
     assert set(summary) == {"pairs_r1", "reflow_r1", "distill"}
     assert summary["pairs_r1"]["pairs"] == 32 and summary["pairs_r1"]["complete"]
@@ -64,7 +41,7 @@ def test_all_stages_on_a_diffusion_teacher_then_rerun_skips(tmp_path, edm_teache
     z = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(12345))
     t_max = reflow["t_max"]
     for key, folder in (
-        ("straightness_before", edm_teacher),
+        ("straightness_before", teacher_dir),
         ("straightness_after", tmp_path / "reflow_r1" / "model"),
     ):
         model = load_teacher(str(folder))
@@ -137,15 +114,15 @@ def direct_loss(recipe, student, batch, mode: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mode", ["reflow", "distill"])
-def test_loss_and_exports_reproduce_the_recipe(tmp_path, edm_teacher, mode):
+def test_loss_and_exports_reproduce_the_recipe(tmp_path, teacher_dir, mode):
     cfg = reflow_recipe.parse_config(
         reflow_recipe.ReflowConfig,
-        ["--teacher", str(edm_teacher), "--output_dir", str(tmp_path), *FAST, "--num_steps", "2"],
+        ["--teacher", str(teacher_dir), "--output_dir", str(tmp_path), *FAST, "--num_steps", "2"],
     )
     stages.run_pairs(cfg, 1)
     stage = replace(cfg, output_dir=str(tmp_path / mode), max_steps=2)
     export = tmp_path / mode / "model"
-    recipe = reflow_recipe.ReflowRecipe(stage, mode, str(edm_teacher), tmp_path / "pairs_r1", export)
+    recipe = reflow_recipe.ReflowRecipe(stage, mode, str(teacher_dir), tmp_path / "pairs_r1", export)
     trainer = Trainer(stage, recipe)
 
     pairs, _ = load_pairs(tmp_path / "pairs_r1")
@@ -172,14 +149,15 @@ def test_loss_and_exports_reproduce_the_recipe(tmp_path, edm_teacher, mode):
     torch.testing.assert_close(got, recipe.sample(ema, z, None, 1).clamp(-1, 1))
     assert any(
         not torch.equal(a, b)
-        for a, b in zip(ema.parameters(), Denoiser.from_pretrained(edm_teacher).parameters())
+        for a, b in zip(ema.parameters(), Denoiser.from_pretrained(teacher_dir).parameters())
     )
 
 
-def test_two_processes_generate_the_same_pairs_and_train(tmp_path, edm_teacher):
+@pytest.mark.distributed
+def test_two_processes_generate_the_same_pairs_and_train(tmp_path, teacher_dir):
     args = [
         "--teacher",
-        str(edm_teacher),
+        str(teacher_dir),
         "--output_dir",
         str(tmp_path / "two"),
         *FAST,
@@ -195,7 +173,7 @@ def test_two_processes_generate_the_same_pairs_and_train(tmp_path, edm_teacher):
     assert state["num_processes"] == 2 and state["images_seen"] == 16
     cfg = reflow_recipe.parse_config(
         reflow_recipe.ReflowConfig,
-        ["--teacher", str(edm_teacher), "--output_dir", str(tmp_path / "one"), *FAST],
+        ["--teacher", str(teacher_dir), "--output_dir", str(tmp_path / "one"), *FAST],
     )
     stages.run_pairs(cfg, 1)
     two, _ = load_pairs(tmp_path / "two" / "pairs_r1")

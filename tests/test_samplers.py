@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import EDMEulerScheduler, UNet2DModel
+from diffusers import EDMEulerScheduler
+from tiny_models import tiny_unet
 from torch import nn
 
 from distill.sampling.ode import (
@@ -161,18 +162,7 @@ def test_samplers_drive_a_denoiser():
 
 
 def test_sample_with_real_unet_cfg_and_cond_slicing():
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=3,
-    ).eval()
+    unet = tiny_unet(seed=0, num_classes=2)  # 2 classes + null class 2
     d = Denoiser(unet, EDMEulerScheduler())
     cond = Condition(class_labels=torch.tensor([0, 1, 0, 1, 1]))
     kw = dict(nfe=3, cond=cond, guidance_scale=2.0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from launch_utils import ROOT, accelerate_launch
 from peft import PeftModel, get_peft_model
-from tiny_models import sid_trainer, tiny_edm_teacher
+from tiny_models import sid_trainer, tiny_text_unet
 
 from distill.pipelines import OneStepPipeline, load_adapter_student
 from distill.sid.lora_student import ADAPTERS, AdapterView, add_sid_adapters
@@ -22,16 +22,6 @@ from engine.trainer import Trainer
 from finetune.loraplus import loraplus_learning_rates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return tiny_edm_teacher(tmp_path_factory.mktemp("teacher"))
-
-
-@pytest.fixture(scope="module")
-def class_teacher_dir(tmp_path_factory):
-    return tiny_edm_teacher(tmp_path_factory.mktemp("teacher_c"), num_classes=10)
 
 
 def make(tmp_path, teacher, **kw) -> Trainer:
@@ -272,27 +262,11 @@ def test_exported_adapter_plugs_into_the_original_teacher(trained_run, class_tea
 
 
 def test_conditional_unet_adapter_also_loads_with_diffusers(tmp_path):
-    from diffusers import UNet2DConditionModel
 
     from distill.export.adapter import save_sid_adapter
     from distill.teachers.builders import edm_scheduler
 
-    def unet():
-        torch.manual_seed(0)
-        return UNet2DConditionModel(
-            sample_size=8,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=8,
-            attention_head_dim=2,
-            norm_num_groups=4,
-        )
-
-    shared = add_sid_adapters(Denoiser(unet(), edm_scheduler()), rank=2, alpha=4.0)
+    shared = add_sid_adapters(Denoiser(tiny_text_unet(seed=0), edm_scheduler()), rank=2, alpha=4.0)
     with torch.no_grad():
         for name, p in shared.named_parameters():
             if ".lora_B." in name:
@@ -304,13 +278,13 @@ def test_conditional_unet_adapter_also_loads_with_diffusers(tmp_path):
         want = AdapterView(shared, "generator")(
             x, torch.tensor([0.5, 3.0]), Condition(encoder_hidden_states=ehs)
         )
-        diffusers_unet = unet()
+        diffusers_unet = tiny_text_unet(seed=0)
         diffusers_unet.load_lora_adapter(str(tmp_path), prefix="unet", use_safetensors=True)
         got = Denoiser(diffusers_unet, edm_scheduler())(
             x, torch.tensor([0.5, 3.0]), Condition(encoder_hidden_states=ehs)
         )
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-        peft_unet = PeftModel.from_pretrained(unet(), str(tmp_path))
+        peft_unet = PeftModel.from_pretrained(tiny_text_unet(seed=0), str(tmp_path))
         got = Denoiser(peft_unet, edm_scheduler())(
             x, torch.tensor([0.5, 3.0]), Condition(encoder_hidden_states=ehs)
         )
@@ -344,6 +318,7 @@ def test_mixed_precision_steps_stay_finite(tmp_path, teacher_dir, precision):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer._trainable["fake_score"]))
 
 
+@pytest.mark.distributed
 def test_two_processes_then_resume(tmp_path, teacher_dir):
     args = [
         "--teacher",

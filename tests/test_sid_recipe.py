@@ -15,11 +15,6 @@ from distill.teachers.edm import edm_weight, sample_lognormal_sigmas
 from engine.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return tiny_edm_teacher(tmp_path_factory.mktemp("teacher"))
-
-
 def make(tmp_path, teacher, **kw) -> Trainer:
     return sid_trainer(tmp_path, teacher, **kw)
 
@@ -169,6 +164,7 @@ def test_bad_teacher_is_refused_before_work(tmp_path):
         make(tmp_path, tmp_path / "no-such-teacher")
 
 
+@pytest.mark.distributed
 def test_two_processes_then_resume(tmp_path, teacher_dir):
     args = [
         "--teacher",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import sid_trainer, tiny_edm_teacher
+from tiny_models import sid_trainer
 
 from distill.sid.discriminator import EncoderLogits, find_encoder_end
 from distill.sid.losses import discriminator_loss, fake_score_loss, generator_adversarial_loss
@@ -11,11 +11,6 @@ from distill.teachers.edm import edm_weight, sample_lognormal_sigmas
 from distill.teachers.loading import load_teacher
 from engine.trainer import Trainer
 from recipes import sid as sid_recipe
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return tiny_edm_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def test_discriminator_loss_matches_direct_computation():
