@@ -320,7 +320,7 @@ class Trainer:
 
     def _run_phase(self, phase: str, micro_batches: list[Any]) -> dict[str, torch.Tensor]:
         acc, tm = self.accelerator, self.trained[phase]
-        self._enter_phase(phase)
+        self.enter_phase(phase)
         n = len(micro_batches)
         logs: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
@@ -364,7 +364,16 @@ class Trainer:
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
             offset += p.numel()
 
-    def _enter_phase(self, phase: str) -> None:
+    def trained_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """The parameters trained model ``name``'s optimiser steps (for a LoRA view: its adapter's only)."""
+        return list(self._trainable[name])
+
+    def enter_phase(self, phase: str) -> None:
+        """What the loop does before ``phase``'s loss: only that model's parameters require grad, it is in
+        train mode, and ``trainer.models`` hands the phase's model out wrapped (others unwrapped).
+
+        Public so a caller can compute a phase's loss and gradients by hand (tests, diagnostics).
+        """
         self.models.phase = phase
         for name, params in self._trainable.items():
             flag = name == phase

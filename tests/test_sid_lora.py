@@ -79,7 +79,7 @@ def test_gradients_through_adapter_switching_equal_separate_networks(
     assert list(trainer.frozen["teacher"].parameters()) == []  # the teacher view owns nothing
 
     for phase, other in (("generator", "fake_score"), ("fake_score", "generator")):
-        trainer._enter_phase(phase)
+        trainer.enter_phase(phase)
         before = flags(shared)
         trained_names = trainer.trained[phase].parameters
         # the teacher view is the original teacher, bit for bit; no view call changes a requires_grad flag
@@ -188,7 +188,7 @@ def test_resume_continues_exactly(tmp_path, teacher_dir):
     assert resumed.step == 2
     resumed.fit()
     for name in ADAPTERS:
-        a, b = straight._trainable[name], resumed._trainable[name]
+        a, b = straight.trained_parameters(name), resumed.trained_parameters(name)
         assert all(torch.equal(x, y) for x, y in zip(a, b)), name
     ema_a, ema_b = straight.emas["generator"].shadow, resumed.emas["generator"].shadow
     assert all(torch.equal(ema_a[n], ema_b[n]) for n in ema_a)
@@ -309,13 +309,13 @@ def test_bad_settings_fail_clearly(tmp_path, teacher_dir):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_stay_finite(tmp_path, teacher_dir, precision):
     trainer = make(tmp_path, teacher_dir, mixed_precision=precision)
-    before = [p.detach().clone() for p in trainer._trainable["fake_score"]]
+    before = [p.detach().clone() for p in trainer.trained_parameters("fake_score")]
     for _ in range(3):
         logs = trainer.train_step()
         assert all(torch.isfinite(v) for v in logs.values())
     shared = shared_model(trainer)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in shared.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer._trainable["fake_score"]))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trained_parameters("fake_score")))
 
 
 @pytest.mark.distributed

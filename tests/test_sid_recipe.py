@@ -20,10 +20,10 @@ def make(tmp_path, teacher, **kw) -> Trainer:
 
 
 def generator_grads(trainer: Trainer) -> torch.Tensor:
-    trainer._enter_phase("generator")
+    trainer.enter_phase("generator")
     loss = trainer.recipe.loss("generator", None, trainer.models)[0]
     loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in trainer._trainable["generator"]])
+    grads = torch.cat([p.grad.flatten() for p in trainer.trained_parameters("generator")])
     trainer.trained["generator"].optimizer.zero_grad(set_to_none=True)
     return grads
 
@@ -195,20 +195,31 @@ def test_two_processes_then_resume(tmp_path, teacher_dir):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_stay_finite(tmp_path, teacher_dir, precision):
+    """With SiD's small fp16 loss scale (128) these steps do not overflow: every step trains, in fp32 weights."""
     trainer = make(tmp_path, teacher_dir, mixed_precision=precision)
     scaler = trainer.accelerator.scaler
-    if precision == "fp16":
-        assert scaler is not None  # losses are scaled; overflowing steps are skipped and the scale lowered
-        start_scale = scaler.get_scale()
-    before = [p.detach().clone() for p in trainer._trainable["fake_score"]]
+    assert (scaler is not None) == (precision == "fp16")  # fp16 scales its losses, bf16 needs no scaler
+    if scaler is not None:
+        assert scaler.get_scale() == 128.0
+    before = [p.detach().clone() for p in trainer.trained_parameters("fake_score")]
     for _ in range(3):
         logs = trainer.train_step()
         assert all(torch.isfinite(v) for v in logs.values())
     for name in ("generator", "fake_score"):
         net = trainer.accelerator.unwrap_model(trainer.trained[name].module)
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer._trainable["fake_score"]))
-    if precision == "bf16":
-        assert trainer.nonfinite_steps == {"fake_score": 0, "generator": 0}
-    elif sum(trainer.nonfinite_steps.values()):
-        assert scaler.get_scale() < start_scale  # skipped steps were counted and lowered the scale
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.trained_parameters("fake_score")))
+    assert trainer.nonfinite_steps == {"fake_score": 0, "generator": 0}
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, teacher_dir):
+    """A loss scale far past fp16's range must overflow: the step is counted, skipped and the scale lowered."""
+    trainer = make(tmp_path, teacher_dir, mixed_precision="fp16", fp16_initial_scale=2.0**60)
+    scaler = trainer.accelerator.scaler
+    names = ("fake_score", "generator")
+    before = {n: [p.detach().clone() for p in trainer.trained_parameters(n)] for n in names}
+    trainer.train_step()
+    assert trainer.nonfinite_steps == {"fake_score": 1, "generator": 1}
+    assert scaler.get_scale() < 2.0**60
+    for name, params in before.items():  # skipped: no parameter moved
+        assert all(torch.equal(a, b) for a, b in zip(params, trainer.trained_parameters(name))), name
