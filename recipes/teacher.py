@@ -127,7 +127,12 @@ class TeacherRecipe(Recipe):
             return {}
         ema = trainer.models.ema("teacher")
         metrics, images = evaluate_sampler(
-            ema, self.config.eval_samples, nfe=self.config.eval_nfe, seed=0, num_classes=self.num_classes
+            ema,
+            self.config.eval_samples,
+            nfe=self.config.eval_nfe,
+            seed=0,
+            num_classes=self.num_classes,
+            progress_bar=self.config.progress_bar,
         )
         trainer.log_images("teacher_heun", images[:100], upscale=4)
         return metrics
