@@ -56,3 +56,21 @@ def class_teacher_dir(tmp_path_factory):
     from tiny_models import tiny_edm_teacher
 
     return tiny_edm_teacher(tmp_path_factory.mktemp("teacher_c"), num_classes=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """Factory: ``tiny_pipeline_dir("sdxl")`` is the folder of that family's tiny random-weight pipeline
+    (families in ``tiny_pipelines.FAMILIES``), built on first use and shared for the session; tests only read it."""
+    from tiny_pipelines import FAMILIES
+
+    built: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
+        if family not in built:
+            built[family] = FAMILIES[family](tmp_path_factory.mktemp(f"tiny_{family}"))
+        return built[family]
+
+    return folder
