@@ -13,27 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
 from distill.evaluation.progress import ProgressDenoiser, samples_bar, say, threads_note
 from distill.evaluation.quality import metrics_for, note_skipped_metrics, sample_shape, samples_needed
-from distill.pipelines import STUDENT_PIPELINES
+from distill.pipelines import student_pipeline_class
 from distill.sampling.ode import sample
 from distill.teachers.loading import load_teacher, resolve_teacher_path
 from engine.images import save_grid
-
-
-def student_pipeline_class(path: str) -> type | None:
-    """The pipeline class of an exported student folder, or None for anything else (a teacher)."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return None
-    name = json.loads(index.read_text()).get("_class_name")
-    if name not in STUDENT_PIPELINES:
-        return None
-    return STUDENT_PIPELINES[name]
 
 
 def is_student(path: str) -> bool:

@@ -100,7 +100,8 @@ def export_merged(
     teacher: str | None = None,
     facts: dict[str, Any] | None = None,
 ) -> Path:
-    """Merge the adapter into (a fresh load of) its teacher and write a full OneStepPipeline folder."""
+    """Merge the adapter into (a fresh load of) its teacher and write a full student folder (as
+    :func:`~distill.export.generator.export_generator`: loadable by plain diffusers too)."""
     info = read_adapter_info(adapter_folder)
     teacher = teacher if teacher is not None else info["teacher"]
     pipe = load_adapter_student(teacher, adapter_folder, merge=True)

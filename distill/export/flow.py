@@ -1,5 +1,6 @@
 """Export rectified-flow models (k-RF velocity fields and distilled students) as diffusers pipeline folders
-that :class:`distill.pipelines.RectifiedFlowPipeline` loads."""
+that :class:`distill.pipelines.RectifiedFlowPipeline` loads, and plain diffusers too (the pipeline code ships in
+the folder)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from distill.teachers.denoiser import Denoiser
 DONE_FILE = "reflow_export.json"
 
 USAGE = """import torch
-from distill.pipelines import RectifiedFlowPipeline
+from diffusers import DiffusionPipeline
 
-pipe = RectifiedFlowPipeline.from_pretrained("{path}")
+# plain diffusers runs the pipeline code shipped in the folder (onestep_pipeline.py) once told trust_remote_code
+pipe = DiffusionPipeline.from_pretrained("{path}", trust_remote_code=True)
+# with onestep-toolkit installed: from distill.pipelines import RectifiedFlowPipeline
+# pipe = RectifiedFlowPipeline.from_pretrained("{path}")
 {setup}images = pipe(batch_size=16, {kwargs}num_inference_steps={steps},
              generator=torch.Generator().manual_seed(0), output_type="pt").images"""
 
@@ -33,10 +37,12 @@ def export_flow_model(
     sample_grid: str | None = None,
     license: str = DEFAULT_LICENSE,
 ) -> Path:
-    """Write ``folder`` = model_index.json + unet/ (safetensors) + scheduler/ + README.md (+ samples.png).
+    """Write ``folder`` = model_index.json + unet/ (safetensors) + scheduler/ + onestep_pipeline.py + README.md
+    (+ samples.png).
 
-    The folder is loadable by :class:`RectifiedFlowPipeline` (and ``Denoiser.from_pretrained`` for the next
-    reflow round) and publishable with ``onestep publish``. ``reflow_export.json`` is written last and marks
+    The folder is loadable by :class:`RectifiedFlowPipeline`, by plain diffusers without the toolkit
+    (``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``) and by ``Denoiser.from_pretrained``
+    (for the next reflow round), and publishable with ``onestep publish``. ``reflow_export.json`` is written last and marks
     the export complete. ``base_model`` is the teacher as the recipe got it; a local one is named by its folder
     name, in ``title`` too.
     """

@@ -16,9 +16,12 @@ from distill.pipelines import OneStepPipeline, scheduler_from_denoiser
 from distill.teachers.denoiser import Denoiser
 
 USAGE = """import torch
-from distill.pipelines import OneStepPipeline
+from diffusers import DiffusionPipeline
 
-pipe = OneStepPipeline.from_pretrained("{path}")
+# plain diffusers runs the pipeline code shipped in the folder (onestep_pipeline.py) once told trust_remote_code
+pipe = DiffusionPipeline.from_pretrained("{path}", trust_remote_code=True)
+# with onestep-toolkit installed: from distill.pipelines import OneStepPipeline
+# pipe = OneStepPipeline.from_pretrained("{path}")
 {setup}images = pipe(batch_size=16, {kwargs}generator=torch.Generator().manual_seed(0), output_type="pt").images"""
 
 
@@ -40,7 +43,8 @@ def export_generator(
     sample_grid: str | None = None,
     license: str = DEFAULT_LICENSE,
 ) -> Path:
-    """Write ``folder`` = model_index.json + unet/ (safetensors) + scheduler/ + README.md (+ samples.png).
+    """Write ``folder`` = model_index.json + unet/ (safetensors) + scheduler/ + onestep_pipeline.py (the
+    pipeline code, for plain diffusers) + README.md (+ samples.png).
 
     ``base_model`` is the teacher as the recipe got it ('default', a local folder or a Hub id); ``facts``'
     ``method`` (e.g. 'SiD') goes into the title.
