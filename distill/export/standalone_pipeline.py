@@ -23,6 +23,7 @@ below, so the toolkit and plain diffusers sample with this same code.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import shutil
@@ -164,11 +165,17 @@ def sample_steps(
 ) -> torch.Tensor:
     """x0 after one call per noise level from ``x = sigmas[0] z``; between calls ``x`` moves to the next level
     with fresh noise (SiD: ``x0 + sigma' n``) or ``deterministic``ally (rectified flow's Euler step in EDM form:
-    ``x0 + sigma' (x - x0) / sigma``)."""
+    ``x0 + sigma' (x - x0) / sigma``).
+
+    The toolkit's one k-step loop (``distill.sampling.student.student_sample`` calls it): only the last call
+    records gradients, which SiD's generator loss needs; under ``torch.no_grad`` it is plain sampling.
+    """
     x = z * sigmas[0]
     for i, sigma in enumerate(sigmas):
-        x0 = x0_fn(x, torch.full((z.shape[0],), float(sigma), device=z.device))
-        if i + 1 == len(sigmas):
+        last = i + 1 == len(sigmas)
+        with contextlib.nullcontext() if last else torch.no_grad():
+            x0 = x0_fn(x, torch.full((z.shape[0],), float(sigma), device=z.device))
+        if last:
             return x0
         nxt = float(sigmas[i + 1])
         if deterministic:

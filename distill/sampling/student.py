@@ -1,5 +1,8 @@
 """The k-step student sampler, written once: SiD's generator, the exported pipelines and reflow's flow sampler.
 
+The loop itself is :func:`distill.export.standalone_pipeline.sample_steps` (the file copied into every exported
+student folder so that plain diffusers can sample it); this module adapts it to the toolkit's denoisers.
+
 A student maps noise at ``sigmas[0]`` to an image in one call; a k-step student applies the same network again
 at each later noise level. Between calls the sample is moved to the next level either with *fresh* noise
 (SiD's multistep generator: ``x = x0 + sigma_{i+1} n``) or *deterministically* along the straight line through
@@ -8,12 +11,13 @@ the current sample (rectified flow's Euler step in EDM form: ``x = x0 + sigma_{i
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from distill.export.standalone_pipeline import sample_steps
 
 
 def student_sample(
@@ -36,18 +40,9 @@ def student_sample(
     steps = len(sigmas) if steps is None else steps
     if not 1 <= steps <= len(sigmas):
         raise ValueError(f"steps={steps}: expected 1..{len(sigmas)} for noise levels {list(sigmas)}")
-    n = z.shape[0]
-    x = z * sigmas[0]
-    for i in range(steps):
-        last = i + 1 == steps
-        with contextlib.nullcontext() if last else torch.no_grad():
-            x0 = denoiser(x, torch.full((n,), float(sigmas[i]), device=z.device), cond, **denoiser_kwargs)
-        if last:
-            return x0
-        nxt = float(sigmas[i + 1])
-        if deterministic:
-            x0 = x0.to(x.dtype)
-            x = x0 + (nxt / float(sigmas[i])) * (x - x0)
-        else:
-            x = x0 + nxt * (fresh_noise() if fresh_noise is not None else torch.randn_like(z))
-    raise AssertionError("unreachable")
+
+    def x0_fn(x: Tensor, sigma: Tensor) -> Tensor:
+        return denoiser(x, sigma, cond, **denoiser_kwargs)
+
+    noise = fresh_noise if fresh_noise is not None else (lambda: torch.randn_like(z))
+    return sample_steps(x0_fn, z, list(sigmas)[:steps], deterministic, noise)
