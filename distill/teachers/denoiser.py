@@ -59,6 +59,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+# Scheduler names and parsing live with the teacher-family detection, which reads them before any weights.
+from distill.teachers.families import BETA_SCHEDULES as _BETA_SCHEDULES
+from distill.teachers.families import EDM_PREDICTIONS as _EDM_PREDICTIONS
+from distill.teachers.families import (
+    EDM_SCHEDULERS,
+    FLOW_SCHEDULERS,
+    MODEL_INDEX,
+    SCHEDULER_CONFIG,
+    describe_teacher_source,
+    scheduler_config_candidates,
+)
+from distill.teachers.families import VP_PREDICTIONS as _VP_PREDICTIONS
+from distill.teachers.families import scheduler_class_and_config as _scheduler_class_and_config
+
 __all__ = [
     "Condition",
     "Denoiser",
@@ -69,15 +83,6 @@ __all__ = [
     "FLOW_SCHEDULERS",
 ]
 
-#: Scheduler classes using diffusers' EDM preconditioning.
-EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
-#: Scheduler classes using the rectified-flow convention.
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
-_VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
-_EDM_PREDICTIONS = ("epsilon", "v_prediction")
-_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-_SCHEDULER_CONFIG = "scheduler_config.json"
-_MODEL_CONFIG = "config.json"
 
 SchedulerLike = Mapping[str, Any] | Any
 SigmaLike = float | Tensor
@@ -281,33 +286,6 @@ def null_condition(
 # --------------------------------------------------------------------------------------------------------
 # Scheduler parsing
 # --------------------------------------------------------------------------------------------------------
-def _scheduler_class_and_config(scheduler: SchedulerLike) -> tuple[str | None, dict[str, Any]]:
-    """Normalise a scheduler object or config dict to (class name, plain config dict)."""
-    if isinstance(scheduler, Mapping):
-        cfg = dict(scheduler)
-        name = cfg.get("_class_name")
-    elif hasattr(scheduler, "config") and isinstance(scheduler.config, Mapping):
-        cfg = dict(scheduler.config)
-        name = type(scheduler).__name__
-    else:
-        raise TypeError(
-            f"scheduler must be a diffusers scheduler or its config dict, got {type(scheduler).__name__}"
-        )
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    if isinstance(scheduler, Mapping) and name is not None:
-        # Fill the class's own defaults (e.g. LCMScheduler defaults to scaled_linear, DDPM to linear).
-        import diffusers
-
-        sched_cls = getattr(diffusers, name, None)
-        if isinstance(sched_cls, type) and hasattr(sched_cls, "from_config"):
-            try:
-                full = dict(sched_cls.from_config(cfg).config)
-            except Exception:  # a config diffusers rejects is validated by Denoiser below
-                full = {}
-            cfg = {**{k: v for k, v in full.items() if not k.startswith("_")}, **cfg}
-    return name, cfg
-
-
 def _vp_alphas_cumprod(cfg: Mapping[str, Any]) -> Tensor:
     """alphas_cumprod for a discrete VP config, built by diffusers' own DDPMScheduler (float64)."""
     from diffusers import DDPMScheduler
@@ -738,65 +716,77 @@ class Denoiser(nn.Module):
     ) -> Denoiser:
         """Load a diffusers model folder, pipeline folder or hub id with its scheduler config.
 
+        The source is first described from its JSON configs (:func:`~.families.describe_teacher_source`):
+        a teacher the Denoiser cannot use yet (latent or transformer families: SD, SDXL, SD3, PixArt, Sana,
+        Flux, DiT, LDM, ...) is refused by name with ``ValueError`` before any weights are read.
+
         Local layouts: a *pipeline folder* (``model_index.json``, or the ``unet/`` + ``scheduler/`` layout
-        written by :meth:`save_pretrained`) uses ``unet/`` (or ``subfolder``) and ``scheduler/``; a *model
-        folder* (``config.json`` + weights) takes its scheduler from ``scheduler_config.json`` next to the
-        config, a ``scheduler/`` folder inside it, or a sibling ``../scheduler/``. ``kwargs`` go to the
-        model's ``from_pretrained`` (``torch_dtype``, ...). A hub id is passed through unchanged (model in
-        ``subfolder`` or ``unet``, scheduler in ``scheduler``). ``scheduler`` overrides the stored one.
+        written by :meth:`save_pretrained`) uses its ``unet/`` or ``transformer/`` (or ``subfolder``) and
+        ``scheduler/``; a *model folder* (``config.json`` + weights) takes its scheduler from
+        ``scheduler_config.json`` next to the config, a ``scheduler/`` folder inside it, or a sibling
+        ``../scheduler/``. A hub id is described through ``hf_hub_download`` of its JSON files, then only its
+        denoiser and scheduler are downloaded. ``kwargs`` go to the model's ``from_pretrained``
+        (``torch_dtype``, ``variant``, ...; ``revision`` also picks the hub revision). ``scheduler``
+        overrides the stored one.
         """
         path = Path(path_or_id)
         if not path.exists():
             if _looks_like_hub_id(str(path_or_id)):
                 return cls._from_hub(str(path_or_id), subfolder, scheduler, **kwargs)
             raise FileNotFoundError(f"Denoiser.from_pretrained: path {str(path)!r} does not exist")
-        root = path / subfolder if subfolder else path
-        if (
-            subfolder is None
-            and not (root / _MODEL_CONFIG).is_file()
-            and (path / "unet" / _MODEL_CONFIG).is_file()
-        ):
-            root = path / "unet"
-        model_cfg = root / _MODEL_CONFIG
+        try:
+            family = describe_teacher_source(path, subfolder, scheduler).require()
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"Denoiser.from_pretrained: {e}") from None
+        root = Path(family.source) / family.denoiser_folder
+        model_cfg = root / "config.json"
         if not model_cfg.is_file():
             raise FileNotFoundError(
                 f"Denoiser.from_pretrained: no model config at {str(model_cfg)!r}; expected a diffusers "
-                "model folder (config.json + weights) or a pipeline folder with a unet/ subfolder"
+                "model folder (config.json + weights) or a pipeline folder with a unet/ or transformer/ "
+                "subfolder"
             )
-        with open(model_cfg) as f:
-            class_name = json.load(f).get("_class_name")
-        model_cls = _diffusers_model_class(class_name, model_cfg)
-        model = model_cls.from_pretrained(str(root), **kwargs)
         if scheduler is None:
-            candidates = [root / _SCHEDULER_CONFIG, root / "scheduler" / _SCHEDULER_CONFIG]
-            candidates += [
-                root.parent / "scheduler" / _SCHEDULER_CONFIG,
-                path / "scheduler" / _SCHEDULER_CONFIG,
-            ]
-            found = next((c for c in candidates if c.is_file()), None)
-            if found is None:
-                tried = ", ".join(sorted({str(c) for c in candidates}))
+            if family.scheduler_file is None:
+                tried = ", ".join(
+                    str(Path(family.source) / c) for c in scheduler_config_candidates(family.denoiser_folder)
+                )
                 raise FileNotFoundError(
                     f"Denoiser.from_pretrained: no scheduler config for {str(path)!r}; looked for {tried}"
                 )
-            with open(found) as f:
+            with open(Path(family.source) / family.scheduler_file) as f:
                 scheduler = json.load(f)
-        return cls(model, scheduler)
+        model_cls = _diffusers_model_class(family.denoiser_class, model_cfg)
+        return cls(model_cls.from_pretrained(str(root), **kwargs), scheduler)
 
     @classmethod
     def _from_hub(
         cls, repo_id: str, subfolder: str | None, scheduler: SchedulerLike | None, **kwargs: Any
     ) -> Denoiser:
-        """Hub ids: read the model class from its config and defer everything else to diffusers."""
-        from diffusers import ModelMixin, SchedulerMixin
+        """Hub ids: judge the teacher from its JSON configs, then download only its denoiser and scheduler
+        (``huggingface_hub.snapshot_download``) and load that snapshot like a local folder."""
+        import huggingface_hub
 
-        sub = subfolder or "unet"
-        cfg = ModelMixin.load_config(repo_id, subfolder=sub)
-        model_cls = _diffusers_model_class(cfg.get("_class_name"), f"{repo_id}/{sub}")
-        model = model_cls.from_pretrained(repo_id, subfolder=sub, **kwargs)
-        if scheduler is None:
-            scheduler = SchedulerMixin.load_config(repo_id, subfolder="scheduler")
-        return cls(model, scheduler)
+        revision = kwargs.pop("revision", None)
+        family = describe_teacher_source(repo_id, subfolder, scheduler, revision=revision).require()
+        if family.denoiser_class is None:
+            raise FileNotFoundError(f"Denoiser.from_pretrained: hub repo {repo_id!r} has no denoiser config")
+        folder = family.denoiser_folder
+        prefix = f"{folder}/" if folder else ""
+        configs = [MODEL_INDEX, f"{prefix}*.json"]
+        if scheduler is None and family.scheduler_file is not None:
+            configs.append(family.scheduler_file)
+        local = None
+        for weights in _weight_patterns(kwargs.get("variant")):  # safetensors first, .bin if there are none
+            local = Path(
+                huggingface_hub.snapshot_download(
+                    repo_id, allow_patterns=configs + [prefix + w for w in weights], revision=revision
+                )
+            )
+            if any(any((local / folder).glob(w)) for w in weights):
+                break
+        assert local is not None
+        return cls.from_pretrained(local, subfolder=folder or None, scheduler=scheduler, **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike[str], safe_serialization: bool = True) -> Path:
         """Write ``folder/unet`` (model, safetensors) and ``folder/scheduler/scheduler_config.json``.
@@ -814,7 +804,7 @@ class Denoiser(nn.Module):
         cfg: dict[str, Any] = dict(self.scheduler_config)
         if self.scheduler_class is not None:
             cfg = {"_class_name": self.scheduler_class, **cfg}
-        with open(sched_dir / _SCHEDULER_CONFIG, "w") as f:
+        with open(sched_dir / SCHEDULER_CONFIG, "w") as f:
             json.dump(_jsonable(cfg), f, indent=2, sort_keys=True)
         return folder
 
@@ -827,6 +817,19 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # numpy arrays / tensors (trained_betas)
         return obj.tolist()
     return obj
+
+
+def _weight_patterns(variant: str | None) -> list[list[str]]:
+    """File patterns of a diffusers model's weights (single file or shards), safetensors then pickle."""
+    v = f".{variant}" if variant else ""
+    return [
+        [
+            f"diffusion_pytorch_model{v}.{ext}",
+            f"diffusion_pytorch_model{v}-*.{ext}",
+            f"diffusion_pytorch_model-*{v}.{ext}",
+        ]
+        for ext in ("safetensors", "bin")
+    ]
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -1,10 +1,14 @@
-"""Where teachers come from: the embedded default, a local diffusers folder, or a hub id."""
+"""Where teachers come from: the embedded default, a local diffusers folder, or a hub id; and whether the
+toolkit can use them (:func:`check_teacher`, from JSON configs only, before any weights are read)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 from distill.teachers.denoiser import Denoiser
+from distill.teachers.families import TeacherFamily, describe_teacher_source
 
 DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "default_teacher"
 
@@ -32,6 +36,23 @@ def resolve_teacher_path(spec: str) -> str:
     return spec
 
 
-def load_teacher(spec: str = "default", **kwargs) -> Denoiser:
-    """Load a teacher as a :class:`Denoiser` (frozen use is up to the caller)."""
+def check_teacher(spec: str = "default", conditioning: Collection[str] | None = None) -> TeacherFamily:
+    """The teacher's :class:`TeacherFamily`, or ``ValueError`` naming its family if it cannot be used.
+
+    Reads JSON configs only (hub ids: a few small downloads), so recipes call it at start-up, before any
+    weights are loaded or copied. ``conditioning``: the conditioning kinds the caller can feed
+    (e.g. ``("none", "class_labels")`` for a recipe without a text encoder); others are refused too.
+    """
+    family = describe_teacher_source(resolve_teacher_path(spec)).require()
+    if conditioning is not None and family.conditioning not in conditioning:
+        raise ValueError(
+            f"{family.label} ({family.family}) teacher {spec!r} is conditioned on {family.conditioning!r}; "
+            f"this recipe can condition on {sorted(conditioning)} only"
+        )
+    return family
+
+
+def load_teacher(spec: str = "default", **kwargs: Any) -> Denoiser:
+    """Load a teacher as a :class:`Denoiser` (frozen use is up to the caller); unsupported families are
+    refused by name (``ValueError``) before any weights are read."""
     return Denoiser.from_pretrained(resolve_teacher_path(spec), **kwargs)
