@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from distill.data import new_digits
 from distill.teachers.edm import edm_denoising_loss, sample_lognormal_sigmas
-from distill.teachers.loading import load_teacher, resolve_teacher_path
+from distill.teachers.loading import UNTEXTED, check_teacher, load_teacher, resolve_teacher_path
 from engine.checkpoint import resolve_resume
 from engine.config import TrainConfig, parse_config
 from engine.launch import run_main
@@ -220,6 +220,7 @@ class DenoiserTask(FinetuneTask):
 
     def build_model(self) -> nn.Module:
         self.model_path = str(resolve_teacher_path(self.cfg.model))
+        check_teacher(self.cfg.model, conditioning=UNTEXTED)
         return load_teacher(self.cfg.model)
 
     def add_lora(self, model: nn.Module, config: LoraConfig) -> tuple[nn.Module, PeftModel]:

@@ -64,7 +64,7 @@ from distill.sid.losses import (
 )
 from distill.teachers.denoiser import Condition, Denoiser
 from distill.teachers.edm import drop_labels, sample_lognormal_sigmas
-from distill.teachers.loading import load_teacher
+from distill.teachers.loading import UNTEXTED, check_teacher, load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
 from engine.launch import run_main
 from engine.recipe import LossOutput, Recipe, RecipeParts, TrainedModel
@@ -249,6 +249,8 @@ class SiDRecipe(Recipe):
     # 0. networks ---------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> RecipeParts:
         cfg = self.config
+        # refused by family name from its configs alone, before any copy of the teacher exists
+        check_teacher(cfg.teacher, conditioning=UNTEXTED)
         teacher = load_teacher(cfg.teacher)
         self.shape = (teacher.in_channels, teacher.sample_size, teacher.sample_size)
         self.num_classes = cfg.num_classes if cfg.num_classes is not None else teacher.num_classes

@@ -24,7 +24,7 @@ import torch
 
 from distill.export.flow import DONE_FILE
 from distill.reflow.pairs import generate_pairs, make_spec, open_pairs
-from distill.teachers.loading import load_teacher
+from distill.teachers.loading import UNTEXTED, check_teacher, load_teacher
 from engine.recipe import Recipe
 from engine.threads import configure_threads
 from engine.trainer import Trainer, build_accelerator
@@ -188,6 +188,7 @@ def run(cfg: StagesConfig, recipe_class: RecipeClass) -> dict[str, Any]:
     """Run the planned stages; the main process keeps ``output_dir/summary.json`` up to date."""
     from accelerate import PartialState
 
+    check_teacher(cfg.teacher, conditioning=UNTEXTED)  # before any pairs or copies: refused by family name
     state = PartialState(cpu=cfg.cpu or not torch.cuda.is_available())
     summary_path = Path(cfg.output_dir) / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {}

@@ -36,6 +36,10 @@ def resolve_teacher_path(spec: str) -> str:
     return spec
 
 
+#: the conditioning kinds the recipes can feed today (no text encoders yet): for ``check_teacher``
+UNTEXTED = ("none", "class_labels")
+
+
 def check_teacher(spec: str = "default", conditioning: Collection[str] | None = None) -> TeacherFamily:
     """The teacher's :class:`TeacherFamily`, or ``ValueError`` naming its family if it cannot be used.
 

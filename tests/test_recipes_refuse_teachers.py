@@ -1,0 +1,64 @@
+"""Every recipe refuses a teacher family it cannot train on yet, by name, before any copy of the teacher exists,
+and still trains on the pixel-space teachers it supports (a real DDPM pipeline folder among them)."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import sid_trainer
+from tiny_pipelines import FAMILIES
+
+from recipes import lora as lora_recipe
+from recipes import reflow as reflow_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: family -> the name the refusal must give (the pipeline class and the family key)
+LATENT_FAMILIES = {
+    "sd": "StableDiffusionPipeline (sd)",
+    "sd_v": "StableDiffusionPipeline (sd)",
+    "sdxl": "StableDiffusionXLPipeline (sdxl)",
+    "sd3": "StableDiffusion3Pipeline (sd3)",
+    "pixart": "PixArtAlphaPipeline (pixart)",
+    "sana": "SanaPipeline (sana)",
+    "flux": "FluxPipeline (flux)",
+    "dit": "DiTPipeline (dit)",
+    "ldm_vq": "LDMPipeline (ldm)",
+    "ldm_kl": "LDMPipeline (ldm)",
+}
+
+
+def test_every_tiny_family_is_either_refused_or_trained():
+    assert set(LATENT_FAMILIES) | {"ddpm"} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(LATENT_FAMILIES))
+def test_sid_refuses_by_name_before_loading(tmp_path, tiny_pipeline_dir, family, monkeypatch):
+    folder = tiny_pipeline_dir(family)
+    loads = []
+    monkeypatch.setattr("recipes.sid.load_teacher", lambda *a, **k: loads.append(a))
+    with pytest.raises(ValueError, match="not supported yet") as err:
+        sid_trainer(tmp_path, folder)
+    assert LATENT_FAMILIES[family] in str(err.value)
+    assert loads == []  # refused from the configs alone: no teacher was loaded, let alone copied
+
+
+def test_reflow_and_lora_refuse_a_latent_teacher_by_name(tmp_path, tiny_pipeline_dir):
+    folder = str(tiny_pipeline_dir("sd"))
+    with pytest.raises(ValueError, match=r"StableDiffusionPipeline \(sd\) teachers are not supported yet"):
+        reflow_recipe.main(
+            ["--teacher", folder, "--output_dir", str(tmp_path / "reflow"), "--log_with", "none"]
+        )
+    assert not (tmp_path / "reflow" / "pairs_r1").exists()  # refused before any pair was generated
+    cfg = lora_recipe.LoraRecipeConfig(
+        model_kind="unet", model=folder, output_dir=str(tmp_path / "lora"), log_with="none"
+    )
+    with pytest.raises(ValueError, match=r"StableDiffusionPipeline \(sd\) teachers are not supported yet"):
+        lora_recipe.LoraRecipe(cfg).task.build_model()
+
+
+def test_sid_trains_two_steps_on_a_ddpm_pipeline_folder(tmp_path, tiny_pipeline_dir):
+    """The pixel-space DDPMPipeline (3x32x32 UNet2DModel + DDPMScheduler) is a supported teacher."""
+    trainer = sid_trainer(tmp_path, tiny_pipeline_dir("ddpm"), batch_size=2, eval_samples=4)
+    trainer.fit()
+    assert trainer.step == 2
+    assert (tmp_path / "student" / "model_index.json").is_file()
