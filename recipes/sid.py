@@ -16,9 +16,12 @@ fake score f_psi and the generator G both start as copies of it. Each iteration 
 then the EMA of G. Those are SiD's draws for EDM teachers. A teacher trained on a timestep table (discrete VP,
 flow matching) is only ever asked about its trained noise levels, as in the authors' SiD-LSG code: both steps draw
 t ~ U{min_timestep..max_timestep} (20..979 of 1000) from the table (``Denoiser.timestep_sigma``), and f_psi is
-trained with the teacher's own objective, written on x0 (``distill.sid.losses.fake_score_weight``). Samples with
-non-finite values are dropped inside each loss (mean over the rest), as the authors do. G_ema is evaluated periodically (FD on fixed noise) and finally exported as a diffusers
-pipeline folder with a model card. A k-step G (``step_sigmas`` with k entries) is sampled by
+trained with the teacher's own objective, written on x0 (``distill.sid.losses.fake_score_weight``); G's input
+levels ``step_sigmas`` must lie in the table too. Samples with non-finite values are dropped inside each loss
+(mean over the rest), as the authors do.
+
+G_ema is evaluated periodically (FD on fixed noise) and finally exported as a diffusers pipeline folder with a
+model card. A k-step G (``step_sigmas`` with k entries) is sampled by
 :func:`distill.sampling.student.student_sample`: in training after a random number of steps, only the last one
 differentiable; in evaluation and export with all k.
 
@@ -462,6 +465,12 @@ class SiDRecipe(Recipe):
                 raise ValueError(
                     f"min_timestep={lo:g}, max_timestep={hi:g} give table timesteps {first}..{last}; the teacher "
                     f"was trained on 0..{steps - 1} (of {steps}; settings are on a 0-1000 scale)"
+                )
+            outside = [x for x in cfg.step_sigmas if not teacher.sigma_min <= x <= teacher.sigma_max]
+            if outside:
+                raise ValueError(
+                    f"step_sigmas {outside} lie outside the teacher's trained sigmas [{teacher.sigma_min:.4g}, "
+                    f"{teacher.sigma_max:.4g}] (its timestep table); G would be asked about an untrained level"
                 )
             self.timesteps = (lo, hi)
             self.table_range = (first, last)

@@ -225,6 +225,8 @@ def test_timestep_settings_on_a_table_teacher(tmp_path, tiny_pipeline_dir):
     assert facts["fake_score_objective"] == "epsilon"
     with pytest.raises(ValueError, match=r"table timesteps 20\.\.1000; the teacher was trained on 0\.\.999"):
         sid_trainer(tmp_path / "bad", folder, max_timestep=1000)
+    with pytest.raises(ValueError, match=r"step_sigmas \[500.0\] lie outside the teacher's trained sigmas"):
+        sid_trainer(tmp_path / "bad", folder, step_sigmas=[2.5, 500.0])
     with pytest.raises(ValueError, match=r"min_timestep=900 must be in \[0, max_timestep=800"):
         sid_recipe.SiDConfig(min_timestep=900, max_timestep=800)
 
