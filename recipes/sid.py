@@ -13,8 +13,15 @@ fake score f_psi and the generator G both start as copies of it. Each iteration 
      t ~ U[0, max_timestep/1000] -> sigma; x_t = x_g + sigma n;
      loss = SiD(x_g, f_phi(x_t), f_psi(x_t), alpha), the gradient flowing through x_t and both scores into G;
 
-then the EMA of G. G_ema is evaluated periodically (FD on fixed noise) and finally exported as a diffusers
-pipeline folder with a model card. A k-step G (``step_sigmas`` with k entries) is sampled by
+then the EMA of G. Those are SiD's draws for EDM teachers. A teacher trained on a timestep table (discrete VP,
+flow matching) is only ever asked about its trained noise levels, as in the authors' SiD-LSG code: both steps draw
+t ~ U{min_timestep..max_timestep} (20..979 of 1000) from the table (``Denoiser.timestep_sigma``), and f_psi is
+trained with the teacher's own objective, written on x0 (``distill.sid.losses.fake_score_weight``); G's input
+levels ``step_sigmas`` must lie in the table too. Samples with non-finite values are dropped inside each loss
+(mean over the rest), as the authors do.
+
+G_ema is evaluated periodically (FD on fixed noise) and finally exported as a diffusers pipeline folder with a
+model card. A k-step G (``step_sigmas`` with k entries) is sampled by
 :func:`distill.sampling.student.student_sample`: in training after a random number of steps, only the last one
 differentiable; in evaluation and export with all k.
 
@@ -34,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +64,14 @@ from distill.sid.lora_student import (
     add_sid_adapters,
 )
 from distill.sid.losses import (
+    FakeScoreObjective,
+    batch_mean,
     discriminator_loss,
     fake_score_loss,
     generator_adversarial_loss,
+    keep_finite,
     sample_generator_sigmas,
+    sample_table_timesteps,
     sid_generator_loss,
 )
 from distill.teachers.denoiser import Condition, Denoiser
@@ -67,6 +79,7 @@ from distill.teachers.edm import drop_labels, sample_lognormal_sigmas
 from distill.teachers.loading import UNTEXTED, check_teacher, load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
 from engine.launch import run_main
+from engine.log import get_logger
 from engine.recipe import LossOutput, Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer
 
@@ -94,15 +107,34 @@ class SiDConfig(TrainConfig):
             "help": "G's input noise level per step (k entries = a k-step student); SiD's sigma_init 2.5."
         },
     )
-    max_timestep: float = field(
-        default=800.0,
+    noise_levels: Literal["auto", "edm", "table"] = field(
+        default="auto",
         metadata={
-            "help": "Generator loss noise: t ~ U[0, max_timestep/1000] on EDM's rho-curve (teacher's 0-1000 "
-            "scale); the paper's t_max = 800, sigma <= 24.4."
+            "help": "edm: SiD's draws (G: EDM rho-curve, f_psi: log-normal, EDM-weighted); table: the teacher's "
+            "timestep table for both, f_psi on the teacher's own objective (SiD-LSG); auto: edm for EDM "
+            "teachers, table for discrete VP and flow teachers, so no sigma falls outside their training."
         },
     )
-    p_mean: float = field(default=-1.2, metadata={"help": "Mean of log sigma in f_psi's loss (EDM's value)."})
-    p_std: float = field(default=1.2, metadata={"help": "Std of log sigma in f_psi's loss (EDM's value)."})
+    max_timestep: float | None = field(
+        default=None,
+        metadata={
+            "help": "Largest noise timestep (0-1000 scale). edm: G's t ~ U[min, max]/1000 on the rho-curve, "
+            "None = 800 (paper's t_max, sigma <= 24.4); table: both losses, None = 979 (SiD-LSG's)."
+        },
+    )
+    min_timestep: float | None = field(
+        default=None,
+        metadata={
+            "help": "Smallest noise timestep (0-1000 scale): None = 0 for edm draws (sigma 0.002), 20 for "
+            "table draws (SiD-LSG's t_min, both losses)."
+        },
+    )
+    p_mean: float = field(
+        default=-1.2, metadata={"help": "Mean of log sigma in f_psi's loss, edm draws (EDM's value)."}
+    )
+    p_std: float = field(
+        default=1.2, metadata={"help": "Std of log sigma in f_psi's loss, edm draws (EDM's value)."}
+    )
     lr_generator: float = field(default=1e-4, metadata={"help": "Adam lr of the generator G."})
     lr_fake_score: float = field(default=1e-4, metadata={"help": "Adam lr of the fake score f_psi."})
     adam_beta1: float = field(
@@ -123,18 +155,49 @@ class SiDConfig(TrainConfig):
         default=0.5, metadata={"help": "Half-life <= ratio * images seen early on (EDM's ramp-up)."}
     )
     guidance_scale: float = field(
-        default=1.0, metadata={"help": "CFG scale kappa of f_phi and f_psi (SiD-LSG; conditional teachers)."}
+        default=1.0,
+        metadata={
+            "help": "CFG scale kappa of every guided call below left None (SiD-LSG; conditional teachers; "
+            "the published runs use one value for all four)."
+        },
+    )
+    guidance_scale_fake_train: float | None = field(
+        default=None,
+        metadata={
+            "help": "kappa1: CFG of f_psi's output in its own loss (None: guidance_scale; cfg_train_fake)."
+        },
+    )
+    guidance_scale_fake_difference: float | None = field(
+        default=None,
+        metadata={
+            "help": "CFG of f_psi in G's score difference y_real - y_fake (None: guidance_scale); one half of "
+            "the authors' cfg_eval_fake (their kappa2 = kappa3)."
+        },
+    )
+    guidance_scale_fake_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "CFG of f_psi in G's alpha term (y_real - x_g) - alpha (y_real - y_fake) (None: "
+            "guidance_scale); the other half of the authors' cfg_eval_fake."
+        },
+    )
+    guidance_scale_teacher: float | None = field(
+        default=None,
+        metadata={"help": "kappa4: CFG of the teacher in G's loss (None: guidance_scale; cfg_eval_real)."},
     )
     label_dropout: float = field(
         default=0.1,
         metadata={
-            "help": "Share of f_psi's labels set to null in its step, so it learns the null score CFG uses."
+            "help": "Share of f_psi's labels set to null in its step, only when one of f_psi's CFG scales is "
+            "not 1 (as the authors): f_psi then learns the null score its guidance uses."
         },
     )
     num_classes: int | None = field(
         default=None,
         metadata={
-            "help": "Classes of a class-conditional teacher (default: its class embeddings less the null)."
+            "help": "Classes of a class-conditional teacher. None: its class embeddings less the last, the null "
+            "class; set it to the embedding count for a teacher without a null class (EDM CIFAR-10-cond "
+            "ports), which cannot be guided."
         },
     )
     batch_size: int = field(default=128, metadata={"help": "Generated images per process and step."})
@@ -191,6 +254,13 @@ class SiDConfig(TrainConfig):
             "help": "SiDA: G waits this many images while f_psi and the discriminator warm up (authors: 100k)."
         },
     )
+    fake_score_grad_value_clip: float | None = field(
+        default=None,
+        metadata={
+            "help": "Clip each f_psi gradient value to [-c, c] before its optimiser step; None: 1 with "
+            "real_data (SiDA), off without; 0 = off."
+        },
+    )
     export_dir: str | None = field(
         default=None, metadata={"help": "Where to export the EMA student (default: output_dir/student)."}
     )
@@ -199,10 +269,16 @@ class SiDConfig(TrainConfig):
         super().__post_init__()
         if not self.step_sigmas or min(self.step_sigmas) <= 0:
             raise ValueError(f"step_sigmas={self.step_sigmas} must be one or more noise levels > 0")
-        if not 0 < self.max_timestep <= 1000:
+        if self.max_timestep is not None and not 0 < self.max_timestep <= 1000:
             raise ValueError(
                 f"max_timestep={self.max_timestep} must be in (0, 1000] (teacher timestep scale)"
             )
+        if self.min_timestep is not None and not 0 <= self.min_timestep < (self.max_timestep or 1000):
+            raise ValueError(
+                f"min_timestep={self.min_timestep} must be in [0, max_timestep={self.max_timestep or 1000})"
+            )
+        if self.fake_score_grad_value_clip is not None and self.fake_score_grad_value_clip < 0:
+            raise ValueError(f"fake_score_grad_value_clip={self.fake_score_grad_value_clip} must be >= 0")
         if not 0 <= self.label_dropout <= 1:
             raise ValueError(f"label_dropout={self.label_dropout} must be in [0, 1]")
         if self.fake_score_updates < 1:
@@ -215,10 +291,12 @@ class SiDConfig(TrainConfig):
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.real_data is not None and self.guidance_scale != 1.0:
+        guided = {k: v for k, v in self.guidance_scales().items() if v != 1.0}
+        if self.real_data is not None and guided:
             raise ValueError(
-                f"real_data (SiDA) with guidance_scale={self.guidance_scale} is not supported: the encoder "
-                "discriminator is defined for unguided scores; use guidance_scale=1.0 or drop real_data"
+                f"real_data (SiDA) with guidance ({', '.join(f'{k}={v}' for k, v in guided.items())}) is not "
+                "supported: the encoder discriminator is defined for unguided scores; use guidance_scale=1.0 "
+                "or drop real_data"
             )
         check_adam_betas(self, ("adam_beta1", "adam_beta1_generator", "adam_beta2"))
         if self.lora_rank < 1:
@@ -231,6 +309,24 @@ class SiDConfig(TrainConfig):
                 "unchanged by subtracting s*B0*A0 from the BASE weight, and here the base is the shared teacher "
                 "f_phi (and the other adapter's base), so it would change the teacher; use lora_init='default'"
             )
+
+    def guidance_scales(self) -> dict[str, float]:
+        """The four SiD-LSG CFG scales, each its own setting or ``guidance_scale``."""
+        names = (
+            "guidance_scale_fake_train",
+            "guidance_scale_fake_difference",
+            "guidance_scale_fake_alpha",
+            "guidance_scale_teacher",
+        )
+        return {
+            n: float(self.guidance_scale if getattr(self, n) is None else getattr(self, n)) for n in names
+        }
+
+    def grad_value_clip(self) -> float:
+        """f_psi's gradient value clip (0 = off): the setting, or SiDA's 1."""
+        if self.fake_score_grad_value_clip is not None:
+            return float(self.fake_score_grad_value_clip)
+        return 1.0 if self.real_data is not None else 0.0
 
     def adam_betas(self, network: str) -> tuple[float, float]:
         """Adam betas of ``network`` ("generator" or "fake_score"): G may have its own beta1."""
@@ -253,7 +349,12 @@ class SiDRecipe(Recipe):
         check_teacher(cfg.teacher, conditioning=UNTEXTED)
         teacher = load_teacher(cfg.teacher)
         self.shape = (teacher.in_channels, teacher.sample_size, teacher.sample_size)
-        self.num_classes = cfg.num_classes if cfg.num_classes is not None else teacher.num_classes
+        self.num_classes, self.null_label = self._classes(teacher)
+        self.scales = cfg.guidance_scales()
+        self._check_guidance()
+        self._noise_setup(teacher)
+        if trainer.is_main:
+            get_logger().info(self.describe())
         self.quality = QualityTracker(trainer, cfg.eval_samples, cfg.eval_seed, self.shape, self.num_classes)
         ema = {"ema_halflife_images": cfg.ema_halflife_images, "ema_rampup_ratio": cfg.ema_rampup_ratio}
         lrs = {"fake_score": cfg.lr_fake_score, "generator": cfg.lr_generator}
@@ -280,7 +381,124 @@ class SiDRecipe(Recipe):
         if real_images is not None:
             self.discriminator = EncoderLogits(parts.trained["fake_score"].module)
             parts.dataloader = real_images
+        if cfg.grad_value_clip() > 0:
+            clip_gradient_values(parts.trained["fake_score"].optimizer, cfg.grad_value_clip())
         return parts
+
+    # teacher facts: classes, guidance, noise levels -----------------------------------------------------
+    def _classes(self, teacher: Denoiser) -> tuple[int | None, int | None]:
+        """(number of classes, null class or None) of the teacher, from its class embeddings and num_classes.
+
+        The config cannot tell whether the last embedding is a null class: by default it is (teachers trained
+        with CFG label dropout, as this toolkit's); ``num_classes`` = the embedding count says there is none.
+        """
+        embeds, wanted = teacher.num_class_embeds, self.config.num_classes
+        if not embeds:
+            if wanted is not None:
+                raise ValueError(
+                    f"num_classes={wanted} but teacher {self.config.teacher!r} has no class embeddings"
+                )
+            return None, None
+        if wanted is None or wanted == embeds - 1:
+            return embeds - 1, embeds - 1
+        if wanted == embeds:
+            return embeds, None
+        raise ValueError(
+            f"num_classes={wanted} does not fit teacher {self.config.teacher!r} with {embeds} class embeddings: "
+            f"expected {embeds - 1} (the last embedding is the null class, the default) or {embeds} (no null class)"
+        )
+
+    def _check_guidance(self) -> None:
+        """CFG needs a conditional teacher with a null class: refused at start-up otherwise."""
+        cfg = self.config
+        sources = {}  # the settings that make a scale differ from 1: its own, or guidance_scale
+        for name, value in self.scales.items():
+            if value != 1.0:
+                source = name if getattr(cfg, name) is not None else "guidance_scale"
+                sources[source] = value
+        if not sources:
+            return
+        settings = ", ".join(f"{k}={v:g}" for k, v in sources.items())
+        if self.num_classes is None:
+            raise ValueError(
+                f"{settings}: classifier-free guidance needs a class-conditional teacher; "
+                f"{self.config.teacher!r} is unconditional. Use 1.0"
+            )
+        if self.null_label is None:
+            raise ValueError(
+                f"{settings}: classifier-free guidance needs a null class, and teacher {self.config.teacher!r} has "
+                f"none (num_classes={self.num_classes} = its class embeddings). Use 1.0, or num_classes="
+                f"{self.num_classes - 1} if its last embedding is in fact a null class"
+            )
+
+    @property
+    def drops_labels(self) -> bool:
+        """f_psi's labels are dropped to null only when one of f_psi's scales guides it (authors' rule)."""
+        fake = ("guidance_scale_fake_train", "guidance_scale_fake_difference", "guidance_scale_fake_alpha")
+        return self.null_label is not None and any(self.scales[k] != 1.0 for k in fake)
+
+    def _noise_setup(self, teacher: Denoiser) -> None:
+        """Resolve the noise draws (edm or the teacher's table), their timestep range and f_psi's objective."""
+        cfg = self.config
+        mode = cfg.noise_levels
+        if mode == "auto":
+            mode = "table" if teacher.has_timestep_table else "edm"
+        if mode == "table" and not teacher.has_timestep_table:
+            raise ValueError(
+                f"noise_levels='table': the {teacher.parameterization} teacher {cfg.teacher!r} has no timestep "
+                "table; use noise_levels='edm' (or 'auto')"
+            )
+        self.noise_levels = mode
+        if mode == "edm":
+            self.timesteps = (
+                0.0 if cfg.min_timestep is None else float(cfg.min_timestep),
+                800.0 if cfg.max_timestep is None else float(cfg.max_timestep),
+            )
+            self.fake_objective: FakeScoreObjective = "edm"
+            self.timestep_sigma = None
+        else:
+            lo = 20.0 if cfg.min_timestep is None else float(cfg.min_timestep)
+            hi = 979.0 if cfg.max_timestep is None else float(cfg.max_timestep)
+            steps = teacher.num_train_timesteps
+            first, last = math.ceil(lo * steps / 1000), math.floor(hi * steps / 1000)
+            if last > steps - 1 or first > last:
+                raise ValueError(
+                    f"min_timestep={lo:g}, max_timestep={hi:g} give table timesteps {first}..{last}; the teacher "
+                    f"was trained on 0..{steps - 1} (of {steps}; settings are on a 0-1000 scale)"
+                )
+            outside = [x for x in cfg.step_sigmas if not teacher.sigma_min <= x <= teacher.sigma_max]
+            if outside:
+                raise ValueError(
+                    f"step_sigmas {outside} lie outside the teacher's trained sigmas [{teacher.sigma_min:.4g}, "
+                    f"{teacher.sigma_max:.4g}] (its timestep table); G would be asked about an untrained level"
+                )
+            self.timesteps = (lo, hi)
+            self.table_range = (first, last)
+            kind = teacher.parameterization
+            self.fake_objective = "flow" if kind == "flow" else kind.removeprefix("vp-")
+            self.timestep_sigma = teacher.timestep_sigma
+
+    def describe(self) -> str:
+        """One start-up line: the noise draws, f_psi's objective, the classes and the guidance."""
+        lo, hi = self.timesteps
+        if self.noise_levels == "edm":
+            noise = f"EDM noise draws (G: t in [{lo:g}, {hi:g}]/1000 on the rho-curve; f_psi: log-normal)"
+        else:
+            noise = f"table noise draws t in {self.table_range[0]}..{self.table_range[1]} for both losses"
+        classes = "unconditional"
+        if self.num_classes is not None:
+            null = "no null class" if self.null_label is None else f"null class {self.null_label}"
+            classes = f"{self.num_classes} classes, {null}"
+        return f"SiD: {noise}; f_psi objective {self.fake_objective}; {classes}; CFG {self.scales}"
+
+    def noise_sigmas(self, n: int, device: torch.device, phase: str) -> torch.Tensor:
+        """One noise level per sample for ``phase``'s loss (edm: SiD's draws; table: the teacher's table)."""
+        if self.noise_levels == "table":
+            return self.timestep_sigma(sample_table_timesteps(n, *self.table_range, device=device))
+        if phase == "fake_score":
+            return sample_lognormal_sigmas(n, self.config.p_mean, self.config.p_std, device=device)
+        lo, hi = self.timesteps
+        return sample_generator_sigmas(n, hi, device=device, min_timestep=lo)
 
     def _real_images(self) -> DataLoader:
         """SiDA's real images, checked against the teacher's sample shape before any training."""
@@ -350,11 +568,12 @@ class SiDRecipe(Recipe):
         if self.num_classes is None:
             return z, None, None
         labels = torch.randint(0, self.num_classes, (n,), device=device)
-        return (
-            z,
-            Condition(class_labels=labels),
-            Condition(class_labels=torch.full_like(labels, self.num_classes)),
+        null = (
+            None
+            if self.null_label is None
+            else Condition(class_labels=torch.full_like(labels, self.null_label))
         )
+        return z, Condition(class_labels=labels), null
 
     def generator_sample(self, generator: Denoiser, z: torch.Tensor, cond: Condition | None) -> torch.Tensor:
         """x_g for training: G after a random number of its k steps, only the last call differentiable.
@@ -365,9 +584,30 @@ class SiDRecipe(Recipe):
         steps = int(torch.randint(len(sigmas), ()).item()) + 1 if len(sigmas) > 1 else 1
         return student_sample(generator, z, sigmas, cond, steps=steps)
 
-    def guidance(self, null: Condition | None) -> dict[str, Any]:
-        """SiD-LSG: f_phi and f_psi are both called with the CFG scale kappa (conditional teachers)."""
-        return {} if null is None else {"guidance_scale": self.config.guidance_scale, "null_cond": null}
+    @staticmethod
+    def guided(
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Condition | None,
+        null: Condition | None,
+        *scales: float,
+    ) -> list[torch.Tensor]:
+        """``model``'s x0 under each CFG scale (SiD-LSG), from one forward: null + kappa (cond - null).
+
+        One scale (or no null condition) is one plain guided call; several run the conditional and null
+        branches once, batched, and combine them per scale.
+        """
+        if null is None or cond is None:
+            y = model(x, sigma, cond)
+            return [y] * len(scales)
+        if len(set(scales)) == 1:
+            y = model(x, sigma, cond, guidance_scale=scales[0], null_cond=null)
+            return [y] * len(scales)
+        b = x.shape[0]
+        both = model(torch.cat([x, x]), torch.cat([sigma, sigma]), Condition.cat(cond, null))
+        y_cond, y_null = both[:b], both[b:]
+        return [y_cond if k == 1.0 else y_null + k * (y_cond - y_null) for k in scales]
 
     # 1. fake-score step --------------------------------------------------------------------------------
     def fake_score_step(self, batch: Any, models: Mapping[str, torch.nn.Module]) -> LossOutput:
@@ -378,21 +618,26 @@ class SiDRecipe(Recipe):
             cond = Condition(class_labels=batch["label"].to(z.device))
         with torch.no_grad():
             x_g = self.generator_sample(models["generator"], z, cond)
-        sigma = sample_lognormal_sigmas(len(z), cfg.p_mean, cfg.p_std, device=z.device)
+        sigma = self.noise_sigmas(len(z), z.device, "fake_score")
         noise = torch.randn_like(x_g)
         x_t = x_g + sigma.view(-1, 1, 1, 1) * noise
-        train_cond = None
-        if cond is not None:
-            labels = drop_labels(cond.class_labels, cfg.label_dropout, self.num_classes)
-            train_cond = Condition(class_labels=labels)
+        train_cond = cond
+        if cond is not None and self.drops_labels:
+            train_cond = Condition(
+                class_labels=drop_labels(cond.class_labels, cfg.label_dropout, self.null_label)
+            )
         with self.discriminator_logits(self.discriminator is not None) as logits_fake:
-            y_fake = models["fake_score"](x_t, sigma, train_cond, **self.guidance(null))
-        loss = fake_score_loss(y_fake, x_g, sigma).mean()
+            (y_fake,) = self.guided(
+                models["fake_score"], x_t, sigma, train_cond, null, self.scales["guidance_scale_fake_train"]
+            )
+        (y_kept, x_kept, s_kept), dropped = keep_finite(y_fake, x_g, sigma)
+        loss = batch_mean(fake_score_loss(y_kept, x_kept, s_kept, objective=self.fake_objective))
+        extra = {"nonfinite_samples": dropped.float()}
         if self.discriminator is None:
-            return loss
+            return loss, extra
         d_loss = self.discriminator_term(batch, models, sigma, noise, cond, logits_fake[-1])
         total = loss + cfg.adversarial_weight_fake_score * d_loss
-        return total, {"score_loss": loss.detach(), "discriminator_loss": d_loss.detach()}
+        return total, {"score_loss": loss.detach(), "discriminator_loss": d_loss.detach(), **extra}
 
     # 2. generator step ---------------------------------------------------------------------------------
     def generator_step(self, batch: Any, models: Mapping[str, torch.nn.Module]) -> LossOutput:
@@ -400,19 +645,36 @@ class SiDRecipe(Recipe):
         cfg = self.config
         z, cond, null = self.latents()
         x_g = self.generator_sample(models["generator"], z, cond)
-        sigma = sample_generator_sigmas(len(z), cfg.max_timestep, device=z.device)
+        sigma = self.noise_sigmas(len(z), z.device, "generator")
         x_t = x_g + sigma.view(-1, 1, 1, 1) * torch.randn_like(x_g)
-        y_real = models["teacher"](x_t, sigma, cond, **self.guidance(null))
+        (y_real,) = self.guided(
+            models["teacher"], x_t, sigma, cond, null, self.scales["guidance_scale_teacher"]
+        )
         adversarial = (
             self.discriminator is not None and self.trainer.images_seen >= cfg.adversarial_start_images
         )
         with self.discriminator_logits(adversarial) as logits_fake:
-            y_fake = models["fake_score"](x_t, sigma, cond, **self.guidance(null))
-        loss = sid_generator_loss(x_g, y_real, y_fake, cfg.alpha).mean()
+            y_fake, y_fake_alpha = self.guided(
+                models["fake_score"],
+                x_t,
+                sigma,
+                cond,
+                null,
+                self.scales["guidance_scale_fake_difference"],
+                self.scales["guidance_scale_fake_alpha"],
+            )
         extra = {"x_g_std": x_g.detach().float().std()}
+        tensors = [x_g, y_real, y_fake] + ([] if y_fake_alpha is y_fake else [y_fake_alpha])
+        if adversarial:
+            tensors.append(logits_fake[-1])
+        kept, dropped = keep_finite(*tensors)
+        x_g, y_real, y_fake = kept[:3]
+        y_fake_alpha = kept[3] if len(kept) > 3 + adversarial else None
+        loss = batch_mean(sid_generator_loss(x_g, y_real, y_fake, cfg.alpha, y_fake_alpha=y_fake_alpha))
+        extra["nonfinite_samples"] = dropped.float()
         if not adversarial:
             return loss, extra
-        gan = generator_adversarial_loss(logits_fake[-1], x_g, y_real)
+        gan = generator_adversarial_loss(kept[-1], x_g, y_real)
         extra |= {"sid_loss": loss.detach(), "adversarial_loss": gan.detach()}
         return 0.5 * loss + 0.5 * cfg.adversarial_weight_generator * gan, extra  # SiDA's 0.5/0.5 mix
 
@@ -457,15 +719,22 @@ class SiDRecipe(Recipe):
         """The exported model card's facts: the settings that define the student and how far it trained."""
         cfg = self.config
         sida = cfg.real_data is not None
+        lo, hi = self.timesteps
         facts = {
             "method": "SiDA" if sida else "SiD",
             "alpha": cfg.alpha,
             "num_steps": len(cfg.step_sigmas),
             "step_sigmas": json.dumps(cfg.step_sigmas),
-            "max_timestep": cfg.max_timestep,
+            "noise_levels": self.noise_levels,
+            "min_timestep": lo,
+            "max_timestep": hi,
+            "fake_score_objective": self.fake_objective,
             "training_steps": trainer.step,
             "generated_images_seen": trainer.images_seen,
             "guidance_scale": cfg.guidance_scale,
+            **self.scales,
+            **({"num_classes": self.num_classes, "null_class": self.null_label} if self.num_classes else {}),
+            **({"fake_score_grad_value_clip": cfg.grad_value_clip()} if cfg.grad_value_clip() else {}),
             "lr_generator": cfg.lr_generator,
             "lr_fake_score": cfg.lr_fake_score,
             "adam_betas_generator": json.dumps(cfg.adam_betas("generator")),
@@ -518,6 +787,21 @@ class SiDRecipe(Recipe):
             facts=facts,
             sample_grid=self.quality.last_grid,
         )
+
+
+def clip_gradient_values(optimizer: torch.optim.Optimizer, limit: float) -> Any:
+    """Clamp every gradient value of ``optimizer``'s parameters to [-limit, limit] right before each of its
+    steps (a torch step pre-hook, so after the engine's unscaling, non-finite handling, norm clipping and
+    gradient sync; under DeepSpeed it sees the optimiser's own flat partitions, where a value clip is the same).
+    Returns the hook handle."""
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.clamp_(-limit, limit)
+
+    return optimizer.register_step_pre_hook(hook)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,7 +64,9 @@ def test_losses_equal_a_direct_recomputation(tmp_path, teacher_dir):
         y_fake = models["fake_score"](x_g + sigma.view(-1, 1, 1, 1) * noise, sigma)
         want = (edm_weight(sigma) * (y_fake - x_g).pow(2).sum((1, 2, 3))).mean()
         torch.manual_seed(seed)
-        torch.testing.assert_close(recipe.loss("fake_score", None, models), want)
+        got, extra = recipe.loss("fake_score", None, models)
+        torch.testing.assert_close(got, want)
+        assert extra["nonfinite_samples"] == 0
 
         z, steps, x_g = sampled(seed)
         t = torch.rand(4) * 0.6
@@ -96,7 +98,11 @@ def test_sid_trains_exports_and_pipeline_reproduces_ema(tmp_path, teacher_dir):
         "alpha": 0.9,
         "num_steps": 1,
         "step_sigmas": "[2.5]",
-        "max_timestep": cfg.max_timestep,
+        "noise_levels": "edm",
+        "min_timestep": 0.0,
+        "max_timestep": 800.0,
+        "fake_score_objective": "edm",
+        "guidance_scale_teacher": 1.0,
         "training_steps": 3,
         "generated_images_seen": 12,
         "lr_generator": cfg.lr_generator,

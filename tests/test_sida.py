@@ -113,7 +113,7 @@ def test_fake_score_step_adds_the_discriminator_loss(tmp_path, teacher_dir):
     trainer.config.real_data = None
     trainer.recipe.discriminator = None
     torch.manual_seed(5)
-    plain = trainer.recipe.loss("fake_score", batch, models)
+    plain, _ = trainer.recipe.loss("fake_score", batch, models)
     torch.testing.assert_close(plain, extra["score_loss"])  # same noise: the score part is plain SiD's
 
 
@@ -142,3 +142,36 @@ def test_lora_student_reads_logits_from_the_fake_score_adapter(tmp_path, teacher
     logs = trainer.train_step()
     assert torch.isfinite(logs["fake_score/discriminator_loss"])
     assert torch.isfinite(logs["generator/adversarial_loss"])
+
+
+@pytest.mark.parametrize("clip", [None, 0.0], ids=["sida_default", "off"])
+def test_fake_score_gradient_values_are_clipped_before_its_step(tmp_path, teacher_dir, clip):
+    """SiDA clips f_psi's gradient values at 1 right before its optimiser step (a step pre-hook the recipe puts on
+    its own optimiser); a large discriminator weight makes raw values far above 1, so the clip shows."""
+    trainer = make(
+        tmp_path,
+        teacher_dir,
+        generator_freeze_images=10**6,
+        adversarial_weight_fake_score=1e4,
+        fake_score_grad_value_clip=clip,
+    )
+    optimizer = trainer.trained["fake_score"].optimizer
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimiser inside accelerate's wrapper
+    seen = []
+
+    def largest(opt, args, kwargs):  # registered after the recipe's hook: sees what the step uses
+        grads = [p.grad.abs().max() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(max(grads)))
+
+    optimizer.register_step_pre_hook(largest)
+    trainer.train_step()
+    if clip is None:
+        assert seen == [1.0]
+        assert trainer.recipe.card_facts(trainer, {})["fake_score_grad_value_clip"] == 1.0
+    else:
+        assert seen[0] > 1.0
+        assert "fake_score_grad_value_clip" not in trainer.recipe.card_facts(trainer, {})
+    assert sid_recipe.SiDConfig().grad_value_clip() == 0.0  # data-free SiD: no clip unless set
+    assert sid_recipe.SiDConfig(real_data="digits", fake_score_grad_value_clip=0.5).grad_value_clip() == 0.5
+    with pytest.raises(ValueError, match="fake_score_grad_value_clip=-1.0 must be >= 0"):
+        sid_recipe.SiDConfig(fake_score_grad_value_clip=-1.0)

@@ -439,6 +439,38 @@ class Denoiser(nn.Module):
         return self._sigma_data
 
     @property
+    def has_timestep_table(self) -> bool:
+        """True for teachers trained on a table of timesteps ``0 .. num_train_timesteps - 1`` (discrete VP and
+        flow matching); EDM teachers are trained on a continuous sigma distribution instead."""
+        return self.kind in ("vp", "flow")
+
+    def timestep_sigma(self, timesteps: Tensor | float) -> Tensor:
+        """Sigma of table timesteps ``t`` in ``[0, num_train_timesteps - 1]`` (float32, on ``t``'s device).
+
+        VP: ``sqrt((1 - abar_t) / abar_t)``, with ``log sigma`` interpolated linearly between table entries for
+        fractional ``t`` (the inverse of :meth:`sigma_to_timestep`). Flow: ``s / (1 - s)`` at flow time
+        ``s = t / num_train_timesteps``. The table index is meant even where the model is fed another timestep
+        (Euler's continuous-time VP models). EDM teachers have no table: ``ValueError``.
+        """
+        if not self.has_timestep_table:
+            raise ValueError(
+                f"{self.parameterization} teacher ({self.scheduler_class}) has no timestep table; draw its noise "
+                "levels as sigmas"
+            )
+        t = torch.as_tensor(timesteps)
+        last = self.num_train_timesteps - 1
+        if bool(((t < 0) | (t > last)).any()):
+            raise ValueError(f"timesteps must be in [0, {last}], got {t.min().item()}..{t.max().item()}")
+        if self.kind == "flow":
+            s = t.to(torch.float64) / self.num_train_timesteps
+            return (s / (1.0 - s)).to(torch.float32)
+        table = self._log_sigma_table(t.device)
+        tf = t.to(table.dtype)
+        lo = tf.floor().long().clamp(max=table.numel() - 2)
+        frac = tf - lo.to(table.dtype)
+        return (table[lo] + frac * (table[lo + 1] - table[lo])).exp().to(torch.float32)
+
+    @property
     def in_channels(self) -> int | None:
         """Channels the model expects, read from its diffusers config."""
         return self._model_config_value("in_channels")
