@@ -572,3 +572,23 @@ def test_missing_files_still_name_the_problem(tmp_path):
     tiny_models.tiny_unet().save_pretrained(tmp_path / "lonely")
     with pytest.raises(FileNotFoundError, match=r"no scheduler config.*scheduler_config\.json"):
         load_teacher(str(tmp_path / "lonely"))
+
+
+def test_an_exported_student_folder_is_a_supported_teacher(tmp_path, teacher_dir):
+    """Students ship their pipeline file ([module, class] in model_index.json); reflow's next round and SiD
+    from a student load them as teachers."""
+    from distill.export.generator import export_generator
+
+    folder = export_generator(
+        Denoiser.from_pretrained(teacher_dir), tmp_path / "student", [2.5], str(teacher_dir), "SiD", {}
+    )
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"][-1] == "OneStepPipeline"
+    family = check_teacher(str(folder))
+    assert (
+        family.pipeline_class == "OneStepPipeline"
+        and family.supported
+        and family.denoiser_component == "unet"
+    )
+    torch.testing.assert_close(
+        load_teacher(str(folder)).model.state_dict(), Denoiser.from_pretrained(teacher_dir).model.state_dict()
+    )

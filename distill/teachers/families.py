@@ -375,6 +375,8 @@ def _describe(
     index = read(MODEL_INDEX) or {}
     listed = _components(index)
     pipeline_class = index.get("_class_name")
+    if isinstance(pipeline_class, (list, tuple)):  # a pipeline shipped in the folder: [module file, class]
+        pipeline_class = pipeline_class[-1]
     needs: list[str] = []
 
     # 1. the denoiser: explicit subfolder, a bare model folder, or the pipeline's unet/ or transformer/
