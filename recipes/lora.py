@@ -24,6 +24,10 @@ pretrained model; ``--merge true`` also writes the merged full model to ``<expor
 
 from __future__ import annotations
 
+# isort: off
+import engine  # noqa: F401  first: silences bitsandbytes' import-time warning before peft/diffusers load it
+# isort: on
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -27,6 +27,10 @@ and the folders are :mod:`distill.reflow.stages`):
 
 from __future__ import annotations
 
+# isort: off
+import engine  # noqa: F401  first: silences bitsandbytes' import-time warning before peft/diffusers load it
+# isort: on
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -38,6 +38,10 @@ for the original teacher (distill/export/adapter.py), optionally also merged int
 
 from __future__ import annotations
 
+# isort: off
+import engine  # noqa: F401  first: silences bitsandbytes' import-time warning before peft/diffusers load it
+# isort: on
+
 import contextlib
 import copy
 import json

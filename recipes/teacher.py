@@ -12,6 +12,10 @@
 
 from __future__ import annotations
 
+# isort: off
+import engine  # noqa: F401  first: silences bitsandbytes' import-time warning before peft/diffusers load it
+# isort: on
+
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -13,6 +13,10 @@ well under a CPU-minute.
 
 from __future__ import annotations
 
+# isort: off
+import engine  # noqa: F401  first: silences bitsandbytes' import-time warning before peft/diffusers load it
+# isort: on
+
 import argparse
 import hashlib
 import json
