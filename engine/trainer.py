@@ -116,7 +116,8 @@ class Trainer:
         self.recipe = recipe
         self.accelerator = accelerator or build_accelerator(config)
         self.output_dir = Path(config.output_dir)
-        resume_path = resolve_resume(config.resume_from, config.output_dir)  # bad path: fail before any work
+        # a bad or damaged checkpoint fails here, before any work; all processes get the same folder
+        resume_path = resolve_resume(config.resume_from, config.output_dir, self.accelerator)
         if config.resume_from == "latest" and resume_path is None and self.is_main:
             get_logger().warning(
                 f"resume_from=latest: no checkpoint in {checkpoint_root(config.output_dir)}; starting a fresh run"
