@@ -50,9 +50,13 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimiser step."}
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(
-        default="no",
-        metadata={"help": "Autocast precision: no (fp32), fp16 (with a dynamic loss scale) or bf16."},
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None,
+        metadata={
+            "help": "Autocast precision: no (fp32), fp16 (with a dynamic loss scale) or bf16. None (unset) = "
+            "the launcher's (accelerate launch --mixed_precision or its config file), else no. A value set "
+            "here (YAML or command line) wins over the launcher's, with a warning naming both when they differ."
+        },
     )
     fp16_initial_scale: float = field(
         default=65536.0, metadata={"help": "Initial loss scale of the fp16 GradScaler (dynamic afterwards)."}

@@ -11,9 +11,16 @@ gradients.
 from __future__ import annotations
 
 import contextlib
+import enum
+import importlib.metadata
+import json
 import math
+import os
+import platform
 import time
+import weakref
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +45,71 @@ from engine.threads import configure_threads
 _SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
+#: the environment variable ``accelerate launch`` sets in every process it starts to its --mixed_precision
+#: (flag, --config_file, or the default config; "no" when none of them names one): accelerate/utils/launch.py
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+PRECISIONS = ("no", "fp16", "bf16")
+RUN_INFO_FILE = "run_info.json"
+_VERSIONED = ("torch", "accelerate", "diffusers", "peft", "transformers")
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The mixed precision a run uses and where it came from: "config", "launcher" or "default"."""
+
+    value: str
+    source: str
+    warning: str | None = None
+
+
+def resolve_mixed_precision(
+    configured: str | None, environ: Mapping[str, str] | None = None
+) -> PrecisionChoice:
+    """The recipe config's explicit ``mixed_precision`` wins; unset (None), the launcher's; else "no".
+
+    Passing the config's old default "no" to the Accelerator silently replaced a launch file's ``bf16`` with
+    fp32, so the config default is None and only a value the user wrote overrides the launcher (with a
+    warning naming both when they differ).
+    """
+    environ = os.environ if environ is None else environ
+    launched = (environ.get(LAUNCHER_PRECISION_ENV) or "").strip().lower() or None
+    if configured is not None:
+        if configured not in PRECISIONS:
+            raise ValueError(f"mixed_precision={configured!r}: expected one of {', '.join(PRECISIONS)}")
+        warning = None
+        if launched is not None and launched != configured:
+            warning = (
+                f"mixed_precision: the recipe config's {configured!r} overrides the launcher's {launched!r} "
+                f"({LAUNCHER_PRECISION_ENV}); remove mixed_precision from the recipe config to use the launcher's"
+            )
+        return PrecisionChoice(configured, "config", warning)
+    if launched is None:
+        return PrecisionChoice("no", "default")
+    if launched not in PRECISIONS:
+        raise ValueError(
+            f"The launcher's mixed precision {LAUNCHER_PRECISION_ENV}={launched!r} is not one the engine runs; "
+            f"launch with one of {', '.join(PRECISIONS)} or set mixed_precision in the recipe config"
+        )
+    return PrecisionChoice(launched, "launcher")
+
+
+@dataclass(frozen=True)
+class _Setup:
+    precision: PrecisionChoice
+    threads: str
+
+
+#: what build_accelerator decided for each Accelerator it built (read by the run-info writer)
+_SETUPS: weakref.WeakKeyDictionary[Accelerator, _Setup] = weakref.WeakKeyDictionary()
+
+
 def build_accelerator(config: TrainConfig) -> Accelerator:
-    """One Accelerator from the config; distribution (DDP, DeepSpeed, FSDP) comes from ``accelerate launch``."""
+    """One Accelerator from the config; distribution (DDP, DeepSpeed, FSDP) comes from ``accelerate launch``,
+    precision from the recipe config when it sets one, else from the launcher (:func:`resolve_mixed_precision`)."""
+    precision = resolve_mixed_precision(config.mixed_precision)
     trackers = [t.strip() for t in config.log_with.split(",") if t.strip() and t.strip() != "none"]
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
+        mixed_precision=precision.value,
         # without this, processes started by torchrun/accelerate on a machine with no GPU each report
         # DistributedType.NO instead of forming one gloo group
         cpu=config.cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available()),
@@ -53,21 +120,95 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         kwargs_handlers=[GradScalerKwargs(init_scale=config.fp16_initial_scale)],
     )
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
+    if precision.value == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
         _enable_cpu_fp16(accelerator, config.fp16_initial_scale)
     threads = configure_threads(config.num_threads, on_cpu=accelerator.device.type == "cpu")
+    _SETUPS[accelerator] = _Setup(precision, threads)
     if accelerator.is_main_process:
-        get_logger().info(run_line(accelerator, threads))
+        if precision.warning:
+            get_logger().warning(precision.warning)
+        get_logger().info(run_line(accelerator, threads, precision_source(accelerator)))
     return accelerator
 
 
-def run_line(accelerator: Accelerator, threads: str) -> str:
-    """What runs: distribution, processes, device, precision and threads (logged once at the start)."""
+_SOURCE_WORDS = {
+    "config": "from the recipe config",
+    "launcher": f"from the launcher ({LAUNCHER_PRECISION_ENV})",
+    "default": "by default (set by neither the launcher nor the recipe config)",
+    "accelerator": "from the Accelerator given to the Trainer",
+}
+
+
+def precision_source(accelerator: Accelerator) -> str:
+    """Where ``accelerator``'s mixed precision came from: config, launcher, default, or "accelerator" (one
+    not built by :func:`build_accelerator`, or whose DeepSpeed config chose another precision)."""
+    setup = _SETUPS.get(accelerator)
+    if setup is None or setup.precision.value != accelerator.mixed_precision:
+        return "accelerator"
+    return setup.precision.source
+
+
+def run_line(accelerator: Accelerator, threads: str, source: str | None = None) -> str:
+    """What runs: distribution, processes, device, precision (and its source) and threads (logged once)."""
     n = accelerator.num_processes
-    return (
+    line = (
         f"distributed_type={accelerator.distributed_type.value}, {n} process{'es' if n > 1 else ''}, "
         f"device={accelerator.device.type}, mixed_precision={accelerator.mixed_precision}, {threads}"
     )
+    return line + (f"; mixed_precision {_SOURCE_WORDS.get(source, source)}" if source else "")
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready form of a plugin setting (enums by name, other objects as text)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.name
+    return str(value)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_info(accelerator: Accelerator) -> dict[str, Any]:
+    """What a run ran on: distribution, world size, sharding, precision and its source, device, threads and
+    library versions (the facts a result depends on that config.yaml does not hold)."""
+    state = accelerator.state
+    setup = _SETUPS.get(accelerator)
+    info: dict[str, Any] = {
+        "distributed_type": accelerator.distributed_type.value,
+        "num_processes": accelerator.num_processes,
+        "device": accelerator.device.type,
+        "mixed_precision": accelerator.mixed_precision,
+        "mixed_precision_source": precision_source(accelerator),
+        "torch_threads": torch.get_num_threads(),
+        "torch_threads_reason": setup.threads if setup is not None else None,
+    }
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        info["deepspeed"] = {"zero_stage": _plain(getattr(state.deepspeed_plugin, "zero_stage", None))}
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = state.fsdp_plugin
+        info["fsdp"] = {
+            name: _plain(getattr(plugin, name, None))
+            for name in ("fsdp_version", "sharding_strategy", "reshard_after_forward")
+        }
+    info["versions"] = {"python": platform.python_version(), **{p: _version(p) for p in _VERSIONED}}
+    return info
+
+
+def write_run_info(accelerator: Accelerator, output_dir: str | Path) -> Path:
+    """Write :func:`run_info` to ``output_dir/run_info.json`` atomically (a temporary file renamed over it,
+    so a reader never sees half a file); call on the main process."""
+    path = Path(output_dir) / RUN_INFO_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{RUN_INFO_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(run_info(accelerator), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _enable_cpu_fp16(accelerator: Accelerator, init_scale: float) -> None:
@@ -259,6 +400,7 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
+            write_run_info(acc, self.output_dir)
         if acc.log_with:
             acc.init_trackers(cfg.project_name, config=_flat_scalars(config_to_dict(cfg)))
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.is_main and cfg.progress_bar))
