@@ -69,7 +69,8 @@ def resolve_mixed_precision(
 
     Passing the config's old default "no" to the Accelerator silently replaced a launch file's ``bf16`` with
     fp32, so the config default is None and only a value the user wrote overrides the launcher (with a
-    warning naming both when they differ).
+    warning naming both when they differ). ``accelerate launch`` exports "no" when nothing chose a precision,
+    so a launcher's "no" under a config's bf16/fp16 is not warned about (it is the README's own command).
     """
     environ = os.environ if environ is None else environ
     launched = (environ.get(LAUNCHER_PRECISION_ENV) or "").strip().lower() or None
@@ -77,7 +78,7 @@ def resolve_mixed_precision(
         if configured not in PRECISIONS:
             raise ValueError(f"mixed_precision={configured!r}: expected one of {', '.join(PRECISIONS)}")
         warning = None
-        if launched is not None and launched != configured:
+        if launched not in (None, "no") and launched != configured:
             warning = (
                 f"mixed_precision: the recipe config's {configured!r} overrides the launcher's {launched!r} "
                 f"({LAUNCHER_PRECISION_ENV}); remove mixed_precision from the recipe config to use the launcher's"

@@ -28,6 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         ("bf16", None, PrecisionChoice("bf16", "config")),
         ("no", None, PrecisionChoice("no", "config")),
         ("fp16", "fp16", PrecisionChoice("fp16", "config")),  # same value: no warning
+        # accelerate launch exports "no" when nothing chose a precision: the README's bf16 config, no warning
+        ("bf16", "no", PrecisionChoice("bf16", "config")),
     ],
 )
 def test_resolution(configured, launched, want):
