@@ -61,7 +61,6 @@ from torch import Tensor, nn
 
 # Scheduler names and parsing live with the teacher-family detection, which reads them before any weights.
 from distill.teachers.families import BETA_SCHEDULES as _BETA_SCHEDULES
-from distill.teachers.families import EDM_PREDICTIONS as _EDM_PREDICTIONS
 from distill.teachers.families import (
     EDM_SCHEDULERS,
     FLOW_SCHEDULERS,
@@ -69,8 +68,8 @@ from distill.teachers.families import (
     SCHEDULER_CONFIG,
     describe_teacher_source,
     scheduler_config_candidates,
+    scheduler_parameterization,
 )
-from distill.teachers.families import VP_PREDICTIONS as _VP_PREDICTIONS
 from distill.teachers.families import scheduler_class_and_config as _scheduler_class_and_config
 
 __all__ = [
@@ -372,32 +371,19 @@ class Denoiser(nn.Module):
         self._sigma_data = 0.5
         self._continuous_vp_time = False
         self._tables: dict[str, Tensor] = {}
-        is_vp_config = cfg.get("beta_schedule") is not None or cfg.get("trained_betas") is not None
+        # one classification (and its errors) for loading-time checks and for the maths below
+        parameterization = scheduler_parameterization(scheduler)
 
-        if name in EDM_SCHEDULERS:
-            if self.prediction_type not in _EDM_PREDICTIONS:
-                raise ValueError(
-                    f"Unsupported prediction_type {self.prediction_type!r} for {name}; diffusers' EDM "
-                    f"preconditioning supports {list(_EDM_PREDICTIONS)}"
-                )
+        if parameterization == "edm":
             self.kind = "edm"
             self._sigma_data = float(cfg.get("sigma_data", 0.5))
             self._sigma_min = float(cfg.get("sigma_min", 0.002))
             self._sigma_max = float(cfg.get("sigma_max", 80.0))
-        elif name in FLOW_SCHEDULERS or (
-            is_vp_config and (cfg.get("use_flow_sigmas") or self.prediction_type == "flow_prediction")
-        ):
-            if cfg.get("invert_sigmas"):
-                raise ValueError(f"{name} with invert_sigmas=True (t=1 is clean) is not supported")
+        elif parameterization == "flow":
             self.kind = "flow"
             self.prediction_type = "flow_prediction"
             self._sigma_min, self._sigma_max = 0.0, math.inf
-        elif is_vp_config and (name is None or name not in FLOW_SCHEDULERS + EDM_SCHEDULERS):
-            if self.prediction_type not in _VP_PREDICTIONS:
-                raise ValueError(
-                    f"Unsupported prediction_type {self.prediction_type!r} for {name}; supported for "
-                    f"discrete VP schedulers: {list(_VP_PREDICTIONS)}"
-                )
+        else:
             self.kind = "vp"
             abar = _vp_alphas_cumprod(cfg)
             log_sigmas = (0.5 * ((1 - abar) / abar).log()).to(torch.float64)
@@ -409,12 +395,6 @@ class Denoiser(nn.Module):
             self._sigma_max = float(log_sigmas[-1].exp())
             self._continuous_vp_time = (
                 cfg.get("timestep_type") == "continuous" and self.prediction_type == "v_prediction"
-            )
-        else:
-            raise ValueError(
-                f"Unsupported scheduler {name!r}: expected a discrete VP scheduler config (beta_schedule / "
-                f"trained_betas, e.g. DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler), one of "
-                f"{list(EDM_SCHEDULERS)} or one of {list(FLOW_SCHEDULERS)}"
             )
 
     # ---------------------------------------------------------------- properties

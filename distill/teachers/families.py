@@ -114,8 +114,9 @@ def scheduler_class_and_config(scheduler: Mapping[str, Any] | Any) -> tuple[str 
 def scheduler_parameterization(scheduler: Mapping[str, Any] | Any) -> str:
     """``edm``, ``flow`` or ``vp-<prediction_type>``: how the Denoiser reads a teacher with this scheduler.
 
-    Mirrors the scheduler checks of ``Denoiser.__init__`` (tests keep the two in step) so a teacher folder
-    can be judged from its JSON before its weights are loaded; raises ``ValueError`` naming what is wrong.
+    ``Denoiser.__init__`` classifies its scheduler with this same function, so a teacher folder is judged from
+    its JSON before its weights are loaded exactly as it will be after; raises ``ValueError`` naming what is
+    wrong.
     """
     name, cfg = scheduler_class_and_config(scheduler)
     prediction = cfg.get("prediction_type", "epsilon")
