@@ -16,10 +16,15 @@ import json
 
 import torch
 
-from distill.evaluation.progress import ProgressDenoiser, samples_bar, say, threads_note
-from distill.evaluation.quality import metrics_for, note_skipped_metrics, sample_shape, samples_needed
+from distill.evaluation.progress import samples_bar, say, threads_note
+from distill.evaluation.quality import (
+    metrics_for,
+    note_skipped_metrics,
+    sample_shape,
+    sample_with_bar,
+    samples_needed,
+)
 from distill.pipelines import student_pipeline_class
-from distill.sampling.ode import sample
 from distill.teachers.loading import load_teacher, resolve_teacher_path
 from engine.images import save_grid
 
@@ -77,15 +82,16 @@ def generate(
         note_skipped_metrics(shape, num_samples)
         num_samples = samples_needed(num_samples, shape)
     desc = f"{verb}: {num_samples} samples at NFE {nfe}, {method} ({threads_note(next(teacher.parameters()).device)})"
-    with samples_bar(num_samples, desc, enabled=progress_bar) as bar:
-        result = sample(
-            ProgressDenoiser(teacher, bar, nfe),
-            num_samples,
-            nfe=nfe,
-            method=method,
-            generator=generator,
-            batch_size=batch_size,
-        )
+    result = sample_with_bar(
+        teacher,
+        num_samples,
+        nfe,
+        desc,
+        progress_bar,
+        method=method,
+        generator=generator,
+        batch_size=batch_size,
+    )
     return result.images.clamp(-1, 1), result.nfe
 
 

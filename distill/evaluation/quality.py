@@ -91,6 +91,15 @@ def sample_shape(denoiser: Denoiser) -> tuple[int, int, int]:
     return (int(denoiser.in_channels), int(h), int(w))
 
 
+def sample_with_bar(
+    denoiser: Denoiser, num_samples: int, nfe: int, desc: str, enabled: bool = True, **sample_kwargs
+):
+    """:func:`distill.sampling.ode.sample` with a bar that moves on every network call (``sample_kwargs``:
+    method, generator, cond, guidance_scale, batch_size)."""
+    with samples_bar(num_samples, desc, enabled=enabled) as bar:
+        return sample(ProgressDenoiser(denoiser, bar, nfe), num_samples, nfe=nfe, **sample_kwargs)
+
+
 def evaluate_sampler(
     denoiser: Denoiser,
     num_samples: int,
@@ -116,16 +125,17 @@ def evaluate_sampler(
     params = denoiser.parameters() if hasattr(denoiser, "parameters") else iter(())
     device = next(params, torch.empty(0)).device
     desc = f"eval: {count} samples at NFE {nfe} ({threads_note(device)})"
-    with samples_bar(count, desc, enabled=progress_bar) as bar:
-        result = sample(
-            ProgressDenoiser(denoiser, bar, nfe),
-            count,
-            nfe=nfe,
-            method=method,
-            generator=generator,
-            cond=cond,
-            guidance_scale=guidance_scale,
-        )
+    result = sample_with_bar(
+        denoiser,
+        count,
+        nfe,
+        desc,
+        progress_bar,
+        method=method,
+        generator=generator,
+        cond=cond,
+        guidance_scale=guidance_scale,
+    )
     images = result.images.clamp(-1, 1)
     metrics = metrics_for(images)
     metrics["nfe"] = float(result.nfe)
