@@ -6,6 +6,4 @@ the k-step student sampler), ``sid`` and ``reflow`` (the two methods), ``evaluat
 holds the diffusers pipelines users sample exported students with, and ``data`` the image datasets.
 """
 
-from engine.log import quiet_third_party_imports
-
-quiet_third_party_imports()
+import engine  # noqa: F401  imported first: silences bitsandbytes' import-time warning before peft loads it

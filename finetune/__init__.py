@@ -1,12 +1,12 @@
 """LoRA+ and LoRA-GA on top of peft: what peft 0.21 lacks (see each module's docstring for the exact list)."""
 
-from engine.log import quiet_third_party_imports
+# isort: off
+import engine  # noqa: F401  imported first: silences bitsandbytes' import-time warning before peft loads it
+# isort: on
 
-quiet_third_party_imports()  # before peft is imported
-
-from finetune.export import lora_ga_to_lora, lora_ga_to_lora_config, save_adapter  # noqa: E402
-from finetune.loraga import LoraGAError, LoraGAOptions, apply_lora_ga, estimate_gradients, initialize_lora_ga  # noqa: E402
-from finetune.loraplus import check_loraplus_groups, create_loraplus_optimizer, loraplus_param_groups  # noqa: E402
+from finetune.export import lora_ga_to_lora, lora_ga_to_lora_config, save_adapter
+from finetune.loraga import LoraGAError, LoraGAOptions, apply_lora_ga, estimate_gradients, initialize_lora_ga
+from finetune.loraplus import check_loraplus_groups, create_loraplus_optimizer, loraplus_param_groups
 
 __all__ = [
     "LoraGAError",
