@@ -54,7 +54,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -98,37 +98,35 @@ def _index_tensor(t: Tensor | None, idx: Any) -> Tensor | None:
     return t[idx]
 
 
-def _cat_optional(a: Tensor | None, b: Tensor | None, name: str) -> Tensor | None:
-    if a is None and b is None:
-        return None
-    if a is None or b is None:
-        raise ValueError(f"Condition.cat: field {name!r} is set on one condition but not the other")
-    return torch.cat([a, b.to(a.device)], dim=0)
-
-
 @dataclass
 class Condition:
     """Model conditioning kept together so it can be batched, sliced and moved like one tensor.
 
-    ``class_labels`` ([B] long) feed class-conditional ``UNet2DModel``s, ``encoder_hidden_states``
-    ([B, L, D]) feed cross-attention UNets, and ``added_cond_kwargs`` (e.g. SDXL ``text_embeds`` /
-    ``time_ids``, each [B, ...]) is passed through untouched.
+    ``class_labels`` ([B] long) feed class-conditional UNets and DiT, ``encoder_hidden_states`` ([B, L, D])
+    feed cross-attention UNets and text transformers, ``added_cond_kwargs`` (e.g. SDXL ``text_embeds`` /
+    ``time_ids``, each [B, ...]) is passed to the model as that one dict, and ``model_kwargs`` holds further
+    per-sample keyword tensors passed as they are (``pooled_projections`` of SD3/Flux, ``encoder_attention_mask``
+    of PixArt/Sana, ``guidance`` of guidance-distilled Flux). Every tensor has the batch as its first dimension.
     """
 
     class_labels: Tensor | None = None
     encoder_hidden_states: Tensor | None = None
     added_cond_kwargs: dict[str, Tensor] | None = None
+    model_kwargs: dict[str, Tensor] | None = None
+
+    _TENSORS: ClassVar[tuple[str, ...]] = ("class_labels", "encoder_hidden_states")
+    _DICTS: ClassVar[tuple[str, ...]] = ("added_cond_kwargs", "model_kwargs")
 
     def tensors(self) -> dict[str, Tensor]:
         """All tensors with a batch dimension, keyed by a readable name (used for validation)."""
         out: dict[str, Tensor] = {}
-        if self.class_labels is not None:
-            out["class_labels"] = self.class_labels
-        if self.encoder_hidden_states is not None:
-            out["encoder_hidden_states"] = self.encoder_hidden_states
-        for k, v in (self.added_cond_kwargs or {}).items():
-            if isinstance(v, Tensor):
-                out[f"added_cond_kwargs[{k!r}]"] = v
+        for name in self._TENSORS:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        for name in self._DICTS:
+            for k, v in (getattr(self, name) or {}).items():
+                if isinstance(v, Tensor):
+                    out[f"{name}[{k!r}]"] = v
         return out
 
     @property
@@ -148,65 +146,78 @@ class Condition:
     def _shapes(self) -> str:
         return ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.tensors().items())
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Condition:
-        """Move every tensor; ``dtype`` only applies to floating tensors so labels stay integer."""
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Condition:
+        """A condition with ``fn`` applied to every tensor (dict entries too; non-tensors kept)."""
 
-        def move(t: Any) -> Any:
-            if not isinstance(t, Tensor):
-                return t
+        def apply(v: Any) -> Any:
+            return fn(v) if isinstance(v, Tensor) else v
+
+        values: dict[str, Any] = {name: apply(getattr(self, name)) for name in self._TENSORS}
+        for name in self._DICTS:
+            d = getattr(self, name)
+            values[name] = None if d is None else {k: apply(v) for k, v in d.items()}
+        return Condition(**values)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Condition:
+        """Move every tensor; ``dtype`` only applies to floating tensors so labels and masks keep theirs."""
+
+        def move(t: Tensor) -> Tensor:
             if dtype is not None and t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
             return t.to(device=device)
 
-        added = (
-            None
-            if self.added_cond_kwargs is None
-            else {k: move(v) for k, v in self.added_cond_kwargs.items()}
-        )
-        return Condition(move(self.class_labels), move(self.encoder_hidden_states), added)
+        return self.map(move)
 
     def __getitem__(self, idx: Any) -> Condition:
         """Index along the batch; an int keeps a batch of one so micro-batching stays uniform."""
-        added = None
-        if self.added_cond_kwargs is not None:
-            added = {
-                k: (_index_tensor(v, idx) if isinstance(v, Tensor) else v)
-                for k, v in self.added_cond_kwargs.items()
-            }
-        return Condition(
-            _index_tensor(self.class_labels, idx), _index_tensor(self.encoder_hidden_states, idx), added
-        )
+        return self.map(lambda t: _index_tensor(t, idx))
 
     def repeat(self, n: int) -> Condition:
         """Repeat each sample ``n`` times along the batch (``repeat_interleave``)."""
-        added = None
-        if self.added_cond_kwargs is not None:
-            added = {
-                k: (v.repeat_interleave(n, 0) if isinstance(v, Tensor) else v)
-                for k, v in self.added_cond_kwargs.items()
-            }
-        labels = None if self.class_labels is None else self.class_labels.repeat_interleave(n, 0)
-        text = (
-            None if self.encoder_hidden_states is None else self.encoder_hidden_states.repeat_interleave(n, 0)
-        )
-        return Condition(labels, text, added)
+        return self.map(lambda t: t.repeat_interleave(n, 0))
+
+    @staticmethod
+    def combine(a: Condition, b: Condition, fn: Callable[[Tensor, Tensor], Tensor], what: str) -> Condition:
+        """Apply ``fn`` to each pair of matching tensors of ``a`` and ``b``, which must set the same fields."""
+
+        def pair(x: Tensor | None, y: Tensor | None, name: str) -> Tensor | None:
+            if x is None and y is None:
+                return None
+            if x is None or y is None:
+                raise ValueError(
+                    f"Condition.{what}: field {name!r} is set on one condition but not the other"
+                )
+            return fn(x, y.to(x.device))
+
+        values: dict[str, Any] = {name: pair(getattr(a, name), getattr(b, name), name) for name in a._TENSORS}
+        for name in a._DICTS:
+            da, db = getattr(a, name), getattr(b, name)
+            if da is None and db is None:
+                values[name] = None
+                continue
+            ka, kb = set(da or {}), set(db or {})
+            if ka != kb:
+                raise ValueError(f"Condition.{what}: {name} keys differ: {sorted(ka)} vs {sorted(kb)}")
+            values[name] = {k: pair(da[k], db[k], k) for k in sorted(ka)}
+        return Condition(**values)
 
     @staticmethod
     def cat(a: Condition, b: Condition) -> Condition:
         """Concatenate two conditions along the batch (used for batched CFG)."""
-        added = None
-        if a.added_cond_kwargs is not None or b.added_cond_kwargs is not None:
-            ka, kb = set(a.added_cond_kwargs or {}), set(b.added_cond_kwargs or {})
-            if ka != kb:
-                raise ValueError(
-                    f"Condition.cat: added_cond_kwargs keys differ: {sorted(ka)} vs {sorted(kb)}"
-                )
-            added = {k: _cat_optional(a.added_cond_kwargs[k], b.added_cond_kwargs[k], k) for k in sorted(ka)}
-        return Condition(
-            _cat_optional(a.class_labels, b.class_labels, "class_labels"),
-            _cat_optional(a.encoder_hidden_states, b.encoder_hidden_states, "encoder_hidden_states"),
-            added,
-        )
+        return Condition.combine(a, b, lambda x, y: torch.cat([x, y], dim=0), "cat")
+
+    @staticmethod
+    def where(keep: Tensor, a: Condition, b: Condition) -> Condition:
+        """Per sample, ``a``'s row where ``keep`` ([B] bool) is true, else ``b``'s (condition dropout with ``b``
+        the null condition; a batch-of-one ``b`` is broadcast)."""
+
+        def select(x: Tensor, y: Tensor) -> Tensor:
+            y = y.expand_as(x) if y.shape[0] == 1 and x.shape[0] != 1 else y
+            if x.shape != y.shape:
+                raise ValueError(f"Condition.where: shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+            return torch.where(keep.to(x.device).view((-1,) + (1,) * (x.ndim - 1)), x, y)
+
+        return Condition.combine(a, b, select, "where")
 
     @classmethod
     def coerce(cls, cond: Condition | Tensor | Mapping[str, Any] | None) -> Condition | None:
@@ -279,7 +290,8 @@ def null_condition(
             if isinstance(v, Tensor) and v.shape[0] == 1 and bsz != 1:
                 v = v.expand(bsz, *v.shape[1:])
             added[k] = v
-    return Condition(labels, text, added)
+    # per-sample keyword tensors (masks, pooled text) are the caller's to replace with text's explicit null
+    return Condition(labels, text, added, c.model_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------
