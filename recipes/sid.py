@@ -350,7 +350,7 @@ class SiDRecipe(Recipe):
     def setup(self, trainer: Trainer) -> RecipeParts:
         cfg = self.config
         # refused by family name from its configs alone, before any copy of the teacher exists
-        check_teacher(cfg.teacher, conditioning=UNTEXTED)
+        check_teacher(cfg.teacher, conditioning=UNTEXTED, latent=False)
         teacher = load_teacher(cfg.teacher)
         self.shape = (teacher.in_channels, teacher.sample_size, teacher.sample_size)
         self.num_classes, self.null_label = self._classes(teacher)
