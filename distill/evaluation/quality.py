@@ -225,8 +225,8 @@ class QualityTracker:
                 labels = None if self.labels is None else self.labels[chunk].to(self.device)
                 cond = None if labels is None else Condition(class_labels=labels)
                 samples = sample_fn(z, cond)
-                if self.decode is not None:
-                    samples = self.decode(samples)
+                if self.decode is not None:  # back on this process's device for the gather
+                    samples = self.decode(samples).to(self.device)
                 images.append(samples.float().clamp(-1, 1))
                 bar.update(len(chunk))
         images = gather(torch.cat(images))[: len(self.noise)]
