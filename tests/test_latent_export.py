@@ -157,3 +157,53 @@ def test_plain_diffusers_samples_the_student(family, exports, pipeline_images):
     with torch.no_grad():
         teacher_x0 = student_sample(Denoiser.from_pretrained(teacher), z, sigmas, _condition(family, teacher))
     assert (teacher_x0 - x0).abs().max() > 1e-3
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_folder_is_the_teachers_with_the_students_denoiser_and_a_card(family, exports):
+    teacher, g, sigmas, _, folder = exports[family]
+    denoiser = "unet" if family == "sdxl" else "transformer"
+    index = json.loads((folder / "model_index.json").read_text())
+    for name, value in json.loads((teacher / "model_index.json").read_text()).items():
+        if isinstance(value, list) and value[0] is not None and name not in (denoiser, "scheduler"):
+            assert _files(folder / name) == _files(teacher / name), name  # byte-identical copies
+            assert index[name] == value
+    assert _files(folder / denoiser) != _files(teacher / denoiser)
+    reloaded = Denoiser.from_pretrained(folder)  # the student's weights, under the student's scheduler
+    for a, b in zip(reloaded.parameters(), g.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    card = (folder / "README.md").read_text()
+    assert "One-step SiD student of" in card and str(teacher) not in card.split("## Use")[0]
+    assert "num_inference_steps=1, guidance_scale=1.0" in card
+    if family == "sdxl":
+        assert index["_class_name"] == "StableDiffusionXLPipeline" and "trust_remote_code" not in card
+        assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
+        assert not (folder / "onestep_latent_pipeline.py").exists()
+    else:
+        assert index["_class_name"] == ["onestep_latent_pipeline", "OneStepFluxPipeline"]
+        assert "trust_remote_code=True" in card
+        assert "import distill" not in (folder / "onestep_latent_pipeline.py").read_text()
+
+
+def test_shipped_pipeline_refuses_another_step_count(exports):
+    pipe = DiffusionPipeline.from_pretrained(exports["dit"][4], trust_remote_code=True)
+    with pytest.raises(ValueError, match="exactly 1 step\\(s\\); got num_inference_steps=4"):
+        pipe([1], num_inference_steps=4)
+
+
+def test_refusals_are_named_before_writing(exports, tiny_pipeline_dir, tmp_path):
+    teacher, g, _, _, _ = exports["sd"]
+    with pytest.raises(NotImplementedError, match="2-step student .*fresh noise"):
+        export_latent_student(g, tmp_path / "a", [2.5, 0.5], str(teacher), "SiD", {})
+    pixel = tiny_pipeline_dir("ddpm")
+    with pytest.raises(NotImplementedError, match="'DDPMPipeline'.*latent students export for"):
+        export_latent_student(Denoiser.from_pretrained(pixel), tmp_path / "b", [2.5], str(pixel), "SiD", {})
+    with pytest.raises(
+        ValueError, match="StableDiffusion3Pipeline students need a flow denoiser, got 'vp-eps"
+    ):
+        export_latent_student(g, tmp_path / "c", [2.5], str(tiny_pipeline_dir("sd3")), "SiD", {})
+    assert not any(tmp_path.iterdir())

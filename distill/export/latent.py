@@ -21,6 +21,7 @@ diffusers scheduler does (Euler steps deterministically).
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -53,9 +54,11 @@ from diffusers import DiffusionPipeline
 
 
 def vp_student_scheduler(teacher_config: dict[str, Any], sigma0: float) -> EulerDiscreteScheduler:
-    """The teacher's VP schedule as an Euler scheduler whose one step goes from ``sigma0`` straight to 0."""
+    """The teacher's VP schedule as an Euler scheduler whose one step goes from ``sigma0`` straight to 0 (only
+    the teacher's keys Euler knows are kept, so the saved config holds no other scheduler's options)."""
+    accepted = set(inspect.signature(EulerDiscreteScheduler.__init__).parameters) - {"self"}
     return EulerDiscreteScheduler.from_config(
-        teacher_config,
+        {k: v for k, v in teacher_config.items() if k in accepted},
         timestep_spacing="trailing",
         use_karras_sigmas=True,
         use_exponential_sigmas=False,
