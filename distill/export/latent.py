@@ -1,0 +1,214 @@
+"""Export a latent teacher's distilled student as the teacher's own pipeline folder, loadable with plain diffusers.
+
+The folder is the teacher's: every component (VAE, text encoders, tokenizers) copied file by file, except the
+denoiser (``unet/`` or ``transformer/``: the student's weights) and the scheduler, which is configured so that
+the teacher's pipeline, called as usual with ``num_inference_steps=1`` and ``guidance_scale=1`` (the student was
+distilled with guidance), computes exactly ``student_sample(G, z, step_sigmas, cond)`` from its noise ``z``:
+
+* Stable Diffusion (1.x/2.x), SDXL, PixArt: ``EulerDiscreteScheduler`` from the teacher's config with
+  ``timestep_spacing="trailing"``, ``use_karras_sigmas=True`` and ``sigma_min = sigma_max = sigma0``. One step has
+  sigmas ``[sigma0, 0]``, ``init_noise_sigma = sigma0``, the fractional timestep of sigma0 by the log-sigma
+  interpolation the Denoiser uses, model input ``x / sqrt(1 + sigma0^2)`` and an Euler step to sigma 0, i.e. x0.
+  No code ships: ``DiffusionPipeline.from_pretrained(folder)``.
+* LDM, DiT (same scheduler) and SD3, Flux, Sana (unshifted ``FlowMatchEulerDiscreteScheduler`` at the student's
+  flow time ``t0 = sigma0 / (1 + sigma0)``): their pipelines start from noise the student does not, so a subclass
+  of the teacher's pipeline ships in the folder (:mod:`distill.export.latent_pipeline`, as
+  ``onestep_latent_pipeline.py``); load with ``trust_remote_code=True``.
+
+Only one-step students export this way: a k-step SiD student re-noises with fresh noise between steps, which no
+diffusers scheduler does (Euler steps deterministically).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+from distill.export import latent_pipeline
+from distill.export.generator import student_title
+from distill.export.model_card import DEFAULT_LICENSE, TEXT_TO_IMAGE, UNCONDITIONAL, write_export_card
+from distill.teachers.denoiser import Denoiser
+from distill.teachers.families import MODEL_INDEX, describe_teacher_source
+from distill.teachers.loading import resolve_teacher_path
+
+#: teacher pipelines whose own class samples the student with the exported Euler scheduler alone
+STANDARD_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "PixArtAlphaPipeline",
+    "PixArtSigmaPipeline",
+)
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline", "SanaPipeline")
+SUPPORTED = STANDARD_PIPELINES + tuple(latent_pipeline.STUDENT_PIPELINES)
+
+USAGE = """import torch
+from diffusers import DiffusionPipeline
+
+{comment}pipe = DiffusionPipeline.from_pretrained("{path}"{trust})
+{call}"""
+
+
+def vp_student_scheduler(teacher_config: dict[str, Any], sigma0: float) -> EulerDiscreteScheduler:
+    """The teacher's VP schedule as an Euler scheduler whose one step goes from ``sigma0`` straight to 0 (only
+    the teacher's keys Euler knows are kept, so the saved config holds no other scheduler's options)."""
+    accepted = set(inspect.signature(EulerDiscreteScheduler.__init__).parameters) - {"self"}
+    return EulerDiscreteScheduler.from_config(
+        {k: v for k, v in teacher_config.items() if k in accepted},
+        timestep_spacing="trailing",
+        use_karras_sigmas=True,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        sigma_min=float(sigma0),
+        sigma_max=float(sigma0),
+        final_sigmas_type="zero",
+    )
+
+
+def flow_student_scheduler(
+    num_train_timesteps: int, step_sigmas: list[float]
+) -> FlowMatchEulerDiscreteScheduler:
+    """An unshifted flow Euler scheduler carrying the student's EDM noise levels for the shipped pipeline."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
+    scheduler.register_to_config(**{latent_pipeline.STEP_SIGMAS_KEY: [float(s) for s in step_sigmas]})
+    return scheduler
+
+
+def _usage(pipeline_class: str, trust: bool) -> str:
+    if pipeline_class == "DiTPipeline":
+        call = "image = pipe(class_labels=[207], num_inference_steps=1, guidance_scale=1.0).images[0]"
+    elif pipeline_class == "LDMPipeline":
+        call = "image = pipe(num_inference_steps=1).images[0]"
+    else:
+        call = 'image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=1.0).images[0]'
+    comment = (
+        "# plain diffusers runs the pipeline subclass shipped in the folder (onestep_latent_pipeline.py)\n"
+        if trust
+        else ""
+    )
+    return (
+        USAGE.replace("{comment}", comment)
+        .replace("{trust}", ", trust_remote_code=True" if trust else "")
+        .replace("{call}", call)
+    )
+
+
+def _copy_component(source: Path, target: Path) -> None:
+    """A real copy of a component folder (never load and re-save: the files are the teacher's own)."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, copy_function=shutil.copy2)
+
+
+def _local_teacher(spec: str, denoiser_folder: str) -> Path:
+    """A local copy of the teacher's folder: itself, or a hub snapshot without its denoiser weights."""
+    path = Path(resolve_teacher_path(spec))
+    if path.is_dir():
+        return path
+    import huggingface_hub
+
+    return Path(huggingface_hub.snapshot_download(spec, ignore_patterns=[f"{denoiser_folder}/*"]))
+
+
+def export_latent_student(
+    generator: Denoiser,
+    folder: str | Path,
+    step_sigmas: list[float],
+    teacher: str,
+    method: str,
+    facts: dict[str, Any],
+    sample_grid: str | None = None,
+    license: str = DEFAULT_LICENSE,
+) -> Path:
+    """Write ``folder``: the teacher's pipeline folder with the student as its denoiser and a scheduler (plus,
+    for LDM/DiT/SD3/Flux/Sana, ``onestep_latent_pipeline.py``) under which the teacher's pipeline samples
+    ``student_sample(generator, z, step_sigmas, cond)``; README.md is the model card (+ samples.png).
+
+    ``teacher`` is the teacher as the recipe got it (a local pipeline folder or a Hub id); ``generator`` is the
+    student, a copy of the teacher's denoiser. Raises ``NotImplementedError`` for a multi-step student or a
+    pipeline family not listed in :data:`SUPPORTED`, ``ValueError`` for a student that does not match the
+    teacher, before anything is written.
+    """
+    steps = [float(s) for s in step_sigmas]
+    if len(steps) != 1:
+        raise NotImplementedError(
+            f"export_latent_student: {len(steps)}-step student (step_sigmas={steps}); only one-step students "
+            "export as a plain diffusers pipeline (SiD's k-step sampler re-noises with fresh noise between "
+            "steps, which no diffusers scheduler does)"
+        )
+    if not steps[0] > 0:
+        raise ValueError(f"export_latent_student: step_sigmas[0] must be > 0, got {steps[0]}")
+    family = describe_teacher_source(resolve_teacher_path(teacher)).require()
+    pipeline_class = family.pipeline_class
+    if not family.latent or pipeline_class not in SUPPORTED:
+        raise NotImplementedError(
+            f"export_latent_student: teacher {teacher!r} has pipeline {pipeline_class!r} ({family.family}); "
+            f"latent students export for {list(SUPPORTED)} only"
+        )
+    flow = pipeline_class in FLOW_PIPELINES
+    if generator.kind != ("flow" if flow else "vp"):
+        raise ValueError(
+            f"export_latent_student: {pipeline_class} students need a {'flow' if flow else 'vp'} denoiser, got "
+            f"{generator.parameterization!r}"
+        )
+    source = _local_teacher(teacher, family.denoiser_folder)
+    index = json.loads((source / MODEL_INDEX).read_text())
+    denoiser = family.denoiser_component or family.denoiser_folder
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, value in index.items():
+        if name.startswith("_") or name in (denoiser, "scheduler") or not isinstance(value, list):
+            continue
+        if value[0] is not None and (source / name).is_dir():
+            _copy_component(source / name, folder / name)
+    model = generator.model
+    if (folder / denoiser).exists():
+        shutil.rmtree(folder / denoiser)
+    model.save_pretrained(str(folder / denoiser), safe_serialization=True)
+    index[denoiser] = ["diffusers", type(getattr(model, "_orig_mod", model)).__name__]
+
+    if flow:
+        scheduler = flow_student_scheduler(generator.num_train_timesteps, steps)
+    else:
+        scheduler = vp_student_scheduler(dict(generator.scheduler_config), steps[0])
+    if (folder / "scheduler").exists():
+        shutil.rmtree(folder / "scheduler")
+    scheduler.save_pretrained(str(folder / "scheduler"))
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+
+    trust = pipeline_class not in STANDARD_PIPELINES
+    code = folder / f"{latent_pipeline.PIPELINE_MODULE}.py"
+    if trust:
+        shutil.copyfile(latent_pipeline.__file__, code)
+        index["_class_name"] = [
+            latent_pipeline.PIPELINE_MODULE,
+            latent_pipeline.STUDENT_PIPELINES[pipeline_class].__name__,
+        ]
+    else:
+        code.unlink(missing_ok=True)
+        index["_class_name"] = pipeline_class
+    (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    write_export_card(
+        folder,
+        title=student_title(len(steps), facts.get("method"), teacher),
+        method=method,
+        facts={
+            **facts,
+            "teacher_pipeline": pipeline_class,
+            "step_sigmas": steps,
+            "parameters": sum(p.numel() for p in generator.parameters()),
+        },
+        teacher=teacher,
+        tags=["distillation", "one-step", "sid", "latent-diffusion"],
+        usage=_usage(pipeline_class, trust),
+        sample_grid=sample_grid,
+        pipeline_tag=TEXT_TO_IMAGE if family.conditioning.startswith("text") else UNCONDITIONAL,
+        license=license,
+    )
+    return folder

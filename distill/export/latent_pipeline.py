@@ -1,0 +1,144 @@
+"""Student pipelines for latent teachers whose own pipeline cannot start where the student starts: this file is
+copied into an exported student folder as ``onestep_latent_pipeline.py`` (see ``distill.export.latent``).
+
+A one-step student ``G`` maps ``x = sigma0 * z`` (``z ~ N(0, I)``) to ``x0 = G(x, sigma0, cond)`` in EDM terms.
+Stable Diffusion, SDXL and PixArt get there with a standard ``EulerDiscreteScheduler`` alone; these pipelines
+cannot, so each class below subclasses the teacher's own pipeline and changes only what differs:
+
+* ``LDMPipeline`` reads ``scheduler.init_noise_sigma`` before ``set_timesteps`` (the table's largest sigma, not
+  sigma0); ``DiTPipeline`` never scales its noise and steps the *scaled* model input. Both run their own loop
+  with the shipped Euler scheduler (one step from sigma0 to 0) behind :class:`StudentSteps`, which starts from
+  ``sigma0 * z`` and steps the unscaled sample.
+* SD3, Flux and Sana (flow matching) start from unscaled noise at flow time 1; the student starts from
+  ``t0 * z`` at ``t0 = sigma0 / (1 + sigma0)``: ``prepare_latents`` scales by ``t0`` and ``__call__`` passes the
+  student's flow times as the pipeline's own ``sigmas`` argument (the scheduler is an unshifted
+  ``FlowMatchEulerDiscreteScheduler``; its config keeps the student's noise levels under
+  :data:`STEP_SIGMAS_KEY`).
+
+It may import only torch, diffusers and the standard library: plain diffusers runs it with
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DiTPipeline, FluxPipeline, LDMPipeline, SanaPipeline, StableDiffusion3Pipeline
+
+#: this file's name (without .py) inside an exported folder: model_index.json's ``_class_name[0]``
+PIPELINE_MODULE = "onestep_latent_pipeline"
+#: the scheduler config key holding the student's EDM noise levels (flow families)
+STEP_SIGMAS_KEY = "_onestep_step_sigmas"
+
+
+def _one_step(kwargs: dict[str, Any], steps: int) -> None:
+    """Default ``num_inference_steps`` to the student's own; refuse any other count by name."""
+    n = kwargs.setdefault("num_inference_steps", steps)
+    if n != steps:
+        raise ValueError(f"this student samples in exactly {steps} step(s); got num_inference_steps={n}")
+
+
+class StudentSteps:
+    """The pipeline's Euler scheduler as LDM's and DiT's loops must see it for the student: the initial noise
+    scale is sigma0 (the config's ``sigma_max``) before ``set_timesteps`` too, and with ``scale_first`` (DiT,
+    which never scales its noise and steps its scaled model input) the first input is scaled by sigma0 and
+    every step is taken from the unscaled sample kept here."""
+
+    def __init__(self, scheduler: Any, scale_first: bool) -> None:
+        self.scheduler = scheduler
+        self.scale_first = scale_first
+        self.sample: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.scheduler, name)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.scheduler.config.sigma_max)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
+        if self.sample is None or not self.scale_first:
+            self.sample = sample * self.init_noise_sigma if self.scale_first else sample
+        return self.scheduler.scale_model_input(self.sample, timestep)
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True):
+        out = self.scheduler.step(model_output, timestep, self.sample, return_dict=return_dict)
+        self.sample = out.prev_sample if return_dict else out[0]
+        return out
+
+
+class _StudentLoop:
+    """LDM / DiT: run the pipeline's own ``__call__`` with :class:`StudentSteps` in place of its scheduler."""
+
+    _scale_first = False
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _one_step(kwargs, 1)
+        scheduler = self.scheduler
+        # object.__setattr__: a temporary stand-in, not a new pipeline component (DiffusionPipeline.__setattr__
+        # would record it in the config)
+        object.__setattr__(self, "scheduler", StudentSteps(scheduler, self._scale_first))
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            object.__setattr__(self, "scheduler", scheduler)
+
+
+class OneStepLDMPipeline(_StudentLoop, LDMPipeline):
+    """LDMPipeline sampling the one-step student (``pipe(generator=..., num_inference_steps=1)``)."""
+
+
+class OneStepDiTPipeline(_StudentLoop, DiTPipeline):
+    """DiTPipeline sampling the one-step student (``pipe(class_labels, guidance_scale=1.0, ...)``)."""
+
+    _scale_first = True
+
+
+class _FlowStudent:
+    """SD3 / Flux / Sana: noise scaled to the student's first flow time, the student's flow times as sigmas."""
+
+    def _student_sigmas(self) -> list[float]:
+        sigmas = self.scheduler.config.get(STEP_SIGMAS_KEY)
+        if not sigmas:
+            raise ValueError(
+                f"scheduler config has no {STEP_SIGMAS_KEY!r}: not a onestep-toolkit student folder"
+            )
+        return [float(s) for s in sigmas]
+
+    def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().prepare_latents(*args, **kwargs)
+        sigma0 = self._student_sigmas()[0]
+        t0 = sigma0 / (1.0 + sigma0)
+        if isinstance(out, tuple):  # Flux: (packed latents, image ids)
+            return (out[0] * t0, *out[1:])
+        return out * t0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        sigmas = self._student_sigmas()
+        _one_step(kwargs, len(sigmas))
+        kwargs["sigmas"] = [s / (1.0 + s) for s in sigmas]
+        return super().__call__(*args, **kwargs)
+
+
+class OneStepStableDiffusion3Pipeline(_FlowStudent, StableDiffusion3Pipeline):
+    """StableDiffusion3Pipeline sampling the one-step student."""
+
+
+class OneStepFluxPipeline(_FlowStudent, FluxPipeline):
+    """FluxPipeline sampling the one-step student."""
+
+
+class OneStepSanaPipeline(_FlowStudent, SanaPipeline):
+    """SanaPipeline sampling the one-step student."""
+
+
+#: teacher pipeline class -> the class here that samples its student
+STUDENT_PIPELINES = {
+    "LDMPipeline": OneStepLDMPipeline,
+    "DiTPipeline": OneStepDiTPipeline,
+    "StableDiffusion3Pipeline": OneStepStableDiffusion3Pipeline,
+    "FluxPipeline": OneStepFluxPipeline,
+    "SanaPipeline": OneStepSanaPipeline,
+}
