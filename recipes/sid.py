@@ -58,6 +58,7 @@ from distill.data import load_image_dataset, torch_collate
 from distill.evaluation.quality import QualityTracker
 from distill.export.adapter import export_merged, save_sid_adapter
 from distill.export.generator import export_generator
+from distill.export.latent import check_latent_export, export_latent_student
 from distill.sampling.student import student_sample
 from distill.sid.discriminator import EncoderLogits
 from distill.sid.lora_student import (
@@ -361,6 +362,8 @@ class SiDRecipe(Recipe):
         family = check_teacher(cfg.teacher, conditioning=UNTEXTED)
         teacher = load_teacher(cfg.teacher)
         # a latent teacher's samples are latents: images only at the edges (grids, metrics, SiDA's real data)
+        if family.latent and cfg.student == "full":
+            check_latent_export(family, len(cfg.step_sigmas))  # refused now, not after training
         self.codec = LatentCodec.from_teacher(family) if family.latent else None
         self.shape = sample_shape(teacher, self.codec, cfg.resolution)
         self.num_classes, self.null_label = self._classes(teacher)
@@ -797,6 +800,17 @@ class SiDRecipe(Recipe):
                 )
             if cfg.lora_export_merged:
                 export_merged(out, out.parent / f"{out.name}_merged", facts=facts)
+            return
+        if self.codec is not None:  # the teacher's own pipeline class with the student's denoiser
+            export_latent_student(
+                trainer.models.ema("generator"),
+                out,
+                step_sigmas=cfg.step_sigmas,
+                teacher=cfg.teacher,
+                method=f"{name} (Zhou et al. 2024), EMA generator",
+                facts=facts,
+                sample_grid=self.quality.last_grid,
+            )
             return
         export_generator(
             trainer.models.ema("generator"),

@@ -197,7 +197,7 @@ def test_shipped_pipeline_refuses_another_step_count(exports):
 
 def test_refusals_are_named_before_writing(exports, tiny_pipeline_dir, tmp_path):
     teacher, g, _, _, _ = exports["sd"]
-    with pytest.raises(NotImplementedError, match="2-step student .*fresh noise"):
+    with pytest.raises(NotImplementedError, match="2-step student; only one-step .*fresh noise"):
         export_latent_student(g, tmp_path / "a", [2.5, 0.5], str(teacher), "SiD", {})
     pixel = tiny_pipeline_dir("ddpm")
     with pytest.raises(NotImplementedError, match="'DDPMPipeline'.*latent students export for"):

@@ -33,7 +33,7 @@ from distill.export import latent_pipeline
 from distill.export.generator import student_title
 from distill.export.model_card import DEFAULT_LICENSE, TEXT_TO_IMAGE, UNCONDITIONAL, write_export_card
 from distill.teachers.denoiser import Denoiser
-from distill.teachers.families import MODEL_INDEX, describe_teacher_source
+from distill.teachers.families import MODEL_INDEX, TeacherFamily, describe_teacher_source
 from distill.teachers.loading import resolve_teacher_path
 
 #: teacher pipelines whose own class samples the student with the exported Euler scheduler alone
@@ -114,6 +114,23 @@ def _local_teacher(spec: str, denoiser_folder: str) -> Path:
     return Path(huggingface_hub.snapshot_download(spec, ignore_patterns=[f"{denoiser_folder}/*"]))
 
 
+def check_latent_export(family: TeacherFamily, num_steps: int) -> TeacherFamily:
+    """``family``, or ``NotImplementedError`` when its student cannot be exported as a plain diffusers pipeline
+    (a multi-step student, or a pipeline outside :data:`SUPPORTED`); recipes call it at start-up."""
+    if num_steps != 1:
+        raise NotImplementedError(
+            f"export_latent_student: {num_steps}-step student; only one-step students of latent teachers export "
+            "as a plain diffusers pipeline (SiD's k-step sampler re-noises with fresh noise between steps, which "
+            "no diffusers scheduler does): use one step_sigmas entry"
+        )
+    if not family.latent or family.pipeline_class not in SUPPORTED:
+        raise NotImplementedError(
+            f"export_latent_student: teacher {family.source!r} has pipeline {family.pipeline_class!r} "
+            f"({family.family}); latent students export for {list(SUPPORTED)} only"
+        )
+    return family
+
+
 def export_latent_student(
     generator: Denoiser,
     folder: str | Path,
@@ -134,21 +151,10 @@ def export_latent_student(
     teacher, before anything is written.
     """
     steps = [float(s) for s in step_sigmas]
-    if len(steps) != 1:
-        raise NotImplementedError(
-            f"export_latent_student: {len(steps)}-step student (step_sigmas={steps}); only one-step students "
-            "export as a plain diffusers pipeline (SiD's k-step sampler re-noises with fresh noise between "
-            "steps, which no diffusers scheduler does)"
-        )
-    if not steps[0] > 0:
+    if steps and not steps[0] > 0:
         raise ValueError(f"export_latent_student: step_sigmas[0] must be > 0, got {steps[0]}")
-    family = describe_teacher_source(resolve_teacher_path(teacher)).require()
+    family = check_latent_export(describe_teacher_source(resolve_teacher_path(teacher)).require(), len(steps))
     pipeline_class = family.pipeline_class
-    if not family.latent or pipeline_class not in SUPPORTED:
-        raise NotImplementedError(
-            f"export_latent_student: teacher {teacher!r} has pipeline {pipeline_class!r} ({family.family}); "
-            f"latent students export for {list(SUPPORTED)} only"
-        )
     flow = pipeline_class in FLOW_PIPELINES
     if generator.kind != ("flow" if flow else "vp"):
         raise ValueError(
