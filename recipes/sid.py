@@ -483,11 +483,9 @@ class SiDRecipe(Recipe):
             if value != 1.0:
                 source = name if getattr(cfg, name) is not None else "guidance_scale"
                 sources[source] = value
-        if not sources:
+        if not sources or self.conditions.kind == "prompts":  # prompts: the negative prompt is the null
             return
         settings = ", ".join(f"{k}={v:g}" for k, v in sources.items())
-        if self.conditions.kind == "prompts":
-            return  # the negative prompt is the null condition
         if self.num_classes is None:
             raise ValueError(
                 f"{settings}: classifier-free guidance needs a class-conditional teacher; "
@@ -680,9 +678,8 @@ class SiDRecipe(Recipe):
         """f_psi learns the denoiser of G's current samples: EDM's loss at x_g + sigma n, sigma ~ LogNormal."""
         cfg = self.config
         z, cond, null = self.latents()
-        if (
-            self.discriminator is not None and self.conditions.kind == "classes"
-        ):  # SiDA: the real batch's classes
+        if self.discriminator is not None and self.conditions.kind == "classes":
+            # SiDA: G draws the real batch's classes
             cond = Condition(class_labels=batch["label"].to(z.device))
         with torch.no_grad():
             x_g = self.generator_sample(models["generator"], z, cond)
