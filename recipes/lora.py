@@ -224,7 +224,7 @@ class DenoiserTask(FinetuneTask):
 
     def build_model(self) -> nn.Module:
         self.model_path = str(resolve_teacher_path(self.cfg.model))
-        check_teacher(self.cfg.model, conditioning=UNTEXTED)
+        check_teacher(self.cfg.model, conditioning=UNTEXTED, latent=False)
         return load_teacher(self.cfg.model)
 
     def add_lora(self, model: nn.Module, config: LoraConfig) -> tuple[nn.Module, PeftModel]:

@@ -377,7 +377,7 @@ class SiDRecipe(Recipe):
     def setup(self, trainer: Trainer) -> RecipeParts:
         cfg = self.config
         # refused by family name and conditioning from its configs alone, before any copy of the teacher exists
-        family = check_teacher(cfg.teacher)
+        family = check_teacher(cfg.teacher, latent=False)
         check_conditioning(cfg.teacher, family, cfg.prompts, cfg.prompt_column, cfg.negative_prompt)
         if cfg.real_data is not None and family.conditioning.startswith("text"):
             raise ValueError(

@@ -228,7 +228,7 @@ def no_weights(monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_family_detected_and_refused_by_name(name, family_dirs, no_weights):
+def test_family_detected_and_judged_from_configs_alone(name, family_dirs, no_weights):
     comp, cls, param, shape, image, cond, scaling, words = EXPECTED[name]
     fam = describe_teacher_source(family_dirs[name])
     assert (fam.family, fam.pipeline_class) == (name, FAMILIES[name][0])
@@ -236,6 +236,10 @@ def test_family_detected_and_refused_by_name(name, family_dirs, no_weights):
     assert fam.parameterization == param and fam.scheduler_class == type(FAMILIES[name][2]).__name__
     assert fam.sample_shape == shape and fam.image_size == image and fam.conditioning == cond
     assert fam.vae_scaling_factor == scaling and fam.latent == (scaling is not None)
+    if name != "consistency":  # every family the Denoiser calls is accepted, without reading weights
+        assert fam.supported, fam.reason
+        assert check_teacher(str(family_dirs[name])) == fam
+        return
     assert not fam.supported
     # refused by family name, before any weights (the folders have none, and loading them would fail)
     for call in (lambda: load_teacher(str(family_dirs[name])), lambda: check_teacher(str(family_dirs[name]))):
@@ -268,16 +272,12 @@ def test_latent_details(family_dirs):
     )  # safety_checker null
 
 
-def test_component_folder_of_a_latent_pipeline_is_refused_as_the_pipeline(family_dirs, no_weights):
-    """An LDM used to load silently from its unet/ (trained on latents, exported without the VQ-VAE)."""
+def test_component_folder_of_a_latent_pipeline_is_described_as_the_pipeline(family_dirs, no_weights):
+    """An LDM used to load silently from its unet/ (trained on latents, exported without the VQ-VAE): its
+    component folder is the pipeline's denoiser, so the recipes find its autoencoder."""
     fam = describe_teacher_source(family_dirs["ldm"] / "unet")
-    assert (fam.family, fam.denoiser_folder) == ("ldm", "unet")
-    with pytest.raises(
-        ValueError, match=r"LDMPipeline \(ldm\) teachers are not supported yet: needs .*VQModel"
-    ):
-        load_teacher(str(family_dirs["ldm"] / "unet"))
-    with pytest.raises(ValueError, match=r"SD3Transformer2DModel"):
-        Denoiser.from_pretrained(family_dirs["sd3"], subfolder="transformer")
+    assert (fam.family, fam.denoiser_folder, fam.vae_component) == ("ldm", "unet", "vqvae")
+    assert fam.source == str(family_dirs["ldm"]) and fam.latent
 
 
 def test_unknown_pipeline_and_bare_model_folders(tmp_path, no_weights):
@@ -295,21 +295,22 @@ def test_unknown_pipeline_and_bare_model_folders(tmp_path, no_weights):
         {"transformer": (DiTTransformer2DModel, {}), "vae": (AutoencoderKL, {})},
         DDIMScheduler(),
     )
+    config = other / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "LuminaNextDiT2DModel"}))
     assert describe_teacher_source(other).family == "some-new-latent"
     with pytest.raises(
-        ValueError, match=r"SomeNewLatentPipeline \(some-new-latent\) teachers are not supported"
+        ValueError,
+        match=r"SomeNewLatentPipeline \(some-new-latent\) teachers are not supported yet: needs a call of "
+        r"its LuminaNextDiT2DModel transformer \(supported: SD3Transformer2DModel, ",
     ):
         check_teacher(str(other))
-    # a bare transformer model folder: refused by its class
+    # a bare transformer model folder with a callable class is a pixel-space transformer teacher
     with torch.device("meta"):
         DiTTransformer2DModel().save_config(tmp_path / "bare")
     EDMEulerScheduler().save_config(tmp_path / "bare")
     bare = describe_teacher_source(tmp_path / "bare")
     assert (bare.family, bare.pipeline_class, bare.denoiser_folder) == ("pixel-transformer", None, "")
-    with pytest.raises(
-        ValueError, match=r"DiTTransformer2DModel \(pixel-transformer\) teachers are not supported"
-    ):
-        load_teacher(str(tmp_path / "bare"))
+    assert bare.supported and bare.conditioning == "class_labels"
     # a bare autoencoder folder is no denoiser
     with torch.device("meta"):
         AutoencoderKL().save_config(tmp_path / "vae")
@@ -487,7 +488,7 @@ class FakeHub:
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch, teacher_dir, family_dirs):
+def hub(tmp_path, monkeypatch, teacher_dir, family_dirs, tiny_pipeline_dir):
     pipe = tmp_path / "repos" / "edm"
     shutil.copytree(teacher_dir, pipe)
     (pipe / "model_index.json").write_text(
@@ -507,8 +508,8 @@ def hub(tmp_path, monkeypatch, teacher_dir, family_dirs):
     repos = {
         "org/edm": pipe,
         "org/pickled": pickled,
-        "org/sd3": family_dirs["sd3"],
-        "org/ldm": family_dirs["ldm"],
+        "org/consistency": family_dirs["consistency"],
+        "org/tiny-sd3": tiny_pipeline_dir("sd3"),
     }
     fake = FakeHub(repos, tmp_path / "cache")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
@@ -543,11 +544,19 @@ def test_hub_bare_model_with_pickled_weights(hub, teacher_dir):
     assert remote.scheduler_config == local.scheduler_config
 
 
-@pytest.mark.parametrize(
-    "repo,name", [("org/sd3", "StableDiffusion3Pipeline (sd3)"), ("org/ldm", "LDMPipeline (ldm)")]
-)
-def test_hub_latent_teachers_refused_before_download(hub, repo, name, no_weights):
-    for call in (lambda: load_teacher(repo), lambda: check_teacher(repo)):
+def test_hub_transformer_teacher_downloads_only_its_denoiser(hub, tiny_pipeline_dir):
+    remote = load_teacher("org/tiny-sd3")
+    local = load_teacher(str(tiny_pipeline_dir("sd3")))
+    assert remote.parameterization == local.parameterization == "flow"
+    for k, v in local.state_dict().items():
+        assert torch.equal(remote.state_dict()[k], v), k
+    weights = [f for f in hub.files if not f.endswith(".json")]
+    assert weights and all(f.startswith("transformer/") for f in weights), weights  # no text encoders, no VAE
+
+
+def test_hub_unsupported_teacher_refused_before_download(hub, no_weights):
+    name = "ConsistencyModelPipeline (consistency)"
+    for call in (lambda: load_teacher("org/consistency"), lambda: check_teacher("org/consistency")):
         with pytest.raises(ValueError, match=rf"{re.escape(name)} teachers are not supported yet"):
             call()
     assert hub.snapshots == 0 and all(f.endswith(".json") for f in hub.files)

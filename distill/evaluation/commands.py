@@ -6,7 +6,9 @@ ODE sampling at a given NFE) or an exported one-step / k-step student.
     onestep sample --model outputs/sid/student --out grid.png
 
 FD, precision and recall use the shipped digits classifier and exist only for 1x8x8 models; for any other
-shape ``onestep eval`` reports the mean/std of a sample grid's worth of images and says so.
+shape ``onestep eval`` reports the mean/std of a sample grid's worth of images and says so. A latent teacher's
+samples are decoded by its own autoencoder (:class:`~distill.teachers.latents.LatentCodec`) first, so metrics,
+statistics and grids are of images.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from distill.evaluation.progress import samples_bar, say, threads_note
 from distill.evaluation.quality import (
+    decode_in_chunks,
     metrics_for,
     note_skipped_metrics,
     sample_shape,
@@ -25,6 +28,7 @@ from distill.evaluation.quality import (
     samples_needed,
 )
 from distill.pipelines import student_pipeline_class
+from distill.teachers.latents import LatentCodec
 from distill.teachers.loading import load_teacher, resolve_teacher_path
 from engine.images import save_grid
 
@@ -77,7 +81,12 @@ def generate(
         return torch.cat(chunks), spent
     say(f"{verb}: loading teacher {path}")
     teacher = load_teacher(model).eval()
+    codec = LatentCodec.from_teacher(path)  # None for pixel-space teachers
     shape = sample_shape(teacher)
+    if codec is not None:
+        say(f"{verb}: decoding latents with {codec!r}")
+        codec.to(next(teacher.parameters()).device)
+        shape = codec.image_shape_for(shape)
     if only_what_metrics_use:
         note_skipped_metrics(shape, num_samples)
         num_samples = samples_needed(num_samples, shape)
@@ -92,7 +101,8 @@ def generate(
         generator=generator,
         batch_size=batch_size,
     )
-    return result.images.clamp(-1, 1), result.nfe
+    images = decode_in_chunks(result.images, None if codec is None else codec.decode, batch_size)
+    return images.clamp(-1, 1), result.nfe
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -7,6 +7,10 @@ The feature metrics (FD, precision/recall, label coverage) use the shipped digit
 only for 1x8x8 samples. For any other shape nothing but the sample grid and the mean/std of its images would
 use the samples, so only :data:`GRID_SAMPLES` are generated (from the first rows of the same fixed noise), and
 a note says once per shape why the feature metrics are skipped.
+
+A latent teacher's samples are latents: :func:`evaluate_sampler` and :class:`QualityTracker` take a ``decode``
+(e.g. :meth:`distill.teachers.latents.LatentCodec.decode`) applied to each chunk of samples before anything
+else, so grids, statistics and the feature-metrics rule are about the decoded images, never the latents.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 from accelerate.utils import gather
+from torch import Tensor
 
 from distill.evaluation.progress import ProgressDenoiser, samples_bar, say, threads_note
 from distill.sampling.ode import sample
@@ -84,6 +89,31 @@ def metrics_for(images: torch.Tensor) -> dict[str, float]:
     return metrics
 
 
+#: latents -> images in [-1, 1] (e.g. ``LatentCodec.decode``), for latent teachers and students
+Decode = Callable[[Tensor], Tensor]
+#: samples decoded at once
+DECODE_CHUNK = 500
+
+
+def decoded_shape(
+    shape: tuple[int, ...], decode: Decode | None, device: torch.device | str = "cpu"
+) -> tuple[int, ...]:
+    """(C, H, W) of what ``decode`` makes of one sample of ``shape`` (found by decoding zeros once), or
+    ``shape`` itself without a decode."""
+    if decode is None:
+        return tuple(shape)
+    with torch.no_grad():
+        return tuple(int(s) for s in decode(torch.zeros(1, *shape, device=device)).shape[1:])
+
+
+def decode_in_chunks(samples: Tensor, decode: Decode | None, chunk: int = DECODE_CHUNK) -> Tensor:
+    """``decode`` over ``samples`` a chunk at a time (float32); ``samples`` as they are without a decode."""
+    if decode is None:
+        return samples
+    with torch.no_grad():
+        return torch.cat([decode(part).float() for part in samples.split(chunk)])
+
+
 def sample_shape(denoiser: Denoiser) -> tuple[int, int, int]:
     """(C, H, W) of the denoiser's samples."""
     size = denoiser.sample_size
@@ -109,21 +139,23 @@ def evaluate_sampler(
     num_classes: int | None = None,
     guidance_scale: float = 1.0,
     progress_bar: bool = True,
+    decode: Decode | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Metrics of a multi-step teacher sampler at ``nfe`` function evaluations (one process), and the samples.
+    """Metrics of a multi-step teacher sampler at ``nfe`` function evaluations (one process), and the samples
+    (images: decoded by ``decode`` for a latent teacher).
 
-    Class-conditional teachers are sampled with labels cycling through the classes. For shapes without
+    Class-conditional teachers are sampled with labels cycling through the classes. For image shapes without
     feature metrics only :func:`samples_needed` samples are drawn: the first ones of the full run's noise.
     """
-    shape = sample_shape(denoiser)
+    params = denoiser.parameters() if hasattr(denoiser, "parameters") else iter(())
+    device = next(params, torch.empty(0)).device
+    shape = decoded_shape(sample_shape(denoiser), decode, device)
     count = samples_needed(num_samples, shape)
     note_skipped_metrics(shape, num_samples)
     generator = torch.Generator().manual_seed(seed)
     cond = None
     if num_classes is not None:
         cond = Condition(class_labels=torch.arange(count) % num_classes)
-    params = denoiser.parameters() if hasattr(denoiser, "parameters") else iter(())
-    device = next(params, torch.empty(0)).device
     desc = f"eval: {count} samples at NFE {nfe} ({threads_note(device)})"
     result = sample_with_bar(
         denoiser,
@@ -136,7 +168,7 @@ def evaluate_sampler(
         cond=cond,
         guidance_scale=guidance_scale,
     )
-    images = result.images.clamp(-1, 1)
+    images = decode_in_chunks(result.images, decode).clamp(-1, 1)
     metrics = metrics_for(images)
     metrics["nfe"] = float(result.nfe)
     return metrics, images
@@ -145,8 +177,10 @@ def evaluate_sampler(
 class QualityTracker:
     """Evaluates a sampling function ``f(z, cond) -> x0`` on fixed noise, split across processes.
 
-    Digits-shaped samples get all ``num_samples``; other shapes only :data:`GRID_SAMPLES` (see the module
-    docstring). The bar (main process) follows ``trainer.config.progress_bar``.
+    ``shape`` is the shape of ``f``'s input noise and output samples; ``decode`` (latent models) turns each
+    chunk of samples into images before clipping, metrics and the grid, and ``image_shape`` is then what it
+    makes of one sample. Digits-shaped images get all ``num_samples``; other shapes only :data:`GRID_SAMPLES`
+    (see the module docstring). The bar (main process) follows ``trainer.config.progress_bar``.
     """
 
     def __init__(
@@ -156,6 +190,7 @@ class QualityTracker:
         seed: int,
         shape: tuple[int, ...],
         num_classes: int | None = None,
+        decode: Decode | None = None,
         conditions: Callable[[torch.Tensor], Condition | None] | None = None,
     ):
         """``conditions`` (fixed sample indices -> their condition, e.g. ``ConditionSource.fixed(i)[0]``)
@@ -163,9 +198,11 @@ class QualityTracker:
         self.trainer = trainer
         self.device = trainer.device
         self.shape = tuple(shape)
-        count = samples_needed(num_samples, self.shape)
+        self.decode = decode
+        self.image_shape = decoded_shape(self.shape, decode, self.device)
+        count = samples_needed(num_samples, self.image_shape)
         if trainer.accelerator.is_main_process:
-            note_skipped_metrics(self.shape, num_samples)
+            note_skipped_metrics(self.image_shape, num_samples)
         noise_gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(count, *self.shape, generator=noise_gen)
         self.labels = (
@@ -197,7 +234,10 @@ class QualityTracker:
                 else:
                     labels = None if self.labels is None else self.labels[chunk].to(self.device)
                     cond = None if labels is None else Condition(class_labels=labels)
-                images.append(sample_fn(z, cond).float().clamp(-1, 1))
+                samples = sample_fn(z, cond)
+                if self.decode is not None:  # back on this process's device for the gather
+                    samples = self.decode(samples).to(self.device)
+                images.append(samples.float().clamp(-1, 1))
                 bar.update(len(chunk))
         images = gather(torch.cat(images))[: len(self.noise)]
         if not acc.is_main_process:

@@ -188,7 +188,9 @@ def run(cfg: StagesConfig, recipe_class: RecipeClass) -> dict[str, Any]:
     """Run the planned stages; the main process keeps ``output_dir/summary.json`` up to date."""
     from accelerate import PartialState
 
-    check_teacher(cfg.teacher, conditioning=UNTEXTED)  # before any pairs or copies: refused by family name
+    check_teacher(
+        cfg.teacher, conditioning=UNTEXTED, latent=False
+    )  # before any pairs or copies: refused by family name
     state = PartialState(cpu=cfg.cpu or not torch.cuda.is_available())
     summary_path = Path(cfg.output_dir) / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {}

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 # Scheduler names and parsing live with the teacher-family detection, which reads them before any weights.
+from distill.teachers.calls import call_denoiser, denoiser_class_name, sample_channels
 from distill.teachers.families import BETA_SCHEDULES as _BETA_SCHEDULES
 from distill.teachers.families import (
     EDM_SCHEDULERS,
@@ -327,18 +328,6 @@ def _vp_alphas_cumprod(cfg: Mapping[str, Any]) -> Tensor:
 # --------------------------------------------------------------------------------------------------------
 # Denoiser
 # --------------------------------------------------------------------------------------------------------
-def _model_output(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(
-        f"model output must have .sample (diffusers output), be a tuple or a tensor; got {type(out)}"
-    )
-
-
 class Denoiser(nn.Module):
     """EDM-convention denoiser ``x0_hat = D(x_sigma, sigma, cond)`` around a diffusers model.
 
@@ -474,8 +463,24 @@ class Denoiser(nn.Module):
         return tuple(value) if isinstance(value, (list, tuple)) else value
 
     @property
+    def sample_channels(self) -> int | None:
+        """Channels of the samples (latents) denoised: ``in_channels``, except for Flux's packed tokens."""
+        return sample_channels(self.model)
+
+    @property
+    def embedded_guidance(self) -> bool:
+        """A guidance-distilled model (FLUX.1-dev): the guidance scale is an input, not two branches (CFG)."""
+        return bool(self._model_config_value("guidance_embeds"))
+
+    @property
     def num_class_embeds(self) -> int | None:
-        """Number of class embeddings (num_classes + 1 with a null class), if class-conditional."""
+        """Number of class embeddings (num_classes + 1 with a null class), if class-conditional.
+
+        DiT's ``num_embeds_ada_norm`` counts the real classes; its label table has one more row, the null class
+        (DiTPipeline guides towards class 1000 of 1000)."""
+        if denoiser_class_name(self.model) == "DiTTransformer2DModel":
+            classes = self._model_config_value("num_embeds_ada_norm")
+            return int(classes) + 1 if classes else None
         return self._model_config_value("num_class_embeds")
 
     @property
@@ -543,19 +548,26 @@ class Denoiser(nn.Module):
         return s.reshape(b)
 
     def _model_kwargs(self, cond: Condition | None, b: int) -> dict[str, Any]:
+        """The condition as the model's keyword arguments (floating tensors in the model's dtype)."""
         kwargs: dict[str, Any] = {}
         if cond is not None:
             cb = cond.batch_size
             if cb is not None and cb != b:
                 raise ValueError(f"cond batch size {cb} does not match x batch size {b} ({cond._shapes()})")
             mdtype = self._model_dtype()
+
+            def cast(t: Any) -> Any:
+                floating = isinstance(t, Tensor) and t.is_floating_point()
+                return t.to(mdtype) if floating and mdtype is not None else t
+
             if cond.class_labels is not None:
                 kwargs["class_labels"] = cond.class_labels
             if cond.encoder_hidden_states is not None:
-                ehs = cond.encoder_hidden_states
-                kwargs["encoder_hidden_states"] = ehs.to(mdtype) if mdtype is not None else ehs
+                kwargs["encoder_hidden_states"] = cast(cond.encoder_hidden_states)
             if cond.added_cond_kwargs is not None:
-                kwargs["added_cond_kwargs"] = cond.added_cond_kwargs
+                kwargs["added_cond_kwargs"] = {k: cast(v) for k, v in cond.added_cond_kwargs.items()}
+            for k, v in (cond.model_kwargs or {}).items():
+                kwargs[k] = v if k == "guidance" else cast(v)
         if self._needs_text and "encoder_hidden_states" not in kwargs:
             raise ValueError(f"{type(self.model).__name__} needs cond.encoder_hidden_states")
         if self._accepted_kwargs is not None:
@@ -565,11 +577,14 @@ class Denoiser(nn.Module):
         return kwargs
 
     def _call_model(self, x_in: Tensor, timestep: Tensor, cond: Condition | None) -> Tensor:
-        """Run the model in its own dtype (float32 timesteps) and return its output in x_in's dtype."""
+        """Run the model in its own dtype (float32 timesteps) through its family's call
+        (:func:`~distill.teachers.calls.call_denoiser`) and return its output in x_in's dtype."""
         kwargs = self._model_kwargs(cond, x_in.shape[0])
         mdtype = self._model_dtype() or x_in.dtype
-        out = self.model(x_in.to(mdtype), timestep.to(device=x_in.device, dtype=torch.float32), **kwargs)
-        return _model_output(out).to(x_in.dtype)
+        t = timestep.to(device=x_in.device, dtype=torch.float32)
+        if t.ndim == 0 or t.numel() == 1:
+            t = t.reshape(1).expand(x_in.shape[0])
+        return call_denoiser(self.model, x_in.to(mdtype), t, kwargs).to(x_in.dtype)
 
     def _denoise(self, x: Tensor, sigma: SigmaLike, cond: Condition | None) -> Tensor:
         """Unguided x0 prediction in the work dtype."""
@@ -621,6 +636,18 @@ class Denoiser(nn.Module):
         if c is not None and c.is_empty():
             c = None
         s = self._sigma_vector(sigma, x)
+        if self.embedded_guidance:  # Flux-dev: the scale is the model's guidance input, one branch
+            if c is None:
+                raise ValueError(f"{denoiser_class_name(self.model)} needs a condition (prompt embeddings)")
+            if "guidance" not in (c.model_kwargs or {}):
+                scale = torch.full((x.shape[0],), float(guidance_scale), device=x.device)
+                c = Condition(
+                    c.class_labels,
+                    c.encoder_hidden_states,
+                    c.added_cond_kwargs,
+                    {**(c.model_kwargs or {}), "guidance": scale},
+                )
+            return fn(x, s, c)
         if guidance_scale == 1.0 or (c is None and null_cond is None):
             return fn(x, s, c)
         if c is None:

@@ -1,11 +1,11 @@
 """What kind of teacher a folder or hub id holds, read from its JSON configs alone (no weights).
 
 A diffusers pipeline folder names its pipeline class and components in ``model_index.json``; each component
-folder has a ``config.json`` (models) or ``scheduler_config.json`` (schedulers). That is enough to tell a
-pixel-space UNet teacher, which :class:`~distill.teachers.denoiser.Denoiser` handles, from a latent or
-transformer teacher (Stable Diffusion, SD3, PixArt, Sana, Flux, DiT, LDM, ...), which the recipes cannot
-distil yet. :func:`describe_teacher_source` returns that description as a :class:`TeacherFamily`, so a recipe
-can refuse a teacher by name before it downloads or copies any weights.
+folder has a ``config.json`` (models) or ``scheduler_config.json`` (schedulers). That is enough to tell which
+family a teacher is (pixel-space UNet, Stable Diffusion, SDXL, SD3, PixArt, Sana, Flux, DiT, LDM, ...), whether
+it is latent, what it is conditioned on, and whether :class:`~distill.teachers.denoiser.Denoiser` can call it.
+:func:`describe_teacher_source` returns that description as a :class:`TeacherFamily`, so a recipe can refuse a
+teacher by name (and check its conditioning) before it downloads or copies any weights.
 
 This module also owns the scheduler names and parsing shared with the Denoiser (it imports nothing from the
 Denoiser, so the Denoiser's loader can use it).
@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from distill.teachers.calls import TRANSFORMER_CALLS
 
 __all__ = [
     "EDM_SCHEDULERS",
@@ -49,9 +51,18 @@ UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 DENOISER_COMPONENTS = ("unet", "transformer")
 VAE_COMPONENTS = ("vae", "vqvae", "movq")
 SUPPORTED_TEACHERS = (
-    "pixel-space UNet teachers (UNet2DModel, UNet2DConditionModel) with an EDM, discrete VP (DDPM, DDIM, "
-    "Euler, ...) or flow-matching scheduler"
+    "UNet2DModel / UNet2DConditionModel teachers in pixel space or on the latents of an AutoencoderKL, VQModel "
+    "or AutoencoderDC (SD 1.x/2.x, SDXL, LDM), and SD3, PixArt, Sana, Flux and DiT transformers, with an EDM, "
+    "discrete VP (DDPM, DDIM, Euler, ...) or flow-matching scheduler"
 )
+#: autoencoders whose latents the toolkit decodes and encodes (distill/teachers/latents.py)
+VAE_CLASSES = ("AutoencoderKL", "VQModel", "AutoencoderDC")
+#: pipelines refused whatever their parts: what they would need
+UNSUPPORTED_PIPELINES = {
+    "LDMTextToImagePipeline": "an encoder for its LDMBert text model (the pipeline has no encode_prompt)",
+    "KandinskyV22Pipeline": "image-embedding conditioning from its prior pipeline",
+    "StableDiffusionUpscalePipeline": "a low-resolution image input and noise-level conditioning",
+}
 
 #: ``_class_name`` of model_index.json -> family name, for pipelines whose name says more than their parts.
 PIPELINE_FAMILIES = {
@@ -329,6 +340,18 @@ def _conditioning(denoiser_cfg: Mapping[str, Any], is_unet: bool, text_encoders:
     return "+".join(parts) or "none"
 
 
+def _transformer_call_class(class_name: str | None, cfg: Mapping[str, Any]) -> str | None:
+    """The transformer class the Denoiser calls for ``class_name``: itself when it has a call, and for the
+    hub's legacy ``Transformer2DModel`` folders the class diffusers remaps them to by ``norm_type``."""
+    if class_name in TRANSFORMER_CALLS:
+        return class_name
+    if class_name == "Transformer2DModel":
+        return {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}.get(
+            cfg.get("norm_type", "")
+        )
+    return None
+
+
 def describe_teacher_source(
     path_or_id: str | os.PathLike[str],
     subfolder: str | None = None,
@@ -438,24 +461,28 @@ def _describe(
         if parameterization == "flow":
             prediction = "flow_prediction"
 
-    # 4. what the Denoiser cannot do yet
+    # 4. what the Denoiser cannot do
     text_encoders = tuple(sorted(c for c in listed if c.startswith("text_encoder") or c == "bert"))
     is_unet = denoiser_class in UNET_CLASSES
-    if vae_component is not None:
-        needs.insert(
-            0, f"decoding and encoding of latents by its {vae_class or 'autoencoder'} ({vae_component}/)"
-        )
     is_transformer = not is_unet and (component == "transformer" or "Transformer" in (denoiser_class or ""))
+    if pipeline_class in UNSUPPORTED_PIPELINES:
+        needs.append(UNSUPPORTED_PIPELINES[pipeline_class])
     if is_transformer:
-        needs.append(f"keyword-argument calls of its {denoiser_class} transformer (patchified inputs)")
+        callable_class = _transformer_call_class(denoiser_class, denoiser_cfg)
+        if callable_class is None:
+            needs.append(
+                f"a call of its {denoiser_class} transformer (supported: {', '.join(TRANSFORMER_CALLS)})"
+            )
     elif denoiser_class is not None and not is_unet:
         needs.append(f"a UNet2DModel or UNet2DConditionModel denoiser, not {denoiser_class}")
     in_ch, out_ch = denoiser_cfg.get("in_channels"), denoiser_cfg.get("out_channels")
-    if is_unet and in_ch is not None and out_ch is not None and in_ch != out_ch:
+    if is_unet and in_ch is not None and out_ch is not None and out_ch not in (in_ch, 2 * in_ch):
         needs.append(
-            f"a denoiser whose output has its input's {in_ch} channels ({denoiser_class} outputs {out_ch}: "
-            "learned variance or extra conditioning inputs)"
+            f"a denoiser whose output has its input's {in_ch} channels ({denoiser_class} takes {in_ch} and "
+            f"outputs {out_ch}: extra conditioning inputs such as a low-resolution or masked image)"
         )
+    if vae_component is not None and vae_class not in VAE_CLASSES:
+        needs.append(f"a {', '.join(VAE_CLASSES)} autoencoder, not {vae_class} ({vae_component}/)")
 
     kind = parameterization.split("-")[0] if parameterization else None
     if pipeline_class in PIPELINE_FAMILIES:
@@ -472,7 +499,7 @@ def _describe(
     channels = channels if channels is not None else in_ch
     supported = not needs
     if supported:
-        reason = f"pixel-space {denoiser_class or 'model'}"
+        reason = f"{'latent' if vae_component else 'pixel-space'} {denoiser_class or 'model'}"
         reason += f" with {sched_class} ({parameterization})" if sched_class else " (scheduler not found yet)"
     else:
         reason = "needs " + (", ".join(needs[:-1]) + " and " if len(needs) > 1 else "") + needs[-1]

@@ -40,14 +40,22 @@ def resolve_teacher_path(spec: str) -> str:
 UNTEXTED = ("none", "class_labels")
 
 
-def check_teacher(spec: str = "default", conditioning: Collection[str] | None = None) -> TeacherFamily:
+def check_teacher(
+    spec: str = "default", conditioning: Collection[str] | None = None, latent: bool = True
+) -> TeacherFamily:
     """The teacher's :class:`TeacherFamily`, or ``ValueError`` naming its family if it cannot be used.
 
     Reads JSON configs only (hub ids: a few small downloads), so recipes call it at start-up, before any
     weights are loaded or copied. ``conditioning``: the conditioning kinds the caller can feed
-    (e.g. ``("none", "class_labels")`` for a recipe without a text encoder); others are refused too.
+    (e.g. ``("none", "class_labels")`` for a recipe without prompts); others are refused too. ``latent=False``:
+    the caller cannot decode latents, so latent teachers are refused.
     """
     family = describe_teacher_source(resolve_teacher_path(spec)).require()
+    if not latent and family.latent:
+        raise ValueError(
+            f"{family.label} ({family.family}) teachers are not supported yet by this recipe: it does not decode "
+            f"the latents of its {family.vae_class} ({family.vae_component}/) (teacher {spec!r})"
+        )
     if conditioning is not None and family.conditioning not in conditioning:
         raise ValueError(
             f"{family.label} ({family.family}) teacher {spec!r} is conditioned on {family.conditioning!r}; "
