@@ -82,6 +82,7 @@ from distill.teachers.conditions import ConditionSource, check_conditioning
 from distill.teachers.denoiser import Condition, Denoiser
 from distill.teachers.edm import sample_lognormal_sigmas
 from distill.teachers.families import TeacherFamily
+from distill.teachers.latents import LatentCodec, sample_shape
 from distill.teachers.loading import check_teacher, load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
 from engine.launch import run_main
@@ -295,6 +296,13 @@ class SiDConfig(TrainConfig):
     export_dir: str | None = field(
         default=None, metadata={"help": "Where to export the EMA student (default: output_dir/student)."}
     )
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Image side in pixels (latent teachers: divided by the VAE's factor); None: the teacher's "
+            "configured sample size (Flux has none: give it)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -377,7 +385,7 @@ class SiDRecipe(Recipe):
     def setup(self, trainer: Trainer) -> RecipeParts:
         cfg = self.config
         # refused by family name and conditioning from its configs alone, before any copy of the teacher exists
-        family = check_teacher(cfg.teacher, latent=False)
+        family = check_teacher(cfg.teacher)
         check_conditioning(cfg.teacher, family, cfg.prompts, cfg.prompt_column, cfg.negative_prompt)
         if cfg.real_data is not None and family.conditioning.startswith("text"):
             raise ValueError(
@@ -387,7 +395,9 @@ class SiDRecipe(Recipe):
         # prompts are encoded (and the text encoders freed) before the teacher's weights are loaded
         prompted = self._conditions(trainer, family) if cfg.prompts is not None else None
         teacher = load_teacher(cfg.teacher)
-        self.shape = (teacher.in_channels, teacher.sample_size, teacher.sample_size)
+        # a latent teacher's samples are latents: images only at the edges (grids, metrics, SiDA's real data)
+        self.codec = LatentCodec.from_teacher(family) if family.latent else None
+        self.shape = sample_shape(teacher, self.codec, cfg.resolution)
         self.num_classes, self.null_label = self._classes(teacher)
         self.conditions = prompted
         if prompted is None:
@@ -398,8 +408,15 @@ class SiDRecipe(Recipe):
         if trainer.is_main:
             get_logger().info(self.describe())
         fixed = (lambda i: self.conditions.fixed(i)[0]) if self.conditions.kind == "prompts" else None
+        decode = None if self.codec is None else self.codec.to(trainer.device).decode
         self.quality = QualityTracker(
-            trainer, cfg.eval_samples, cfg.eval_seed, self.shape, self.num_classes, conditions=fixed
+            trainer,
+            cfg.eval_samples,
+            cfg.eval_seed,
+            self.shape,
+            self.num_classes,
+            decode=decode,
+            conditions=fixed,
         )
         ema = {"ema_halflife_images": cfg.ema_halflife_images, "ema_rampup_ratio": cfg.ema_rampup_ratio}
         lrs = {"fake_score": cfg.lr_fake_score, "generator": cfg.lr_generator}
@@ -448,6 +465,7 @@ class SiDRecipe(Recipe):
             negative_prompt=cfg.negative_prompt,
             num_classes=num_classes,
             null_label=null_label,
+            image_size=None if cfg.resolution is None else (cfg.resolution, cfg.resolution),
             accelerator=trainer.accelerator,
             cache_dir=cfg.prompt_cache_dir,
         )
@@ -573,13 +591,14 @@ class SiDRecipe(Recipe):
     def _real_images(self) -> DataLoader:
         """SiDA's real images, checked against the teacher's sample shape before any training."""
         cfg = self.config
+        image_shape = self.shape if self.codec is None else self.codec.image_shape_for(self.shape)
         dataset = load_image_dataset(
-            cfg.real_data, split="train", resolution=self.shape[-1], channels=self.shape[0]
+            cfg.real_data, split="train", resolution=image_shape[-1], channels=image_shape[0]
         )
         shape = tuple(torch.as_tensor(dataset[0]["pixel_values"]).shape)
-        if shape != self.shape:
+        if shape != image_shape:
             raise ValueError(
-                f"real_data {cfg.real_data!r} gives images of shape {shape}; the teacher samples {self.shape}"
+                f"real_data {cfg.real_data!r} gives images of shape {shape}; the teacher makes {image_shape}"
             )
         if len(dataset) < cfg.batch_size:
             raise ValueError(
@@ -757,6 +776,8 @@ class SiDRecipe(Recipe):
     ) -> torch.Tensor:
         """D's loss: real images noised like x_g (same sigma and noise) against the generated ones."""
         x_real = batch["pixel_values"].to(noise.device, noise.dtype)
+        if self.codec is not None:  # the discriminator sees real images as the teacher's latents
+            x_real = self.codec.encode(x_real).to(noise.device, noise.dtype)
         with self.discriminator_logits(True) as logits_real:
             models["fake_score"](x_real + sigma.view(-1, 1, 1, 1) * noise, sigma, cond)
         return discriminator_loss(logits_real[-1], logits_fake, sigma)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from tiny_models import sid_trainer
+from tiny_pipelines import IMAGE_SIZES
 
 from distill.teachers import conditions as C
 from distill.teachers.conditions import ConditionSource, check_conditioning
@@ -317,17 +318,6 @@ def test_sid_class_teacher_conditions_are_the_class_source(tmp_path, class_teach
     assert "10 classes, null class 10" in recipe.describe()
 
 
-@pytest.fixture
-def latent_sid(monkeypatch):
-    """SiD's start-up check as it will be once SiD decodes latents: latent teachers pass (its training steps on
-    latents need no decoding; its evaluation and export are the latent side's, not tested here)."""
-    from distill.teachers.loading import check_teacher
-    from recipes import sid as sid_recipe
-
-    monkeypatch.setattr(sid_recipe, "check_teacher", lambda spec, **kwargs: check_teacher(spec))
-
-
-@pytest.mark.usefixtures("latent_sid")
 def test_sid_refuses_a_text_teacher_without_prompts_before_loading(tmp_path, tiny_pipeline_dir, monkeypatch):
     loads = []
     monkeypatch.setattr("recipes.sid.load_teacher", lambda *a, **k: loads.append(a))
@@ -341,18 +331,7 @@ def test_sid_refuses_a_text_teacher_without_prompts_before_loading(tmp_path, tin
     assert loads == []
 
 
-@pytest.mark.usefixtures("latent_sid")
-@pytest.mark.parametrize(
-    "family",
-    [
-        pytest.param(
-            f, marks=pytest.mark.skip(reason="Flux's sample shape in SiD (self.shape) is the latent side's")
-        )
-        if f == "flux"
-        else f
-        for f in TEXT_FAMILIES
-    ],
-)
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_sid_trains_on_prompts_with_guidance_and_prompt_dropout(
     tmp_path, tiny_pipeline_dir, prompt_file, cache_dir, family
 ):
@@ -368,6 +347,7 @@ def test_sid_trains_on_prompts_with_guidance_and_prompt_dropout(
         label_dropout=1.0,
         batch_size=2,
         eval_samples=4,
+        **({"resolution": IMAGE_SIZES[family]} if family == "flux" else {}),  # Flux configures no size
     )
     recipe = trainer.recipe
     assert recipe.conditions.kind == "prompts" and recipe.drops_labels  # f_psi is guided in G's loss
@@ -398,7 +378,6 @@ def test_sid_trains_on_prompts_with_guidance_and_prompt_dropout(
         _assert_rows(n, embeddings.null(2), family)
 
 
-@pytest.mark.skip(reason="needs SiD's latent side (decoded evaluation, pipeline export)")
 def test_sid_fit_on_a_text_teacher_exports_a_student(tmp_path, tiny_pipeline_dir, prompt_file, cache_dir):
     trainer = sid_trainer(
         tmp_path,
@@ -413,3 +392,20 @@ def test_sid_fit_on_a_text_teacher_exports_a_student(tmp_path, tiny_pipeline_dir
     assert trainer.step == 2
     assert (tmp_path / "student" / "model_index.json").is_file()
     assert trainer.recipe.card_facts(trainer, {})["num_prompts"] == len(PROMPTS)
+
+
+def test_sid_sdxl_time_ids_follow_the_resolution(tmp_path, tiny_pipeline_dir, prompt_file, cache_dir):
+    trainer = sid_trainer(
+        tmp_path,
+        tiny_pipeline_dir("sdxl"),
+        prompts=str(prompt_file),
+        prompt_cache_dir=str(cache_dir),
+        resolution=48,
+        batch_size=2,
+        eval_samples=4,
+    )
+    assert trainer.recipe.shape[-2:] == (48 // 2, 48 // 2)  # the tiny VAE halves the side
+    _, cond, null = trainer.recipe.latents()
+    want = torch.tensor([[48.0, 48, 0, 0, 48, 48]]).repeat(2, 1)
+    _equal(cond.added_cond_kwargs["time_ids"], want)
+    _equal(null.added_cond_kwargs["time_ids"], want)

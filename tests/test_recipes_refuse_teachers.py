@@ -31,15 +31,29 @@ def test_every_tiny_family_is_either_refused_or_trained():
     assert set(LATENT_FAMILIES) | {"ddpm"} == set(FAMILIES)
 
 
-@pytest.mark.parametrize("family", sorted(LATENT_FAMILIES))
-def test_sid_refuses_by_name_before_loading(tmp_path, tiny_pipeline_dir, family, monkeypatch):
+#: families SiD trains on without prompts: class-conditional DiT and the unconditional LDMs
+SID_WITHOUT_PROMPTS = ("dit", "ldm_kl", "ldm_vq")
+
+
+@pytest.mark.parametrize("family", sorted(set(LATENT_FAMILIES) - set(SID_WITHOUT_PROMPTS)))
+def test_sid_refuses_a_text_teacher_by_name_before_loading(tmp_path, tiny_pipeline_dir, family, monkeypatch):
     folder = tiny_pipeline_dir(family)
     loads = []
     monkeypatch.setattr("recipes.sid.load_teacher", lambda *a, **k: loads.append(a))
-    with pytest.raises(ValueError, match="not supported yet") as err:
+    with pytest.raises(ValueError, match="is conditioned on text: pass --prompts") as err:
         sid_trainer(tmp_path, folder)
-    assert LATENT_FAMILIES[family] in str(err.value)
+    assert LATENT_FAMILIES[family].split(" (")[0] in str(err.value)
     assert loads == []  # refused from the configs alone: no teacher was loaded, let alone copied
+
+
+@pytest.mark.parametrize("family,student", [("dit", "full"), ("ldm_vq", "lora")])
+def test_sid_trains_on_latent_teachers_and_shows_decoded_images(tmp_path, tiny_pipeline_dir, family, student):
+    trainer = sid_trainer(tmp_path, tiny_pipeline_dir(family), batch_size=2, eval_samples=4, student=student)
+    seen = []
+    trainer.log_images = lambda tag, images, **kw: seen.append(images.shape)
+    trainer.fit()
+    assert trainer.step == 2 and trainer.recipe.shape == (4 if family == "dit" else 3, 8, 8)
+    assert seen and seen[-1][1:] == (3, 16, 16)  # the grid shows images decoded by the VAE, not latents
 
 
 def test_reflow_and_lora_refuse_a_latent_teacher_by_name(tmp_path, tiny_pipeline_dir):

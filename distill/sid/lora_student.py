@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from distill.teachers.denoiser import Denoiser
-from finetune.targets import UNET_TARGETS
+from finetune.targets import default_targets
 
 ADAPTERS = ("fake_score", "generator")
 _LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d)
@@ -43,10 +43,11 @@ def resolve_targets(unet: nn.Module, targets: Sequence[str] | None) -> list[str]
     """The LoRA target names for ``unet``; every explicitly given target must match a Linear/Conv2d layer."""
     layers = [name for name, m in unet.named_modules() if isinstance(m, _LORA_LAYER_TYPES)]
     if not targets:
-        found = [t for t in UNET_TARGETS if any(_matches(n, t) for n in layers)]
+        defaults = default_targets(unet)
+        found = [t for t in defaults if any(_matches(n, t) for n in layers)]
         if not found:
             raise ValueError(
-                f"None of the default LoRA targets {list(UNET_TARGETS)} is a Linear/Conv2d layer of "
+                f"None of the default LoRA targets {list(defaults)} is a Linear/Conv2d layer of "
                 f"{type(unet).__name__}; set lora_targets to some of its layer names"
             )
         return found

@@ -39,7 +39,7 @@ import torch
 from distill.teachers.families import TeacherFamily, describe_teacher_source
 from distill.teachers.loading import resolve_teacher_path
 
-__all__ = ["LatentCodec"]
+__all__ = ["LatentCodec", "sample_shape"]
 
 #: pixel values beyond this (in [-1, 1] units) mean the images are not in [-1, 1] at all (e.g. [0, 255]);
 #: a little slack lets resizing overshoot through
@@ -278,3 +278,29 @@ class LatentCodec:
                 raise TypeError(f"{type(self.vae).__name__}.encode returned {type(encoded).__name__}")
             out.append(self.from_vae_latents(z))
         return torch.cat(out)
+
+
+def sample_shape(
+    teacher: Any, codec: LatentCodec | None, resolution: int | None = None
+) -> tuple[int, int, int]:
+    """(C, H, W) of what ``teacher`` (a Denoiser) denoises: its sample channels, and its configured sample size
+    or ``resolution`` (image pixels; divided by the autoencoder's factor for a latent teacher).
+
+    Flux transformers have no sample size in their config, so they need ``resolution``; a ``resolution`` the
+    autoencoder's factor does not divide is refused by name."""
+    channels = teacher.sample_channels
+    if resolution is not None:
+        if resolution <= 0:
+            raise ValueError(f"resolution={resolution} must be a positive number of pixels")
+        h, w = (resolution, resolution) if codec is None else codec.latent_size_for(resolution)
+    elif teacher.sample_size is not None:
+        size = teacher.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+    else:
+        raise ValueError(
+            f"{type(teacher.model).__name__} has no sample_size in its config: set resolution (image pixels, "
+            "e.g. 1024 for FLUX.1)"
+        )
+    if channels is None:
+        raise ValueError(f"{type(teacher.model).__name__} has no in_channels in its config")
+    return (int(channels), int(h), int(w))
