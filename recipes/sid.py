@@ -79,10 +79,12 @@ from distill.sid.losses import (
     sample_table_timesteps,
     sid_generator_loss,
 )
+from distill.teachers.conditions import ConditionSource, check_conditioning
 from distill.teachers.denoiser import Condition, Denoiser
-from distill.teachers.edm import drop_labels, sample_lognormal_sigmas
+from distill.teachers.edm import sample_lognormal_sigmas
+from distill.teachers.families import TeacherFamily
 from distill.teachers.latents import LatentCodec, sample_shape
-from distill.teachers.loading import UNTEXTED, check_teacher, load_teacher
+from distill.teachers.loading import check_teacher, load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
 from engine.launch import run_main
 from engine.log import get_logger
@@ -194,8 +196,33 @@ class SiDConfig(TrainConfig):
     label_dropout: float = field(
         default=0.1,
         metadata={
-            "help": "Share of f_psi's labels set to null in its step, only when one of f_psi's CFG scales is "
-            "not 1 (as the authors): f_psi then learns the null score its guidance uses."
+            "help": "Share of f_psi's conditions (labels or prompts) set to null in its step, only when one of "
+            "f_psi's CFG scales is not 1 (as the authors): f_psi then learns the null score its guidance uses."
+        },
+    )
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts of a text-to-image teacher (required for one): a text file, one prompt a line, or a "
+            ".json/.jsonl/.csv/.parquet file, a local datasets folder or a hub dataset (see prompt_column); "
+            "encoded once by the teacher's own text encoders and cached on disk."
+        },
+    )
+    prompt_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of the prompts in a table source; None: the first of prompt, text, caption."
+        },
+    )
+    negative_prompt: str = field(
+        default="",
+        metadata={"help": "The null condition of a text teacher's guidance (and of prompt dropout)."},
+    )
+    prompt_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where prompt embeddings are cached; None: $ONESTEP_CACHE/prompt_embeddings, else "
+            "~/.cache/onestep/prompt_embeddings."
         },
     )
     num_classes: int | None = field(
@@ -358,8 +385,16 @@ class SiDRecipe(Recipe):
     # 0. networks ---------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> RecipeParts:
         cfg = self.config
-        # refused by family name from its configs alone, before any copy of the teacher exists
-        family = check_teacher(cfg.teacher, conditioning=UNTEXTED)
+        # refused by family name and conditioning from its configs alone, before any copy of the teacher exists
+        family = check_teacher(cfg.teacher)
+        check_conditioning(cfg.teacher, family, cfg.prompts, cfg.prompt_column, cfg.negative_prompt)
+        if cfg.real_data is not None and family.conditioning.startswith("text"):
+            raise ValueError(
+                f"real_data (SiDA) with the text-conditioned teacher {cfg.teacher!r} is not supported: the real "
+                "images carry no prompts; drop real_data"
+            )
+        # prompts are encoded (and the text encoders freed) before the teacher's weights are loaded
+        prompted = self._conditions(trainer, family) if cfg.prompts is not None else None
         teacher = load_teacher(cfg.teacher)
         # a latent teacher's samples are latents: images only at the edges (grids, metrics, SiDA's real data)
         if family.latent and cfg.student == "full":
@@ -367,14 +402,24 @@ class SiDRecipe(Recipe):
         self.codec = LatentCodec.from_teacher(family) if family.latent else None
         self.shape = sample_shape(teacher, self.codec, cfg.resolution)
         self.num_classes, self.null_label = self._classes(teacher)
+        self.conditions = prompted
+        if prompted is None:
+            self.conditions = self._conditions(trainer, family, self.num_classes, self.null_label)
         self.scales = cfg.guidance_scales()
         self._check_guidance()
         self._noise_setup(teacher)
         if trainer.is_main:
             get_logger().info(self.describe())
+        fixed = (lambda i: self.conditions.fixed(i)[0]) if self.conditions.kind == "prompts" else None
         decode = None if self.codec is None else self.codec.to(trainer.device).decode
         self.quality = QualityTracker(
-            trainer, cfg.eval_samples, cfg.eval_seed, self.shape, self.num_classes, decode=decode
+            trainer,
+            cfg.eval_samples,
+            cfg.eval_seed,
+            self.shape,
+            self.num_classes,
+            decode=decode,
+            conditions=fixed,
         )
         ema = {"ema_halflife_images": cfg.ema_halflife_images, "ema_rampup_ratio": cfg.ema_rampup_ratio}
         lrs = {"fake_score": cfg.lr_fake_score, "generator": cfg.lr_generator}
@@ -405,7 +450,29 @@ class SiDRecipe(Recipe):
             clip_gradient_values(parts.trained["fake_score"].optimizer, cfg.grad_value_clip())
         return parts
 
-    # teacher facts: classes, guidance, noise levels -----------------------------------------------------
+    # teacher facts: conditions, classes, guidance, noise levels ----------------------------------------
+    def _conditions(
+        self,
+        trainer: Trainer,
+        family: TeacherFamily,
+        num_classes: int | None = None,
+        null_label: int | None = None,
+    ) -> ConditionSource:
+        """The teacher's conditions: prompts (encoded, main process first), its classes, or none."""
+        cfg = self.config
+        return ConditionSource.for_teacher(
+            cfg.teacher,
+            family,
+            prompts=cfg.prompts,
+            prompt_column=cfg.prompt_column,
+            negative_prompt=cfg.negative_prompt,
+            num_classes=num_classes,
+            null_label=null_label,
+            image_size=None if cfg.resolution is None else (cfg.resolution, cfg.resolution),
+            accelerator=trainer.accelerator,
+            cache_dir=cfg.prompt_cache_dir,
+        )
+
     def _classes(self, teacher: Denoiser) -> tuple[int | None, int | None]:
         """(number of classes, null class or None) of the teacher, from its class embeddings and num_classes.
 
@@ -429,14 +496,15 @@ class SiDRecipe(Recipe):
         )
 
     def _check_guidance(self) -> None:
-        """CFG needs a conditional teacher with a null class: refused at start-up otherwise."""
+        """CFG needs a conditional teacher with a null condition (null class, or the negative prompt of a text
+        teacher): refused at start-up otherwise."""
         cfg = self.config
         sources = {}  # the settings that make a scale differ from 1: its own, or guidance_scale
         for name, value in self.scales.items():
             if value != 1.0:
                 source = name if getattr(cfg, name) is not None else "guidance_scale"
                 sources[source] = value
-        if not sources:
+        if not sources or self.conditions.kind == "prompts":  # prompts: the negative prompt is the null
             return
         settings = ", ".join(f"{k}={v:g}" for k, v in sources.items())
         if self.num_classes is None:
@@ -453,9 +521,10 @@ class SiDRecipe(Recipe):
 
     @property
     def drops_labels(self) -> bool:
-        """f_psi's labels are dropped to null only when one of f_psi's scales guides it (authors' rule)."""
+        """f_psi's conditions (labels or prompts) are dropped to null only when one of f_psi's scales guides it
+        (authors' rule)."""
         fake = ("guidance_scale_fake_train", "guidance_scale_fake_difference", "guidance_scale_fake_alpha")
-        return self.null_label is not None and any(self.scales[k] != 1.0 for k in fake)
+        return self.conditions.has_null and any(self.scales[k] != 1.0 for k in fake)
 
     def _noise_setup(self, teacher: Denoiser) -> None:
         """Resolve the noise draws (edm or the teacher's table), their timestep range and f_psi's objective."""
@@ -509,6 +578,8 @@ class SiDRecipe(Recipe):
         if self.num_classes is not None:
             null = "no null class" if self.null_label is None else f"null class {self.null_label}"
             classes = f"{self.num_classes} classes, {null}"
+        elif self.conditions.kind == "prompts":
+            classes = self.conditions.describe()
         return f"SiD: {noise}; f_psi objective {self.fake_objective}; {classes}; CFG {self.scales}"
 
     def noise_sigmas(self, n: int, device: torch.device, phase: str) -> torch.Tensor:
@@ -583,18 +654,12 @@ class SiDRecipe(Recipe):
 
     # the generator's samples -------------------------------------------------------------------------
     def latents(self) -> tuple[torch.Tensor, Condition | None, Condition | None]:
-        """A batch of G's input noise z, and for class-conditional teachers random labels and their null."""
+        """A batch of G's input noise z, and for conditional teachers random conditions (labels or prompts)
+        and their null (None without a null class)."""
         n, device = self.config.batch_size, self.quality.device
         z = torch.randn(n, *self.shape, device=device)
-        if self.num_classes is None:
-            return z, None, None
-        labels = torch.randint(0, self.num_classes, (n,), device=device)
-        null = (
-            None
-            if self.null_label is None
-            else Condition(class_labels=torch.full_like(labels, self.null_label))
-        )
-        return z, Condition(class_labels=labels), null
+        cond, null = self.conditions.sample(n, device)
+        return z, cond, null
 
     def generator_sample(self, generator: Denoiser, z: torch.Tensor, cond: Condition | None) -> torch.Tensor:
         """x_g for training: G after a random number of its k steps, only the last call differentiable.
@@ -635,7 +700,8 @@ class SiDRecipe(Recipe):
         """f_psi learns the denoiser of G's current samples: EDM's loss at x_g + sigma n, sigma ~ LogNormal."""
         cfg = self.config
         z, cond, null = self.latents()
-        if self.discriminator is not None and cond is not None:  # SiDA: G draws the real batch's classes
+        if self.discriminator is not None and self.conditions.kind == "classes":
+            # SiDA: G draws the real batch's classes
             cond = Condition(class_labels=batch["label"].to(z.device))
         with torch.no_grad():
             x_g = self.generator_sample(models["generator"], z, cond)
@@ -644,9 +710,7 @@ class SiDRecipe(Recipe):
         x_t = x_g + sigma.view(-1, 1, 1, 1) * noise
         train_cond = cond
         if cond is not None and self.drops_labels:
-            train_cond = Condition(
-                class_labels=drop_labels(cond.class_labels, cfg.label_dropout, self.null_label)
-            )
+            train_cond = self.conditions.drop(cond, null, cfg.label_dropout)
         with self.discriminator_logits(self.discriminator is not None) as logits_fake:
             (y_fake,) = self.guided(
                 models["fake_score"], x_t, sigma, train_cond, null, self.scales["guidance_scale_fake_train"]
@@ -757,6 +821,15 @@ class SiDRecipe(Recipe):
             "guidance_scale": cfg.guidance_scale,
             **self.scales,
             **({"num_classes": self.num_classes, "null_class": self.null_label} if self.num_classes else {}),
+            **(
+                {
+                    "prompts": cfg.prompts,
+                    "num_prompts": self.conditions.num_prompts,
+                    "negative_prompt": cfg.negative_prompt,
+                }
+                if self.conditions.kind == "prompts"
+                else {}
+            ),
             **({"fake_score_grad_value_clip": cfg.grad_value_clip()} if cfg.grad_value_clip() else {}),
             "lr_generator": cfg.lr_generator,
             "lr_fake_score": cfg.lr_fake_score,

@@ -14,7 +14,7 @@ from distill.evaluation import quality
 from distill.evaluation.metrics import DigitsEvaluator, frechet_distance
 from distill.evaluation.quality import GRID_SAMPLES, QualityTracker, evaluate_sampler
 from distill.sampling.ode import sample
-from distill.teachers.denoiser import Denoiser
+from distill.teachers.denoiser import Condition, Denoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,3 +136,26 @@ def test_tracker_digits_path_keeps_all_samples_and_the_same_noise(tmp_path):
     expected = DigitsEvaluator().evaluate(torch.tanh(tracker.noise))
     assert metrics["fd"] == pytest.approx(expected["fd"], rel=1e-9)
     assert tracker.best["fd"] == metrics["fd"] and tracker.history[0]["step"] == 1.0
+
+
+def test_tracker_conditions_replace_the_class_labels(tmp_path):
+    """A condition callable (prompts: ConditionSource.fixed) gets each chunk's fixed sample indices."""
+    trainer, _ = fake_trainer(tmp_path)
+    asked, seen = [], []
+
+    def conditions(indices):
+        asked.append(indices.clone())
+        return Condition(encoder_hidden_states=indices.float().view(-1, 1, 1))
+
+    tracker = QualityTracker(
+        trainer, num_samples=600, seed=5, shape=(1, 8, 8), num_classes=10, conditions=conditions
+    )
+    assert tracker.labels is None
+
+    def sample_fn(z, cond):
+        seen.append(cond.encoder_hidden_states.flatten())
+        return torch.tanh(z)
+
+    tracker.evaluate(sample_fn, tag="digits")
+    assert torch.equal(torch.cat(asked), torch.arange(600)) and [len(a) for a in asked] == [500, 100]
+    assert torch.equal(torch.cat(seen), torch.arange(600).float())

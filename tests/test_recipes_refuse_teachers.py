@@ -40,7 +40,7 @@ def test_sid_refuses_a_text_teacher_by_name_before_loading(tmp_path, tiny_pipeli
     folder = tiny_pipeline_dir(family)
     loads = []
     monkeypatch.setattr("recipes.sid.load_teacher", lambda *a, **k: loads.append(a))
-    with pytest.raises(ValueError, match="is conditioned on 'text") as err:
+    with pytest.raises(ValueError, match="is conditioned on text: pass --prompts") as err:
         sid_trainer(tmp_path, folder)
     assert LATENT_FAMILIES[family].split(" (")[0] in str(err.value)
     assert loads == []  # refused from the configs alone: no teacher was loaded, let alone copied

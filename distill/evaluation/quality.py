@@ -191,7 +191,10 @@ class QualityTracker:
         shape: tuple[int, ...],
         num_classes: int | None = None,
         decode: Decode | None = None,
+        conditions: Callable[[torch.Tensor], Condition | None] | None = None,
     ):
+        """``conditions`` (fixed sample indices -> their condition, e.g. ``ConditionSource.fixed(i)[0]``)
+        replaces the labels cycling through ``num_classes`` when given (prompts)."""
         self.trainer = trainer
         self.device = trainer.device
         self.shape = tuple(shape)
@@ -202,7 +205,10 @@ class QualityTracker:
             note_skipped_metrics(self.image_shape, num_samples)
         noise_gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(count, *self.shape, generator=noise_gen)
-        self.labels = None if num_classes is None else torch.arange(count) % num_classes
+        self.labels = (
+            None if num_classes is None or conditions is not None else torch.arange(count) % num_classes
+        )
+        self.conditions = conditions
         self.best: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self.last_grid: str | None = None
@@ -222,8 +228,12 @@ class QualityTracker:
         with samples_bar(len(idx), desc, enabled=show, leave=False) as bar:
             for chunk in idx.split(500):
                 z = self.noise[chunk].to(self.device)
-                labels = None if self.labels is None else self.labels[chunk].to(self.device)
-                cond = None if labels is None else Condition(class_labels=labels)
+                if self.conditions is not None:
+                    cond = self.conditions(chunk)
+                    cond = None if cond is None else cond.to(self.device)
+                else:
+                    labels = None if self.labels is None else self.labels[chunk].to(self.device)
+                    cond = None if labels is None else Condition(class_labels=labels)
                 samples = sample_fn(z, cond)
                 if self.decode is not None:  # back on this process's device for the gather
                     samples = self.decode(samples).to(self.device)

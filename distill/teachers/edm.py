@@ -46,15 +46,17 @@ def edm_denoising_loss(
     return edm_weight(sigma.float(), sigma_data) * per_sample
 
 
-def drop_labels(labels: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
+def drop_labels(
+    labels: torch.Tensor, p: float, null_label: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """CFG training: each class label becomes the null class ``null_label`` with probability ``p``.
 
     A model trained this way also learns the unconditional score, which classifier-free guidance needs.
-    Draws ``torch.rand(labels.shape)`` only when ``p > 0``.
+    Draws ``torch.rand(labels.shape)`` (on ``generator`` when given) only when ``p > 0``.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"label dropout p={p} must be in [0, 1]")
     if p == 0:
         return labels
-    drop = torch.rand(labels.shape, device=labels.device) < p
+    drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p
     return torch.where(drop, torch.full_like(labels, null_label), labels)
