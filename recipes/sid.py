@@ -379,6 +379,9 @@ class SiDConfig(TrainConfig):
 class SiDRecipe(Recipe):
     """SiD on the engine: phases "fake_score" (step 1) and "generator" (step 2), each with its own optimiser."""
 
+    #: the teacher takes its guidance scale as an input (FLUX.1-dev), set in setup
+    embedded_guidance: bool = False
+
     def __init__(self, config: SiDConfig) -> None:
         self.config = config
 
@@ -393,12 +396,13 @@ class SiDRecipe(Recipe):
                 f"real_data (SiDA) with the text-conditioned teacher {cfg.teacher!r} is not supported: the real "
                 "images carry no prompts; drop real_data"
             )
+        if family.latent and cfg.student == "full":
+            check_latent_export(family, len(cfg.step_sigmas))  # refused now, not after training
         # prompts are encoded (and the text encoders freed) before the teacher's weights are loaded
         prompted = self._conditions(trainer, family) if cfg.prompts is not None else None
         teacher = load_teacher(cfg.teacher)
+        self.embedded_guidance = teacher.embedded_guidance
         # a latent teacher's samples are latents: images only at the edges (grids, metrics, SiDA's real data)
-        if family.latent and cfg.student == "full":
-            check_latent_export(family, len(cfg.step_sigmas))  # refused now, not after training
         self.codec = LatentCodec.from_teacher(family) if family.latent else None
         self.shape = sample_shape(teacher, self.codec, cfg.resolution)
         self.num_classes, self.null_label = self._classes(teacher)
@@ -670,8 +674,8 @@ class SiDRecipe(Recipe):
         steps = int(torch.randint(len(sigmas), ()).item()) + 1 if len(sigmas) > 1 else 1
         return student_sample(generator, z, sigmas, cond, steps=steps)
 
-    @staticmethod
     def guided(
+        self,
         model: torch.nn.Module,
         x: torch.Tensor,
         sigma: torch.Tensor,
@@ -682,8 +686,12 @@ class SiDRecipe(Recipe):
         """``model``'s x0 under each CFG scale (SiD-LSG), from one forward: null + kappa (cond - null).
 
         One scale (or no null condition) is one plain guided call; several run the conditional and null
-        branches once, batched, and combine them per scale.
+        branches once, batched, and combine them per scale. A guidance-distilled teacher (FLUX.1-dev) takes each
+        scale as its guidance input instead (one call per distinct scale; no null branch).
         """
+        if self.embedded_guidance and cond is not None:
+            by_scale = {k: model(x, sigma, cond, guidance_scale=k) for k in dict.fromkeys(scales)}
+            return [by_scale[k] for k in scales]
         if null is None or cond is None:
             y = model(x, sigma, cond)
             return [y] * len(scales)
