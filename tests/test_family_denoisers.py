@@ -199,3 +199,20 @@ def test_flux_packing_round_trips_and_matches_diffusers():
     torch.testing.assert_close(flux_unpack(packed, 8, 6), z, rtol=0, atol=0)
     with pytest.raises(ValueError, match="even height and width, got 7 x 6"):
         flux_pack(_latents((1, 16, 7, 6)))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_peft_wrapped_transformer_is_called_as_its_family(family, tiny_pipeline_dir):
+    """LoRA students wrap the transformer in a PeftModel: it must still get its keyword call (and Flux its
+    packing), and a fresh adapter (B = 0) must not change the prediction."""
+    from peft import LoraConfig, get_peft_model
+
+    folder = tiny_pipeline_dir(family)
+    cond, _ = _text_conditions(_pipe(folder), family)
+    plain = Denoiser.from_pretrained(folder)
+    wrapped = Denoiser.from_pretrained(folder)
+    wrapped.model = get_peft_model(wrapped.model, LoraConfig(r=2, target_modules=["to_q", "to_k"]))
+    z = _latents((1, 16, 8, 8))
+    expected = plain.velocity(z, 0.7, cond)
+    torch.testing.assert_close(wrapped.velocity(z, 0.7, cond), expected, rtol=0, atol=1e-6)
+    assert wrapped.embedded_guidance == plain.embedded_guidance == (family == "flux")

@@ -49,13 +49,22 @@ __all__ = [
 Kwargs = dict[str, Any]
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The diffusers model inside ``torch.compile``'s and peft's wrappers (a ``PeftModel`` forwards its
+    positional and keyword arguments to it, so the call itself goes to the wrapper)."""
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, "_orig_mod", model)
+
+
 def denoiser_class_name(model: nn.Module) -> str:
-    """The diffusers class of ``model``, seen through ``torch.compile``'s wrapper."""
-    return type(getattr(model, "_orig_mod", model)).__name__
+    """The diffusers class of ``model``, seen through ``torch.compile``'s and peft's wrappers."""
+    return type(unwrapped(model)).__name__
 
 
 def _config(model: nn.Module, key: str, default: Any = None) -> Any:
-    cfg = getattr(getattr(model, "_orig_mod", model), "config", None)
+    cfg = getattr(unwrapped(model), "config", None)
     if cfg is None:
         return default
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
