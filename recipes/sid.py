@@ -396,7 +396,7 @@ class SiDRecipe(Recipe):
                 f"real_data (SiDA) with the text-conditioned teacher {cfg.teacher!r} is not supported: the real "
                 "images carry no prompts; drop real_data"
             )
-        if family.latent and cfg.student == "full":
+        if family.latent and (cfg.student == "full" or cfg.lora_export_merged):
             check_latent_export(family, len(cfg.step_sigmas))  # refused now, not after training
         # prompts are encoded (and the text encoders freed) before the teacher's weights are loaded
         prompted = self._conditions(trainer, family) if cfg.prompts is not None else None

@@ -25,6 +25,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from distill.export.generator import export_generator
+from distill.export.latent import STANDARD_PIPELINES, export_latent_student, vp_student_scheduler
 from distill.export.model_card import (
     DEFAULT_LICENSE,
     call_snippet,
@@ -34,6 +35,8 @@ from distill.export.model_card import (
 )
 from distill.pipelines import ADAPTER_INFO, load_adapter_student, read_adapter_info
 from distill.teachers.denoiser import Denoiser
+from distill.teachers.families import TeacherFamily, describe_teacher_source
+from distill.teachers.loading import load_teacher, resolve_teacher_path
 
 USAGE = """import torch
 from distill.pipelines import OneStepPipeline
@@ -65,19 +68,30 @@ def save_sid_adapter(
     folder = Path(folder)
     if Path(teacher).expanduser().is_dir():
         teacher = str(Path(teacher).expanduser().resolve())  # loadable from any working directory
-    # diffusers' format too where the UNet can load it natively (PeftAdapterMixin: UNet2DConditionModel, ...)
-    native = hasattr(peft_model.get_base_model(), "load_lora_adapter")
+    base_unet = peft_model.get_base_model()
+    try:  # the teacher's layout decides the diffusers prefix and the usage; a name we cannot read has none
+        family: TeacherFamily | None = describe_teacher_source(resolve_teacher_path(teacher))
+    except (FileNotFoundError, ValueError):
+        family = None
+    # diffusers' format too where the denoiser can load it natively (PeftAdapterMixin), under the prefix of
+    # its pipeline component ("unet." / "transformer.") as the pipelines' load_lora_weights expects
+    native = hasattr(base_unet, "load_lora_adapter")
+    component = (family.denoiser_component if family else None) or (
+        "transformer" if "Transformer" in type(base_unet).__name__ else "unet"
+    )
     save_adapter(
         peft_model,
         folder,
-        diffusers_prefix="unet" if native else None,
+        diffusers_prefix=component if native else None,
         base_model_name_or_path=teacher,
         adapter_name=adapter_name,
     )
     info = {"step_sigmas": [float(s) for s in step_sigmas], "teacher": teacher, "method": method}
     (folder / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    base_unet = peft_model.get_base_model()
     setup, kwargs = call_snippet(base_unet)
+    usage = USAGE.replace("{teacher}", teacher).replace("{setup}", setup).replace("{kwargs}", kwargs)
+    if family is not None and family.latent:
+        usage = latent_adapter_usage(family, folder, step_sigmas, teacher, native)
     ref = describe_teacher(teacher)
     write_export_card(
         folder,
@@ -86,12 +100,64 @@ def save_sid_adapter(
         facts={**facts, "adapter_parameters": _adapter_parameters(folder)},
         teacher=teacher,
         tags=["distillation", "one-step", "sid", "lora"],
-        usage=USAGE.replace("{teacher}", teacher).replace("{setup}", setup).replace("{kwargs}", kwargs),
+        usage=usage,
         sample_grid=sample_grid,
         pipeline_tag=pipeline_tag_for(base_unet),
         license=license,
     )
     return folder
+
+
+LATENT_USAGE = """import torch
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+
+pipe = DiffusionPipeline.from_pretrained("{teacher}")  # the untouched teacher
+pipe.load_lora_weights("{path}")
+pipe.scheduler = EulerDiscreteScheduler.from_pretrained("{path}", subfolder="scheduler")  # one step at sigma {sigma}
+image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=1.0).images[0]"""
+
+LATENT_MERGED_USAGE = """# {pipeline} samples a one-step student only through the pipeline file an export ships: train with
+# lora_export_merged=true and load the merged folder (DiffusionPipeline.from_pretrained(folder,
+# trust_remote_code=True)), or apply the adapter with peft to the teacher's {component}:
+from peft import PeftModel
+{component} = PeftModel.from_pretrained(teacher_{component}, "{path}")  # then sample at sigma {sigma}"""
+
+
+def latent_adapter_usage(
+    family: TeacherFamily, folder: Path, step_sigmas: list[float], teacher: str, native: bool
+) -> str:
+    """The card's usage for an adapter of a latent teacher, writing the student's scheduler into ``folder``
+    where the teacher's own pipeline then samples the one-step student (SD 1.x/2.x, SDXL: an Euler step from
+    ``step_sigmas[0]``, as :func:`~distill.export.latent.export_latent_student` configures it)."""
+    sigma = f"{float(step_sigmas[0]):g}"
+    if native and len(step_sigmas) == 1 and family.pipeline_class in STANDARD_PIPELINES:
+        config = dict(teacher_scheduler_config(family))
+        vp_student_scheduler(config, float(step_sigmas[0])).save_pretrained(str(folder / "scheduler"))
+        return (
+            LATENT_USAGE.replace("{teacher}", teacher)
+            .replace("{path}", str(folder))
+            .replace("{sigma}", sigma)
+        )
+    component = family.denoiser_component or "unet"
+    return (
+        LATENT_MERGED_USAGE.replace("{pipeline}", family.label)
+        .replace("{component}", component)
+        .replace("{path}", str(folder))
+        .replace("{sigma}", sigma)
+    )
+
+
+def teacher_scheduler_config(family: TeacherFamily) -> dict[str, Any]:
+    """The teacher's scheduler config (a local folder's file; hub teachers through the hub cache)."""
+    if family.scheduler_file is None:
+        raise FileNotFoundError(f"teacher {family.source!r} has no scheduler config")
+    path = Path(family.source) / family.scheduler_file
+    if not path.is_file():
+        import huggingface_hub
+
+        folder, _, name = family.scheduler_file.rpartition("/")
+        path = Path(huggingface_hub.hf_hub_download(family.source, name, subfolder=folder or None))
+    return json.loads(path.read_text())
 
 
 def export_merged(
@@ -104,6 +170,19 @@ def export_merged(
     :func:`~distill.export.generator.export_generator`: loadable by plain diffusers too)."""
     info = read_adapter_info(adapter_folder)
     teacher = teacher if teacher is not None else info["teacher"]
+    if describe_teacher_source(resolve_teacher_path(teacher)).latent:  # the teacher's own pipeline class
+        from peft import PeftModel
+
+        student = load_teacher(teacher)
+        student.model = PeftModel.from_pretrained(student.model, str(adapter_folder)).merge_and_unload()
+        return export_latent_student(
+            student,
+            folder,
+            step_sigmas=info["step_sigmas"],
+            teacher=teacher,
+            method=f"{info['method']}, adapter merged into the teacher",
+            facts=facts or {},
+        )
     pipe = load_adapter_student(teacher, adapter_folder, merge=True)
     return export_generator(
         Denoiser(pipe.unet, pipe.scheduler),
