@@ -140,6 +140,7 @@ def export_latent_student(
     facts: dict[str, Any],
     sample_grid: str | None = None,
     license: str = DEFAULT_LICENSE,
+    tags: list[str] | None = None,
 ) -> Path:
     """Write ``folder``: the teacher's pipeline folder with the student as its denoiser and a scheduler (plus,
     for LDM/DiT/SD3/Flux/Sana, ``onestep_latent_pipeline.py``) under which the teacher's pipeline samples
@@ -148,7 +149,7 @@ def export_latent_student(
     ``teacher`` is the teacher as the recipe got it (a local pipeline folder or a Hub id); ``generator`` is the
     student, a copy of the teacher's denoiser. Raises ``NotImplementedError`` for a multi-step student or a
     pipeline family not listed in :data:`SUPPORTED`, ``ValueError`` for a student that does not match the
-    teacher, before anything is written.
+    teacher, before anything is written. ``tags``: the method's card tags (default ``["sid"]``).
     """
     steps = [float(s) for s in step_sigmas]
     if steps and not steps[0] > 0:
@@ -211,7 +212,7 @@ def export_latent_student(
             "parameters": sum(p.numel() for p in generator.parameters()),
         },
         teacher=teacher,
-        tags=["distillation", "one-step", "sid", "latent-diffusion"],
+        tags=["distillation", "one-step", "latent-diffusion", *(tags if tags is not None else ["sid"])],
         usage=_usage(pipeline_class, trust),
         sample_grid=sample_grid,
         pipeline_tag=TEXT_TO_IMAGE if family.conditioning.startswith("text") else UNCONDITIONAL,
