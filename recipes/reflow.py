@@ -476,17 +476,17 @@ class ReflowRecipe(Recipe):
         )
 
     def _export_latent(self, model: Denoiser, facts: dict[str, Any], method: str, grid: str | None) -> None:
-        """A latent teacher's model as the teacher's own pipeline folder sampling its one step
-        ``D(sigma_max z, sigma_max)`` (the k-RF: its one-step sampler; more steps through the toolkit), then the
-        completion marker the stages read."""
+        """A latent teacher's model as the teacher's own pipeline folder, then the completion marker the stages
+        read. The student samples its ``num_steps`` deterministic Euler steps; the k-RF its one step
+        ``D(sigma_max z, sigma_max)`` (its other step counts through the toolkit, :meth:`sample`)."""
         done = self.export_folder / DONE_FILE
         done.unlink(missing_ok=True)
-        sigmas = self.sigmas(1)
+        sigmas = self.sigmas(self.config.num_steps if self.mode == "distill" else 1)
         facts = {
             **facts,
             "method": "reflow",
-            "sampling": f"one Euler step from x = {sigmas[0]:g} z, z ~ N(0, I) (the teacher's pipeline, "
-            "num_inference_steps=1, guidance_scale=1)",
+            "sampling": f"{len(sigmas)} deterministic Euler step(s) from x = {sigmas[0]:g} z, z ~ N(0, I), on "
+            f"step_sigmas {[round(s, 4) for s in sigmas]} (the teacher's pipeline, guidance_scale=1)",
         }
         export_latent_student(
             model,
@@ -497,6 +497,7 @@ class ReflowRecipe(Recipe):
             facts=facts,
             sample_grid=grid,
             tags=["rectified-flow", "reflow"],
+            deterministic=True,
         )
         done.write_text(
             json.dumps({k: v for k, v in facts.items() if isinstance(v, (int, float, str))}, indent=1)

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from test_latent_export import SCRIPT
+from test_family_denoisers import _text_conditions
+from test_latent_export import SCRIPT, _student
 from tiny_pipelines import call_kwargs
 
+from distill.export.latent import export_latent_student
 from distill.reflow import stages
-from distill.reflow.flow import euler_on_sigmas, interpolate, sample_flow_times
+from distill.reflow.flow import euler_on_sigmas, flow_sigmas, interpolate, sample_flow_times
 from distill.reflow.pairs import load_pairs, open_pairs
-from distill.sampling.ode import edm_heun_sample
+from distill.sampling.ode import default_sigma_range, edm_heun_sample
 from distill.teachers.denoiser import Condition, Denoiser
 from distill.teachers.latents import LatentCodec
 from engine.trainer import Trainer
@@ -30,6 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["a photo of a cat", "a red car in the city", "a dog sitting on the grass"]
 GUIDANCE = 2.0
+#: the distilled students' steps: DiT's exports as a 2-step deterministic student
+NUM_STEPS = {"dit": 2, "sd": 1}
 FAST = [
     "--num_pairs", "4", "--pairs_shard_size", "4", "--pairs_batch_size", "4", "--pairs_nfe", "3",
     "--batch_size", "2", "--reflow_steps", "2", "--distill_steps", "2", "--eval_samples", "4",
@@ -69,7 +73,7 @@ def runs(tiny_pipeline_dir, prompt_file, tmp_path_factory):
         try:
             teacher = tiny_pipeline_dir(family)
             args = _args(teacher, root / family, prompt_file if family == "sd" else None, root / "cache")
-            summary = reflow_recipe.main(args)
+            summary = reflow_recipe.main(args + ["--num_steps", str(NUM_STEPS[family])])
         finally:
             Trainer.log_images = original
         out[family] = (teacher, root / family, summary, shapes)
@@ -155,33 +159,76 @@ def test_training_conditions_are_the_pairs_prompt_embeddings(runs, prompt_file, 
     torch.testing.assert_close(got, (v - (z - x)).square().mean())
 
 
+#: k-step deterministic exports: a standard pipeline (levels passed as sigmas), LDM/DiT's and a flow family's
+#: shipped subclass
+MULTI_STEP = ("sd", "dit", "sd3")
+STEPS = 3
+
+
 @pytest.fixture(scope="module")
-def plain_images(runs, tmp_path_factory):
-    """family -> images of the exported one-step student from plain diffusers, in one isolated subprocess."""
-    work = tmp_path_factory.mktemp("plain_reflow")
-    jobs = []
-    for family, (_, folder, _, _) in runs.items():
-        student = folder / "distill" / "student"
-        latents = None
-        if family == "sd":
-            latents = str(work / "sd_latents.pt")
-            torch.save(_noise(), latents)
-        trust = isinstance(json.loads((student / "model_index.json").read_text())["_class_name"], list)
-        kwargs = call_kwargs(family)
-        jobs.append(
-            {
-                "folder": str(student),
-                "trust": trust,
-                "kwargs": kwargs,
-                "latents": latents,
-                "out": str(work / family),
-            }
+def multi_step_exports(tiny_pipeline_dir, tmp_path_factory):
+    """family -> (teacher, student G, step sigmas, folder): a perturbed teacher exported as a 3-step
+    deterministic (rectified-flow) student on the uniform flow-time grid."""
+    root = tmp_path_factory.mktemp("multi_step")
+    out = {}
+    for family in MULTI_STEP:
+        teacher = tiny_pipeline_dir(family)
+        g = _student(teacher)
+        sigmas = flow_sigmas(STEPS, default_sigma_range(g)[1])
+        folder = export_latent_student(
+            g, root / family, sigmas, str(teacher), "reflow", {"method": "reflow"}, deterministic=True
         )
+        out[family] = (teacher, g, sigmas, folder)
+    return out
+
+
+def _job(folder: Path, family: str, work: Path, name: str, kwargs: dict, channels: int = 4) -> dict:
+    latents = None
+    if family not in ("dit", "ldm_vq"):
+        latents = str(work / f"{name}_latents.pt")
+        torch.save(_noise(channels), latents)
+    trust = isinstance(json.loads((folder / "model_index.json").read_text())["_class_name"], list)
+    return {
+        "folder": str(folder),
+        "trust": trust,
+        "kwargs": kwargs,
+        "latents": latents,
+        "out": str(work / name),
+    }
+
+
+@pytest.fixture(scope="module")
+def plain_images(runs, multi_step_exports, tmp_path_factory):
+    """name -> images from plain diffusers, in one isolated subprocess: the reflow runs' one-step students
+    (by family) and the k-step exports ("<family>_k")."""
+    work = tmp_path_factory.mktemp("plain_reflow")
+    jobs = [
+        _job(
+            folder / "distill" / "student", f, work, f, dict(call_kwargs(f), num_inference_steps=NUM_STEPS[f])
+        )
+        for f, (_, folder, _, _) in runs.items()
+    ]
+    for family, (_, g, sigmas, folder) in multi_step_exports.items():
+        kwargs = dict(call_kwargs(family), num_inference_steps=STEPS)
+        if (
+            family == "sd"
+        ):  # the standard pipeline takes the levels as its own sigmas argument (the card's call)
+            kwargs["sigmas"] = [*sigmas, 0.0]
+            assert (
+                f"sigmas=[{', '.join(repr(s) for s in kwargs['sigmas'])}]"
+                in (folder / "README.md").read_text()
+            )
+        jobs.append(_job(folder, family, work, f"{family}_k", kwargs, g.sample_channels))
     (work / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(work / "modules"), OMP_NUM_THREADS="1")
+    script = SCRIPT.replace(
+        'kwargs = dict(job["kwargs"], num_inference_steps=1)',
+        'kwargs = dict({"num_inference_steps": 1}, **job["kwargs"])',
+    )
+    assert script != SCRIPT
     result = subprocess.run(
-        [sys.executable, "-I", "-c", SCRIPT, str(work / "jobs.json")],
+        [sys.executable, "-I", "-c", script, str(work / "jobs.json")],
         cwd=work,
         env=env,
         capture_output=True,
@@ -189,11 +236,13 @@ def plain_images(runs, tmp_path_factory):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return {f: torch.load(work / f) for f in runs}
+    return {job["out"].rsplit("/", 1)[-1]: torch.load(job["out"]) for job in jobs}
 
 
-def _noise() -> torch.Tensor:
-    return torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))  # = DiT's draw from seed 0
+def _noise(channels: int = 4) -> torch.Tensor:
+    return torch.randn(
+        (1, channels, 8, 8), generator=torch.Generator().manual_seed(0)
+    )  # = DiT's draw from seed 0
 
 
 @pytest.mark.parametrize("family", ["dit", "sd"])
@@ -205,15 +254,33 @@ def test_plain_diffusers_samples_the_reflow_student(family, runs, plain_images):
         cond = Condition(encoder_hidden_states=pipe.encode_prompt(PROMPTS[0], "cpu", 1, False)[0])
     else:
         cond = Condition(class_labels=torch.tensor(call_kwargs("dit")["class_labels"]))
-    sigma_max = summary["distill"]["sigma_max"]
-    with torch.no_grad():  # the toolkit's one-step sampler: D(sigma_max z, sigma_max), no guidance
-        x0 = euler_on_sigmas(student, _noise(), [sigma_max], cond)
+    sigmas = flow_sigmas(NUM_STEPS[family], summary["distill"]["sigma_max"])
+    assert summary["distill"]["num_steps"] == len(sigmas)
+    with torch.no_grad():  # the toolkit's sampler: D(sigma_max z, sigma_max) then Euler steps, no guidance
+        x0 = euler_on_sigmas(student, _noise(), sigmas, cond)
         want = (LatentCodec.from_teacher(str(teacher)).decode(x0) / 2 + 0.5).clamp(0, 1)
     got = plain_images[family]["images"]
     assert got.shape == want.shape == (1, 3, 16, 16)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     card = (folder / "distill" / "student" / "README.md").read_text()
-    assert "rectified-flow" in card and "num_inference_steps=1" in card
+    assert "rectified-flow" in card and f"num_inference_steps={NUM_STEPS[family]}" in card
+
+
+@pytest.mark.parametrize("family", MULTI_STEP)
+def test_plain_diffusers_samples_a_k_step_deterministic_student(family, multi_step_exports, plain_images):
+    teacher, g, sigmas, _ = multi_step_exports[family]
+    if family == "dit":
+        cond = Condition(class_labels=torch.tensor(call_kwargs("dit")["class_labels"]))
+    else:
+        cond = _text_conditions(DiffusionPipeline.from_pretrained(teacher).to(torch.float32), family)[0]
+    with torch.no_grad():  # STEPS Euler steps x' = x0 + s' (x - x0) / s, as the reflow student samples
+        z = _noise(g.sample_channels)
+        x0 = euler_on_sigmas(g, z, sigmas, cond)
+        want = (LatentCodec.from_teacher(str(teacher)).decode(x0) / 2 + 0.5).clamp(0, 1)
+        one = euler_on_sigmas(g, z, sigmas[:1], cond)
+    got = plain_images[f"{family}_k"]["images"]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (one - x0).abs().max() > 1e-3  # the later steps changed the sample
 
 
 def test_start_up_refusals_before_any_pair(tiny_pipeline_dir, prompt_file, tmp_path):
@@ -221,15 +288,11 @@ def test_start_up_refusals_before_any_pair(tiny_pipeline_dir, prompt_file, tmp_p
     with pytest.raises(ValueError, match=r"StableDiffusionPipeline.*is conditioned on text: pass --prompts"):
         reflow_recipe.main(["--teacher", str(sd), "--output_dir", str(tmp_path / "a"), *FAST])
     dit = tiny_pipeline_dir("dit")
-    with pytest.raises(NotImplementedError, match="2-step student; only one-step"):
-        reflow_recipe.main(
-            ["--teacher", str(dit), "--output_dir", str(tmp_path / "b"), *FAST, "--num_steps", "2"]
-        )
     with pytest.raises(ValueError, match="takes no prompts"):
         reflow_recipe.main(
             ["--teacher", str(dit), "--output_dir", str(tmp_path / "c"), *FAST, "--prompts", str(prompt_file)]
         )
-    assert not any((tmp_path / d).exists() for d in "abc")
+    assert not any((tmp_path / d).exists() for d in "ac")
 
 
 def test_other_prompts_do_not_reuse_pairs(runs, tmp_path):

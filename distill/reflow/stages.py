@@ -133,11 +133,12 @@ def plan(cfg: StagesConfig) -> list[tuple[str, int]]:
 def check_run(cfg: StagesConfig) -> TeacherFamily:
     """The teacher's family, or the start-up error (configs only, before any pair): an unsupported family, prompt
     settings that do not fit its conditioning (a text teacher needs ``prompts``), or a latent student the teacher's
-    pipeline cannot sample (:func:`distill.export.latent.check_latent_export`: ``num_steps`` > 1)."""
+    pipeline cannot sample (:func:`distill.export.latent.check_latent_export`; reflow students step
+    deterministically, so k steps export too)."""
     family = check_teacher(cfg.teacher)
     check_conditioning(cfg.teacher, family, cfg.prompts, cfg.prompt_column, cfg.negative_prompt)
     if family.latent:
-        check_latent_export(family, cfg.num_steps)
+        check_latent_export(family, cfg.num_steps, deterministic=True)
     return family
 
 
