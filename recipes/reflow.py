@@ -20,6 +20,14 @@ and the folders are :mod:`distill.reflow.stages`):
    sampler's start ``t_max z`` straight to ``x`` (``x_hat = x_t - t v``, L2 or pseudo-Huber); with
    ``num_steps`` = N > 1 on the N-point grid of Liu et al. Exported to ``output_dir/distill/student``.
 
+Latent teachers (DiT, LDM, SD, SDXL, SD3, PixArt, Sana, Flux): pairs, models and losses are in latent space
+(``--resolution`` in image pixels where the teacher has no sample size, Flux); evaluation grids are decoded by
+the teacher's autoencoder, and every export is the teacher's own pipeline folder
+(:func:`distill.export.latent.export_latent_student`, one step ``D(sigma_max z, sigma_max)``). Text teachers take
+``--prompts`` (as SiD): round-1 pairs are made with the guided teacher (``guidance_scale``, null = the negative
+prompt), each pair keeps its prompt's row, and the flows and the student are trained on that prompt's
+embedding, so the student needs no guidance when sampling.
+
 :class:`ReflowRecipe` is one training stage (2 or 3) on the engine. Sampling (all exports,
 :class:`distill.pipelines.RectifiedFlowPipeline`): Euler in flow time from ``x = sigma_max z``, i.e. one step is
 ``D(sigma_max z, sigma_max)`` with sigma_max the pairs' (80 for EDM).
@@ -31,6 +39,7 @@ from __future__ import annotations
 import engine  # noqa: F401  first: silences bitsandbytes' import-time warning before peft/diffusers load it
 # isort: on
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +49,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill.evaluation.quality import QualityTracker
-from distill.export.flow import export_flow_model
+from distill.export.flow import DONE_FILE, export_flow_model
+from distill.export.latent import export_latent_student
 from distill.export.model_card import describe_teacher
 from distill.reflow.flow import (
     distill_loss,
@@ -53,9 +63,11 @@ from distill.reflow.flow import (
     velocity_from_denoiser,
 )
 from distill.reflow.pairs import load_pairs
-from distill.reflow.stages import TrainingStage, run
+from distill.reflow.stages import TrainingStage, prompt_cache_key, prompt_source, run
+from distill.teachers.conditions import ConditionSource
 from distill.teachers.denoiser import Condition, Denoiser
-from distill.teachers.loading import load_teacher
+from distill.teachers.latents import LatentCodec
+from distill.teachers.loading import check_teacher, load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
 from engine.launch import run_main
 from engine.recipe import Recipe, RecipeParts, TrainedModel
@@ -88,6 +100,38 @@ class ReflowConfig(TrainConfig):
         default=None, metadata={"help": "Classes (default: the teacher's class embeddings less the null)."}
     )
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale baked into round-1 pairs."})
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts of a text-to-image teacher (required for one): a text file, one prompt a line, or a "
+            ".json/.jsonl/.csv/.parquet file, a local datasets folder or a hub dataset (see prompt_column); "
+            "encoded once by the teacher's own text encoders and cached on disk."
+        },
+    )
+    prompt_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of the prompts in a table source; None: the first of prompt, text, caption."
+        },
+    )
+    negative_prompt: str = field(
+        default="",
+        metadata={"help": "The null condition of a text teacher's guidance while making round-1 pairs."},
+    )
+    prompt_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where prompt embeddings are cached; None: $ONESTEP_CACHE/prompt_embeddings, else "
+            "~/.cache/onestep/prompt_embeddings."
+        },
+    )
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Image side in pixels (latent teachers: divided by the VAE's factor); None: the teacher's "
+            "configured sample size (Flux has none: give it)."
+        },
+    )
     # pairs
     num_pairs: int = field(default=20_000, metadata={"help": "Pairs per round (the reflow's training set)."})
     pairs_shard_size: int = field(
@@ -208,6 +252,9 @@ class ReflowRecipe(Recipe):
         self.spec = pairs.spec
         self.t_max, self.sigma_max = self.spec.t_max, self.spec.sigma_max
         self.num_classes = self.spec.num_classes
+        self.prompts = self._prompts(trainer)  # encoded (or read from the cache) before any weights
+        # a latent teacher's pairs are latents: its autoencoder decodes the evaluation grids
+        self.codec = LatentCodec.from_teacher(cfg.teacher)
         student = load_teacher(self.init)
         self.shape = tuple(self.spec.shape)
         self.grid = flow_time_grid(cfg.num_steps, self.t_max)[:-1]
@@ -222,12 +269,17 @@ class ReflowRecipe(Recipe):
             "sigma_max": self.sigma_max,
             "t_max": self.t_max,
         }
+        if self.prompts is not None:
+            self.facts.update(
+                prompts=cfg.prompts, num_prompts=self.prompts.num_prompts, negative_prompt=cfg.negative_prompt
+            )
         if self.mode == "reflow" and trainer.is_main:  # the source model, guided as it made round-1 pairs
             guidance = self.spec.guidance_scale if self.spec.round == 1 else 1.0
             self.facts["straightness_before"] = self.measure_straightness(
                 student.to(trainer.device), guidance
             )
         columns = ["noise", "sample"] + (["label"] if self.num_classes is not None else [])
+        columns += ["prompt"] if self.prompts is not None else []
         dataset = dataset.with_format("torch", columns=columns)
         loader = DataLoader(
             dataset,
@@ -239,8 +291,18 @@ class ReflowRecipe(Recipe):
         lr = cfg.reflow_lr if self.mode == "reflow" else cfg.distill_lr
         betas = (float(cfg.adam_beta1), float(cfg.adam_beta2))
         optimizer = torch.optim.Adam(student.parameters(), lr=lr, betas=betas)
+        decode = None if self.codec is None else self.codec.to(trainer.device).decode
+        fixed = None if self.prompts is None else (lambda i: self.prompts.fixed(i)[0])
         self.trackers = {
-            n: QualityTracker(trainer, cfg.eval_samples, cfg.eval_seed, self.shape, self.num_classes)
+            n: QualityTracker(
+                trainer,
+                cfg.eval_samples,
+                cfg.eval_seed,
+                self.shape,
+                self.num_classes,
+                decode=decode,
+                conditions=fixed,
+            )
             for n in self.evaluated_nfes()
         }
         model = TrainedModel(
@@ -251,12 +313,40 @@ class ReflowRecipe(Recipe):
         )
         return RecipeParts(trained={"student": model}, dataloader=loader)
 
+    def _prompts(self, trainer: Trainer) -> ConditionSource | None:
+        """Text teachers: the prompts the pairs were made with (their cache key must be the spec's), else None."""
+        if self.spec.num_prompts is None:
+            return None
+        cfg = self.config
+        source = prompt_source(cfg, check_teacher(cfg.teacher), trainer.accelerator)
+        if source is None:
+            raise ValueError(
+                f"pairs {self.pairs_folder} hold prompts but teacher {cfg.teacher!r} is not conditioned on text"
+            )
+        key = prompt_cache_key(source)
+        if key != self.spec.prompt_cache_key or source.num_prompts != self.spec.num_prompts:
+            raise ValueError(
+                f"pairs {self.pairs_folder} were made with other prompts ({self.spec.num_prompts} prompts, cache "
+                f"key {self.spec.prompt_cache_key}) than prompts={cfg.prompts!r}, negative_prompt="
+                f"{cfg.negative_prompt!r} give ({source.num_prompts} prompts, key {key}); use those settings or "
+                "make new pairs"
+            )
+        return source
+
+    def pair_condition(self, batch: Mapping[str, torch.Tensor]) -> Condition | None:
+        """The condition each pair was made with: its class label, or its prompt's embedding."""
+        if self.prompts is not None:
+            return self.prompts.fixed(batch["prompt"])[0]
+        if self.num_classes is not None:
+            return Condition(class_labels=batch["label"])
+        return None
+
     # ------------------------------------------------------------------------------------ loss
     def loss(self, phase: str, batch: Mapping[str, torch.Tensor], models: Mapping[str, torch.nn.Module]):
         """reflow: v(x_t, t) onto z - x at t from the time distribution; distill: x_hat = x_t - t v onto x."""
         cfg = self.config
         x, z = batch["sample"].float(), batch["noise"].float()
-        cond = None if self.num_classes is None else Condition(class_labels=batch["label"])
+        cond = self.pair_condition(batch)
         student = models["student"]
 
         def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -298,22 +388,29 @@ class ReflowRecipe(Recipe):
             return trainer.models.ema("student")
         return trainer.accelerator.unwrap_model(trainer.trained["student"].module)
 
-    def straightness_noise(self) -> tuple[torch.Tensor, Condition | None]:
-        """The fixed paths of the straightness measure: seeded noise and, for conditional sets, cycling labels."""
+    def straightness_noise(self) -> tuple[torch.Tensor, Condition | None, Condition | None]:
+        """The fixed paths of the straightness measure: seeded noise and, for conditional sets, cycling labels
+        or prompts, and their null (None for labels: the model's null class)."""
         cfg = self.config
         z = torch.randn(
             cfg.straightness_samples, *self.shape, generator=torch.Generator().manual_seed(cfg.eval_seed)
         )
+        if self.prompts is not None:
+            return (z, *self.prompts.fixed(torch.arange(len(z))))
         if self.num_classes is None:
-            return z, None
-        return z, Condition(class_labels=torch.arange(len(z)) % self.num_classes)
+            return z, None, None
+        return z, Condition(class_labels=torch.arange(len(z)) % self.num_classes), None
 
     def measure_straightness(self, model: Denoiser, guidance_scale: float = 1.0) -> float:
         """Liu et al.'s straightness of ``model``'s flow on :meth:`straightness_noise`."""
         device = next(model.parameters()).device
-        z, cond = self.straightness_noise()
-        cond = None if cond is None else Condition(class_labels=cond.class_labels.to(device))
-        kwargs = {"guidance_scale": guidance_scale} if guidance_scale != 1.0 and cond is not None else {}
+        z, cond, null = self.straightness_noise()
+        cond = None if cond is None else cond.to(device)
+        kwargs: dict[str, Any] = {}
+        if guidance_scale != 1.0 and cond is not None:
+            kwargs["guidance_scale"] = guidance_scale
+            if null is not None:
+                kwargs["null_cond"] = null.to(device)
         was_training = model.training
         model.eval()
         value = straightness(
@@ -363,6 +460,9 @@ class ReflowRecipe(Recipe):
             title = f"{steps}-step rectified-flow student of {teacher_name}"
             method = "Rectified-flow distillation (Liu et al. 2023; InstaFlow) of the k-rectified flow, EMA"
             sigmas, any_steps = self.sigmas(steps), False
+        if self.codec is not None:
+            self._export_latent(model, facts, method, grid)
+            return
         export_flow_model(
             model,
             self.export_folder,
@@ -373,6 +473,34 @@ class ReflowRecipe(Recipe):
             method=method,
             facts=facts,
             sample_grid=grid,
+        )
+
+    def _export_latent(self, model: Denoiser, facts: dict[str, Any], method: str, grid: str | None) -> None:
+        """A latent teacher's model as the teacher's own pipeline folder, then the completion marker the stages
+        read. The student samples its ``num_steps`` deterministic Euler steps; the k-RF its one step
+        ``D(sigma_max z, sigma_max)`` (its other step counts through the toolkit, :meth:`sample`)."""
+        done = self.export_folder / DONE_FILE
+        done.unlink(missing_ok=True)
+        sigmas = self.sigmas(self.config.num_steps if self.mode == "distill" else 1)
+        facts = {
+            **facts,
+            "method": "reflow",
+            "sampling": f"{len(sigmas)} deterministic Euler step(s) from x = {sigmas[0]:g} z, z ~ N(0, I), on "
+            f"step_sigmas {[round(s, 4) for s in sigmas]} (the teacher's pipeline, guidance_scale=1)",
+        }
+        export_latent_student(
+            model,
+            self.export_folder,
+            step_sigmas=sigmas,
+            teacher=self.config.teacher,
+            method=method,
+            facts=facts,
+            sample_grid=grid,
+            tags=["rectified-flow", "reflow"],
+            deterministic=True,
+        )
+        done.write_text(
+            json.dumps({k: v for k, v in facts.items() if isinstance(v, (int, float, str))}, indent=1)
         )
 
 

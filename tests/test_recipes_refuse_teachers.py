@@ -56,9 +56,13 @@ def test_sid_trains_on_latent_teachers_and_shows_decoded_images(tmp_path, tiny_p
     assert seen and seen[-1][1:] == (3, 16, 16)  # the grid shows images decoded by the VAE, not latents
 
 
-def test_reflow_and_lora_refuse_a_latent_teacher_by_name(tmp_path, tiny_pipeline_dir):
+def test_reflow_needs_prompts_for_a_text_teacher_and_lora_refuses_a_latent_one(tmp_path, tiny_pipeline_dir):
+    """Reflow trains on latent and text teachers (tests/test_reflow_latent.py) but refuses a text teacher without
+    prompts, by name, before any pair; LoRA still refuses latent teachers."""
     folder = str(tiny_pipeline_dir("sd"))
-    with pytest.raises(ValueError, match=r"StableDiffusionPipeline \(sd\) teachers are not supported yet"):
+    with pytest.raises(
+        ValueError, match=r"\(StableDiffusionPipeline\) is conditioned on text: pass --prompts"
+    ):
         reflow_recipe.main(
             ["--teacher", folder, "--output_dir", str(tmp_path / "reflow"), "--log_with", "none"]
         )

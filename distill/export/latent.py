@@ -15,8 +15,12 @@ distilled with guidance), computes exactly ``student_sample(G, z, step_sigmas, c
   of the teacher's pipeline ships in the folder (:mod:`distill.export.latent_pipeline`, as
   ``onestep_latent_pipeline.py``); load with ``trust_remote_code=True``.
 
-Only one-step students export this way: a k-step SiD student re-noises with fresh noise between steps, which no
-diffusers scheduler does (Euler steps deterministically).
+A k-step student exports this way only when it steps *deterministically* (``deterministic=True``: rectified
+flow's Euler ``x' = x0 + s' (x - x0) / s``, which is exactly what both Euler schedulers do between the given
+noise levels): SD3/Flux/Sana and LDM/DiT through the shipped subclass (the levels in the scheduler config),
+SD/SDXL/PixArt by passing the levels as the pipeline's own ``sigmas`` argument (shown in the card's usage:
+``sigmas=[s0, ..., s_{k-1}, 0.0]``). A k-step SiD student re-noises with fresh noise between steps, which no
+diffusers scheduler does: refused.
 """
 
 from __future__ import annotations
@@ -53,9 +57,13 @@ from diffusers import DiffusionPipeline
 {call}"""
 
 
-def vp_student_scheduler(teacher_config: dict[str, Any], sigma0: float) -> EulerDiscreteScheduler:
+def vp_student_scheduler(
+    teacher_config: dict[str, Any], sigma0: float, sigma_last: float | None = None
+) -> EulerDiscreteScheduler:
     """The teacher's VP schedule as an Euler scheduler whose one step goes from ``sigma0`` straight to 0 (only
-    the teacher's keys Euler knows are kept, so the saved config holds no other scheduler's options)."""
+    the teacher's keys Euler knows are kept, so the saved config holds no other scheduler's options).
+    ``sigma_last``: a k-step student's last level (Karras from sigma0 down to it, exact for two steps; the
+    standard pipelines get all k levels as ``sigmas``)."""
     accepted = set(inspect.signature(EulerDiscreteScheduler.__init__).parameters) - {"self"}
     return EulerDiscreteScheduler.from_config(
         {k: v for k, v in teacher_config.items() if k in accepted},
@@ -63,7 +71,7 @@ def vp_student_scheduler(teacher_config: dict[str, Any], sigma0: float) -> Euler
         use_karras_sigmas=True,
         use_exponential_sigmas=False,
         use_beta_sigmas=False,
-        sigma_min=float(sigma0),
+        sigma_min=float(sigma0 if sigma_last is None else sigma_last),
         sigma_max=float(sigma0),
         final_sigmas_type="zero",
     )
@@ -78,13 +86,22 @@ def flow_student_scheduler(
     return scheduler
 
 
-def _usage(pipeline_class: str, trust: bool) -> str:
+def _usage(pipeline_class: str, trust: bool, steps: list[float] | None = None) -> str:
+    """The card's call; ``steps``: a k-step student's noise levels (k > 1), passed as ``sigmas`` where the
+    standard pipelines need them."""
+    n = 1 if not steps else len(steps)
     if pipeline_class == "DiTPipeline":
-        call = "image = pipe(class_labels=[207], num_inference_steps=1, guidance_scale=1.0).images[0]"
+        call = f"image = pipe(class_labels=[207], num_inference_steps={n}, guidance_scale=1.0).images[0]"
     elif pipeline_class == "LDMPipeline":
-        call = "image = pipe(num_inference_steps=1).images[0]"
+        call = f"image = pipe(num_inference_steps={n}).images[0]"
+    elif n > 1 and pipeline_class in STANDARD_PIPELINES:
+        sigmas = ", ".join(f"{s!r}" for s in [*steps, 0.0])
+        call = (
+            f"# the student's {n} noise levels, then 0 (deterministic Euler between them)\n"
+            f'image = pipe("a photo of a cat", sigmas=[{sigmas}], guidance_scale=1.0).images[0]'
+        )
     else:
-        call = 'image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=1.0).images[0]'
+        call = f'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale=1.0).images[0]'
     comment = (
         "# plain diffusers runs the pipeline subclass shipped in the folder (onestep_latent_pipeline.py)\n"
         if trust
@@ -114,10 +131,11 @@ def _local_teacher(spec: str, denoiser_folder: str) -> Path:
     return Path(huggingface_hub.snapshot_download(spec, ignore_patterns=[f"{denoiser_folder}/*"]))
 
 
-def check_latent_export(family: TeacherFamily, num_steps: int) -> TeacherFamily:
+def check_latent_export(family: TeacherFamily, num_steps: int, deterministic: bool = False) -> TeacherFamily:
     """``family``, or ``NotImplementedError`` when its student cannot be exported as a plain diffusers pipeline
-    (a multi-step student, or a pipeline outside :data:`SUPPORTED`); recipes call it at start-up."""
-    if num_steps != 1:
+    (a multi-step student that re-noises, i.e. not ``deterministic``, or a pipeline outside :data:`SUPPORTED`);
+    recipes call it at start-up."""
+    if num_steps != 1 and not deterministic:
         raise NotImplementedError(
             f"export_latent_student: {num_steps}-step student; only one-step students of latent teachers export "
             "as a plain diffusers pipeline (SiD's k-step sampler re-noises with fresh noise between steps, which "
@@ -140,6 +158,8 @@ def export_latent_student(
     facts: dict[str, Any],
     sample_grid: str | None = None,
     license: str = DEFAULT_LICENSE,
+    tags: list[str] | None = None,
+    deterministic: bool = False,
 ) -> Path:
     """Write ``folder``: the teacher's pipeline folder with the student as its denoiser and a scheduler (plus,
     for LDM/DiT/SD3/Flux/Sana, ``onestep_latent_pipeline.py``) under which the teacher's pipeline samples
@@ -148,12 +168,18 @@ def export_latent_student(
     ``teacher`` is the teacher as the recipe got it (a local pipeline folder or a Hub id); ``generator`` is the
     student, a copy of the teacher's denoiser. Raises ``NotImplementedError`` for a multi-step student or a
     pipeline family not listed in :data:`SUPPORTED`, ``ValueError`` for a student that does not match the
-    teacher, before anything is written.
+    teacher, before anything is written. ``tags``: the method's card tags (default ``["sid"]``).
+    ``deterministic``: the student steps as ``student_sample(..., deterministic=True)`` (rectified flow), which
+    lets a k-step student export (see the module docstring).
     """
     steps = [float(s) for s in step_sigmas]
     if steps and not steps[0] > 0:
         raise ValueError(f"export_latent_student: step_sigmas[0] must be > 0, got {steps[0]}")
-    family = check_latent_export(describe_teacher_source(resolve_teacher_path(teacher)).require(), len(steps))
+    if any(b >= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"export_latent_student: step_sigmas must decrease, got {steps}")
+    family = check_latent_export(
+        describe_teacher_source(resolve_teacher_path(teacher)).require(), len(steps), deterministic
+    )
     pipeline_class = family.pipeline_class
     flow = pipeline_class in FLOW_PIPELINES
     if generator.kind != ("flow" if flow else "vp"):
@@ -181,7 +207,11 @@ def export_latent_student(
     if flow:
         scheduler = flow_student_scheduler(generator.num_train_timesteps, steps)
     else:
-        scheduler = vp_student_scheduler(dict(generator.scheduler_config), steps[0])
+        scheduler = vp_student_scheduler(dict(generator.scheduler_config), steps[0], steps[-1])
+        if (
+            len(steps) > 1 and pipeline_class not in STANDARD_PIPELINES
+        ):  # LDM/DiT: the shipped loop reads them
+            scheduler.register_to_config(**{latent_pipeline.STEP_SIGMAS_KEY: steps})
     if (folder / "scheduler").exists():
         shutil.rmtree(folder / "scheduler")
     scheduler.save_pretrained(str(folder / "scheduler"))
@@ -211,8 +241,13 @@ def export_latent_student(
             "parameters": sum(p.numel() for p in generator.parameters()),
         },
         teacher=teacher,
-        tags=["distillation", "one-step", "sid", "latent-diffusion"],
-        usage=_usage(pipeline_class, trust),
+        tags=[
+            "distillation",
+            "one-step" if len(steps) == 1 else "few-step",
+            "latent-diffusion",
+            *(tags if tags is not None else ["sid"]),
+        ],
+        usage=_usage(pipeline_class, trust, steps),
         sample_grid=sample_grid,
         pipeline_tag=TEXT_TO_IMAGE if family.conditioning.startswith("text") else UNCONDITIONAL,
         license=license,

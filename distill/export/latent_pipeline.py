@@ -28,7 +28,7 @@ from diffusers import DiTPipeline, FluxPipeline, LDMPipeline, SanaPipeline, Stab
 
 #: this file's name (without .py) inside an exported folder: model_index.json's ``_class_name[0]``
 PIPELINE_MODULE = "onestep_latent_pipeline"
-#: the scheduler config key holding the student's EDM noise levels (flow families)
+#: the scheduler config key holding the student's EDM noise levels (flow families; LDM/DiT k-step students)
 STEP_SIGMAS_KEY = "_onestep_step_sigmas"
 
 
@@ -43,7 +43,8 @@ class StudentSteps:
     """The pipeline's Euler scheduler as LDM's and DiT's loops must see it for the student: the initial noise
     scale is sigma0 (the config's ``sigma_max``) before ``set_timesteps`` too, and with ``scale_first`` (DiT,
     which never scales its noise and steps its scaled model input) the first input is scaled by sigma0 and
-    every step is taken from the unscaled sample kept here."""
+    every step is taken from the unscaled sample kept here. A k-step (deterministic) student's noise levels
+    (config :data:`STEP_SIGMAS_KEY`) replace the scheduler's own: ``set_timesteps`` takes them, then sigma 0."""
 
     def __init__(self, scheduler: Any, scale_first: bool) -> None:
         self.scheduler = scheduler
@@ -56,6 +57,15 @@ class StudentSteps:
     @property
     def init_noise_sigma(self) -> float:
         return float(self.scheduler.config.sigma_max)
+
+    def set_timesteps(
+        self, num_inference_steps: int | None = None, device: Any = None, **kwargs: Any
+    ) -> None:
+        sigmas = self.scheduler.config.get(STEP_SIGMAS_KEY)
+        if not sigmas:
+            self.scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+            return
+        self.scheduler.set_timesteps(sigmas=[float(x) for x in sigmas] + [0.0], device=device)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
         if self.sample is None or not self.scale_first:
@@ -75,7 +85,7 @@ class _StudentLoop:
 
     @torch.no_grad()
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        _one_step(kwargs, 1)
+        _one_step(kwargs, len(self.scheduler.config.get(STEP_SIGMAS_KEY) or [None]))
         scheduler = self.scheduler
         # object.__setattr__: a temporary stand-in, not a new pipeline component (DiffusionPipeline.__setattr__
         # would record it in the config)

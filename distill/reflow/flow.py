@@ -242,6 +242,7 @@ def euler_on_sigmas(
     sigmas: list[float],
     cond: Any = None,
     guidance_scale: float = 1.0,
+    null_cond: Any = None,
 ) -> Tensor:
     """Deterministic Euler through ``sigmas`` (decreasing, the last one then 0) from ``x = sigmas[0] * z``.
 
@@ -249,7 +250,9 @@ def euler_on_sigmas(
     on the matching ``t = sigma / (1 + sigma)`` grid; with ``sigmas = flow_sigmas(N, sigma_max)`` this is the
     N-step rectified-flow sampler, and one step is ``D(sigma_max z, sigma_max)``. The state stays in float32.
     """
-    guide = {"guidance_scale": guidance_scale} if guidance_scale != 1.0 else {}
+    guide: dict[str, Any] = {"guidance_scale": guidance_scale} if guidance_scale != 1.0 else {}
+    if guide and null_cond is not None:  # text teachers: the negative prompt
+        guide["null_cond"] = null_cond
     return student_sample(denoiser, z.float(), sigmas, cond, deterministic=True, **guide).float()
 
 

@@ -4,7 +4,7 @@ Generating pairs is the expensive part of reflow, so it is a pipeline of its own
 
 * **Deterministic.** Pair ``i`` of round ``r`` has the seed ``pair_seed(seed, r, i)`` (numpy ``SeedSequence``),
   its unit noise is ``torch.randn(shape)`` from a generator seeded with it, and its class label (conditional
-  teachers) is ``i % num_classes``. Shard ``s`` holds pairs ``[s * shard_size, (s + 1) * shard_size)`` and is
+  teachers) is ``i % num_classes``, its prompt (text teachers) ``i % num_prompts``. Shard ``s`` holds pairs ``[s * shard_size, (s + 1) * shard_size)`` and is
   solved in fixed chunks of ``batch_size``, so a shard's content depends on the spec and ``s`` only: not on the
   number of processes, nor on which process or which run wrote it. Any pair can be regenerated from the
   manifest (:func:`regenerate_pairs`).
@@ -19,10 +19,12 @@ Generating pairs is the expensive part of reflow, so it is a pipeline of its own
 * **Readable larger than RAM.** :func:`load_pairs` memory-maps the shards with ``datasets.Dataset.from_file``
   (Arrow IPC stream files, the format of ``datasets``' own cache), so training reads pages on demand.
 
-Columns: ``index`` (int64), ``seed`` (int64), ``noise`` and ``sample`` (``Array3D`` float32, C x H x W) and, for
-conditional teachers, ``label`` (int64). Classifier-free guidance is applied while solving and recorded in the
-spec (``guidance_scale``); the students are trained on the guided pairs and sampled without guidance
-(InstaFlow).
+Columns: ``index`` (int64), ``seed`` (int64), ``noise`` and ``sample`` (``Array3D`` float32, C x H x W: pixels, or
+the latents of a latent teacher) and, for class-conditional teachers, ``label`` (int64), for text teachers
+``prompt`` (int64, the row of the prompt in the run's :class:`~distill.teachers.prompts.PromptEmbeddings`, whose
+cache key is in the spec, so other prompts never read these pairs). Classifier-free guidance (null class, or the
+negative prompt) is applied while solving and recorded in the spec (``guidance_scale``); the students are trained
+on the guided pairs, on each pair's own condition, and sampled without guidance (InstaFlow).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ __all__ = [
     "pair_seed",
     "pair_noise",
     "pair_labels",
+    "pair_prompts",
     "solve_pairs",
     "regenerate_pairs",
     "shard_path",
@@ -100,6 +103,9 @@ class PairSpec:
     num_classes: int | None = None
     dtype: str = "float32"
     source_fingerprint: str = ""
+    #: text teachers: prompts in the embeddings and their cache key (teacher, prompts, negative prompt, ...)
+    num_prompts: int | None = None
+    prompt_cache_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -175,6 +181,25 @@ def pair_labels(indices: range | list[int], num_classes: int | None) -> Tensor |
     return torch.as_tensor(list(indices), dtype=torch.long) % num_classes
 
 
+def pair_prompts(indices: range | list[int], num_prompts: int | None) -> Tensor | None:
+    """Prompt rows of text-conditioned pairs: ``index % num_prompts`` (every prompt equally often)."""
+    if num_prompts is None:
+        return None
+    return torch.as_tensor(list(indices), dtype=torch.long) % num_prompts
+
+
+#: prompt rows -> (their conditions, the null (negative prompt) conditions), e.g. ``ConditionSource.fixed``
+PromptConditions = Callable[[Tensor], tuple[Condition | None, Condition | None]]
+
+
+def _check_prompt_conditions(spec: PairSpec, conditions: PromptConditions | None) -> None:
+    if spec.num_prompts is not None and conditions is None:
+        raise ValueError(
+            f"the pair spec holds {spec.num_prompts} prompts (cache key {spec.prompt_cache_key}): pass their "
+            "conditions (ConditionSource.fixed of the encoded prompts)"
+        )
+
+
 @torch.no_grad()
 def solve_pairs(
     denoiser: Denoiser,
@@ -182,19 +207,30 @@ def solve_pairs(
     noise: Tensor,
     labels: Tensor | None,
     progress: Callable[[int], None] | None = None,
+    prompts: Tensor | None = None,
+    conditions: PromptConditions | None = None,
 ) -> Tensor:
     """``x = ODE(sigma_max * z)`` with the spec's sampler, guidance and range, in chunks of ``batch_size``
-    (``progress(n)`` is called after each chunk of ``n`` pairs)."""
+    (``progress(n)`` is called after each chunk of ``n`` pairs). Text teachers: ``prompts`` are the pairs'
+    prompt rows and ``conditions`` turns rows into their condition and null (guided towards the first)."""
     device = next(denoiser.parameters()).device
     out = []
     for start in range(0, len(noise), spec.batch_size):
         z = noise[start : start + spec.batch_size].to(device)
-        cond = None
+        cond = null = None
         if labels is not None:
             cond = Condition(class_labels=labels[start : start + spec.batch_size].to(device))
+        if prompts is not None:
+            if conditions is None:
+                raise ValueError("prompt rows given without their conditions")
+            cond, null = conditions(prompts[start : start + spec.batch_size])
+            cond = None if cond is None else cond.to(device)
+            null = None if null is None else null.to(device)
         if spec.sampler == "flow_euler":
             guidance = spec.guidance_scale if cond is not None else 1.0
-            x = euler_on_sigmas(denoiser, z, flow_sigmas(spec.nfe, spec.sigma_max), cond, guidance)
+            x = euler_on_sigmas(
+                denoiser, z, flow_sigmas(spec.nfe, spec.sigma_max), cond, guidance, null_cond=null
+            )
         else:
             used, steps = steps_for_nfe(spec.nfe, spec.sampler)
             solver = edm_heun_sample if used == "heun" else euler_sample
@@ -204,6 +240,7 @@ def solve_pairs(
                 steps,
                 cond=cond,
                 guidance_scale=spec.guidance_scale if cond is not None else 1.0,
+                null_cond=null,
                 sigma_min=spec.sigma_min,
                 sigma_max=spec.sigma_max,
                 rho=spec.rho,
@@ -233,12 +270,25 @@ def make_spec(
     sigma_max: float | None = None,
     guidance_scale: float = 1.0,
     num_classes: int | None = None,
+    shape: list[int] | tuple[int, ...] | None = None,
+    num_prompts: int | None = None,
+    prompt_cache_key: str | None = None,
     **kwargs: Any,
 ) -> PairSpec:
-    """A :class:`PairSpec` for ``denoiser``, resolving the noise range as the EDM samplers do."""
+    """A :class:`PairSpec` for ``denoiser``, resolving the noise range as the EDM samplers do.
+
+    ``shape`` (C, H, W): what the denoiser denoises (default: its in_channels and sample_size; latent teachers
+    pass :func:`distill.teachers.latents.sample_shape`). Text teachers pass ``num_prompts`` and the embeddings'
+    ``prompt_cache_key``; guidance is kept for class- and text-conditioned pairs only."""
     lo, hi = default_sigma_range(denoiser, None, sigma_max)
-    size = denoiser.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if shape is None:
+        size = denoiser.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        shape = [int(denoiser.in_channels), int(h), int(w)]
+    if (num_prompts is None) != (prompt_cache_key is None):
+        raise ValueError("make_spec: num_prompts and prompt_cache_key go together (text teachers)")
+    if num_prompts is not None and num_classes is not None:
+        raise ValueError("make_spec: pairs are conditioned on classes or on prompts, not both")
     if sampler in ("heun", "euler"):
         steps_for_nfe(nfe, sampler)  # refuse an even Heun NFE before any work
     return PairSpec(
@@ -248,10 +298,12 @@ def make_spec(
         nfe=nfe,
         sigma_max=hi,
         sigma_min=lo,
-        shape=[int(denoiser.in_channels), int(h), int(w)],
+        shape=[int(s) for s in shape],
         num_pairs=num_pairs,
-        guidance_scale=guidance_scale if num_classes is not None else 1.0,
+        guidance_scale=guidance_scale if num_classes is not None or num_prompts is not None else 1.0,
         num_classes=num_classes,
+        num_prompts=num_prompts,
+        prompt_cache_key=prompt_cache_key,
         source_fingerprint=model_fingerprint(denoiser),
         **kwargs,
     )
@@ -273,6 +325,8 @@ def _features(spec: PairSpec):
     }
     if spec.num_classes is not None:
         cols["label"] = Value("int64")
+    if spec.num_prompts is not None:
+        cols["prompt"] = Value("int64")
     return Features(cols)
 
 
@@ -325,13 +379,18 @@ def rename_shard(tmp: Path, final: Path) -> None:
 
 
 def _generate_shard(
-    denoiser: Denoiser, spec: PairSpec, shard: int, progress: Callable[[int], None] | None = None
+    denoiser: Denoiser,
+    spec: PairSpec,
+    shard: int,
+    progress: Callable[[int], None] | None = None,
+    conditions: PromptConditions | None = None,
 ) -> dict[str, np.ndarray]:
     rows = spec.shard_rows(shard)
     seeds = [pair_seed(spec.seed, spec.round, i) for i in rows]
     noise = pair_noise(seeds, spec.shape)
     labels = pair_labels(rows, spec.num_classes)
-    sample = solve_pairs(denoiser, spec, noise, labels, progress)
+    prompts = pair_prompts(rows, spec.num_prompts)
+    sample = solve_pairs(denoiser, spec, noise, labels, progress, prompts, conditions)
     cols = {
         "index": np.asarray(list(rows), dtype=np.int64),
         "seed": np.asarray(seeds, dtype=np.int64),
@@ -340,6 +399,8 @@ def _generate_shard(
     }
     if labels is not None:
         cols["label"] = labels.numpy()
+    if prompts is not None:
+        cols["prompt"] = prompts.numpy()
     return cols
 
 
@@ -469,14 +530,17 @@ def generate_pairs(
     log: Callable[[str], None] | None = None,
     verify_hashes: bool = False,
     progress_bar: bool = True,
+    conditions: PromptConditions | None = None,
 ) -> PairSet:
     """Write the missing shards of ``spec`` into ``folder`` across all processes; returns what is complete.
 
     ``state`` is accelerate's ``PartialState`` (built on demand). With ``max_minutes`` a process starts a shard
     only if its last shard's duration still fits (the first always runs, so every run makes progress), so a
     time-limited run stops on shard boundaries. ``verify_hashes`` checks every listed shard's sha256 first.
-    ``progress_bar``: a bar over the main process's pairs (stderr).
+    ``progress_bar``: a bar over the main process's pairs (stderr). ``conditions``: text teachers' prompt
+    rows -> (condition, null), required when the spec holds prompts.
     """
+    _check_prompt_conditions(spec, conditions)
     if state is None:
         from accelerate import PartialState
 
@@ -514,7 +578,7 @@ def generate_pairs(
             )
             break
         t0 = time.perf_counter()
-        cols = _generate_shard(denoiser, spec, shard, bar.update)
+        cols = _generate_shard(denoiser, spec, shard, bar.update, conditions)
         entry = write_shard(folder, spec, shard, cols)
         last = time.perf_counter() - t0
         entry.update(process=rank, seconds=round(last, 3))
@@ -547,13 +611,23 @@ def load_pairs(folder: str | Path):
     return ds.with_format("torch"), pairs
 
 
-def regenerate_pairs(denoiser: Denoiser, folder: str | Path, indices: list[int]) -> dict[str, Tensor]:
-    """Recompute pairs ``indices`` from the manifest's seeds (batched as given, so ``sample`` matches to rounding)."""
+def regenerate_pairs(
+    denoiser: Denoiser,
+    folder: str | Path,
+    indices: list[int],
+    conditions: PromptConditions | None = None,
+) -> dict[str, Tensor]:
+    """Recompute pairs ``indices`` from the manifest's seeds (batched as given, so ``sample`` matches to rounding);
+    text teachers' pairs need their prompts' ``conditions``."""
     spec = open_pairs(folder).spec
+    _check_prompt_conditions(spec, conditions)
     seeds = [pair_seed(spec.seed, spec.round, i) for i in indices]
     noise = pair_noise(seeds, spec.shape)
     labels = pair_labels(indices, spec.num_classes)
-    out = {"noise": noise, "sample": solve_pairs(denoiser, spec, noise, labels)}
+    prompts = pair_prompts(indices, spec.num_prompts)
+    out = {"noise": noise, "sample": solve_pairs(denoiser, spec, noise, labels, None, prompts, conditions)}
     if labels is not None:
         out["label"] = labels
+    if prompts is not None:
+        out["prompt"] = prompts
     return out

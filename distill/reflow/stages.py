@@ -6,6 +6,11 @@
 the teacher, round r > 1's the r-RF of the round before; the student starts from the k-RF (the teacher when
 k = 1) and learns from the last round's pairs.
 
+Teachers: pixel-space or latent (pairs then hold latents; sizes from
+:func:`distill.teachers.latents.sample_shape`), unconditional, class-conditional or text-conditioned (the prompts
+are encoded once by the teacher's own text encoders, :func:`prompt_source`, and each pair holds its prompt's row).
+Start-up checks (:func:`check_run`) refuse what cannot run or be exported before any pair is made.
+
 This module plans and runs stages; what one training stage optimises (its loss, evaluation and export) is the
 recipe's (``recipes/reflow.py``), which :func:`run_training` receives as ``recipe_class`` because ``distill``
 does not import ``recipes``.
@@ -23,8 +28,12 @@ from typing import Any, Literal, Protocol
 import torch
 
 from distill.export.flow import DONE_FILE
+from distill.export.latent import check_latent_export
 from distill.reflow.pairs import generate_pairs, make_spec, open_pairs
-from distill.teachers.loading import UNTEXTED, check_teacher, load_teacher
+from distill.teachers.conditions import ConditionSource, check_conditioning
+from distill.teachers.families import TeacherFamily
+from distill.teachers.latents import LatentCodec, sample_shape
+from distill.teachers.loading import check_teacher, load_teacher
 from engine.recipe import Recipe
 from engine.threads import configure_threads
 from engine.trainer import Trainer, build_accelerator
@@ -61,6 +70,12 @@ class StagesConfig(Protocol):
     reflow_minutes: float
     distill_steps: int
     distill_minutes: float
+    num_steps: int
+    prompts: str | None
+    prompt_column: str | None
+    negative_prompt: str
+    prompt_cache_dir: str | None
+    resolution: int | None
 
 
 #: builds one training stage's recipe: (stage config, mode, source model, pairs folder, export folder)
@@ -114,6 +129,42 @@ def plan(cfg: StagesConfig) -> list[tuple[str, int]]:
     return [*steps, ("distill", last)]
 
 
+# ------------------------------------------------------------------------------------- teacher checks
+def check_run(cfg: StagesConfig) -> TeacherFamily:
+    """The teacher's family, or the start-up error (configs only, before any pair): an unsupported family, prompt
+    settings that do not fit its conditioning (a text teacher needs ``prompts``), or a latent student the teacher's
+    pipeline cannot sample (:func:`distill.export.latent.check_latent_export`; reflow students step
+    deterministically, so k steps export too)."""
+    family = check_teacher(cfg.teacher)
+    check_conditioning(cfg.teacher, family, cfg.prompts, cfg.prompt_column, cfg.negative_prompt)
+    if family.latent:
+        check_latent_export(family, cfg.num_steps, deterministic=True)
+    return family
+
+
+def prompt_source(cfg: StagesConfig, family: TeacherFamily, accelerator: Any) -> ConditionSource | None:
+    """A text teacher's prompts as a :class:`ConditionSource` (encoded by its text encoders, main process first,
+    or read from the cache), else ``None``. ``accelerator``: an ``Accelerator`` or ``PartialState``."""
+    if not family.conditioning.startswith("text"):
+        return None
+    return ConditionSource.for_teacher(
+        cfg.teacher,
+        family,
+        prompts=cfg.prompts,
+        prompt_column=cfg.prompt_column,
+        negative_prompt=cfg.negative_prompt,
+        image_size=None if cfg.resolution is None else (cfg.resolution, cfg.resolution),
+        accelerator=accelerator,
+        cache_dir=cfg.prompt_cache_dir,
+    )
+
+
+def prompt_cache_key(source: ConditionSource) -> str:
+    """The cache key of the encoded prompts (teacher, prompts, negative prompt, dtype, ...)."""
+    assert source.embeddings is not None
+    return str(source.embeddings.meta["key"])
+
+
 # --------------------------------------------------------------------------------------------- pairs
 def run_pairs(cfg: StagesConfig, round_: int, state: Any = None) -> dict[str, Any]:
     """Generate (or complete) round ``round_``'s pair set; returns a summary of the folder."""
@@ -125,8 +176,12 @@ def run_pairs(cfg: StagesConfig, round_: int, state: Any = None) -> dict[str, An
         print(f"[reflow] pairs round {round_}: {threads}", flush=True)
     folder = pairs_dir(cfg, round_)
     source = source_model(cfg, round_)
+    family = check_teacher(cfg.teacher)
+    prompts = prompt_source(cfg, family, state)  # encoded before the teacher's weights are loaded
     model = load_teacher(source).to(state.device).eval().requires_grad_(False)
-    num_classes = cfg.num_classes if cfg.num_classes is not None else model.num_classes
+    num_classes = None
+    if prompts is None:
+        num_classes = cfg.num_classes if cfg.num_classes is not None else model.num_classes
     if round_ == 1:
         sampler, nfe, guidance, sigma_max = (
             cfg.pairs_sampler,
@@ -134,9 +189,14 @@ def run_pairs(cfg: StagesConfig, round_: int, state: Any = None) -> dict[str, An
             cfg.guidance_scale,
             cfg.pairs_sigma_max,
         )
+        shape = None
+        if family.latent:  # latents: the autoencoder's factor turns a resolution into a latent size
+            codec = LatentCodec.from_teacher(family) if cfg.resolution is not None else None
+            shape = sample_shape(model, codec, cfg.resolution)
     else:  # an r-RF was trained on guided pairs: sample it unguided, from the range it was trained on
         previous = open_pairs(pairs_dir(cfg, round_ - 1)).spec
         sampler, nfe, guidance, sigma_max = "flow_euler", cfg.later_pairs_steps, 1.0, previous.sigma_max
+        shape = previous.shape
     spec = make_spec(
         model,
         source,
@@ -150,9 +210,18 @@ def run_pairs(cfg: StagesConfig, round_: int, state: Any = None) -> dict[str, An
         batch_size=cfg.pairs_batch_size,
         seed=cfg.pairs_seed,
         round=round_,
+        shape=shape,
+        num_prompts=None if prompts is None else prompts.num_prompts,
+        prompt_cache_key=None if prompts is None else prompt_cache_key(prompts),
     )
     pairs = generate_pairs(
-        model, spec, folder, state=state, max_minutes=cfg.pairs_minutes, progress_bar=cfg.progress_bar
+        model,
+        spec,
+        folder,
+        state=state,
+        max_minutes=cfg.pairs_minutes,
+        progress_bar=cfg.progress_bar,
+        conditions=None if prompts is None else prompts.fixed,
     )
     return {"folder": str(folder), "pairs": pairs.num_pairs, "complete": pairs.complete, "nfe": spec.nfe}
 
@@ -188,9 +257,7 @@ def run(cfg: StagesConfig, recipe_class: RecipeClass) -> dict[str, Any]:
     """Run the planned stages; the main process keeps ``output_dir/summary.json`` up to date."""
     from accelerate import PartialState
 
-    check_teacher(
-        cfg.teacher, conditioning=UNTEXTED, latent=False
-    )  # before any pairs or copies: refused by family name
+    check_run(cfg)  # before any pairs or copies: refused by family name, conditioning and export
     state = PartialState(cpu=cfg.cpu or not torch.cuda.is_available())
     summary_path = Path(cfg.output_dir) / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
