@@ -274,6 +274,12 @@ def test_start_up_refusals(tmp_path, tiny_pipeline_dir, monkeypatch):
     _refused(tmp_path, monkeypatch, tiny_pipeline_dir("flux"), folder, "set resolution")
     # a class-conditional teacher needs labels
     _refused(tmp_path, monkeypatch, tiny_pipeline_dir("dit"), folder, r"class-conditional.*no label column")
+    # a data file without images
+    rows = tmp_path / "rows.csv"
+    rows.write_text("text\na cat\na dog\n")
+    _refused(
+        tmp_path, monkeypatch, tiny_pipeline_dir("sd"), rows, r"no image column; its columns: \['text'\]"
+    )
     # an unconditional teacher has no caption to drop
     _refused(tmp_path, monkeypatch, tiny_pipeline_dir("ldm_vq"), folder, "unconditional", caption_dropout=0.1)
 
