@@ -13,7 +13,9 @@ does for Linear layers) with what peft's route lacks:
 
 The folder holds peft's format (``adapter_config.json`` + ``adapter_model.safetensors``, for
 ``PeftModel.from_pretrained``) and, for diffusers models, diffusers' ``pytorch_lora_weights.safetensors`` with
-its adapter metadata (for ``pipeline.load_lora_weights`` / ``unet.load_lora_adapter(folder, prefix="unet")``).
+its adapter metadata (for ``pipeline.load_lora_weights`` / ``unet.load_lora_adapter(folder, prefix="unet")``),
+written by the teacher pipeline class's own ``save_lora_weights`` when it has a LoRA loader for that component
+(:func:`lora_pipeline_class`: SD, SDXL, SD3, Flux, Sana), else in the same layout by hand.
 """
 
 from __future__ import annotations
@@ -117,9 +119,12 @@ def save_adapter(
     diffusers_prefix: str | None = None,
     base_model_name_or_path: str | None = None,
     adapter_name: str = "default",
+    pipeline_class: str | None = None,
 ) -> Path:
     """Write the adapter in peft's format (and diffusers' when ``diffusers_prefix``, e.g. "unet", is given),
-    converted so it applies to the untouched pretrained base."""
+    converted so it applies to the untouched pretrained base. ``pipeline_class``: the diffusers pipeline the
+    adapter is for (e.g. "StableDiffusion3Pipeline"); its ``save_lora_weights`` writes the diffusers file when it
+    can load LoRA into ``diffusers_prefix``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state, config = adapter_state_and_config(peft_model, initial, full_state_dict, adapter_name)
@@ -133,6 +138,18 @@ def save_adapter(
     if diffusers_prefix is not None:
         from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
 
+        pipeline = lora_pipeline_class(pipeline_class, diffusers_prefix)
+        if pipeline is not None:
+            own = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items() if ".lora_" in k}
+            pipeline.save_lora_weights(
+                str(folder),
+                safe_serialization=True,
+                **{
+                    f"{diffusers_prefix}_lora_layers": own,
+                    f"{diffusers_prefix}_lora_adapter_metadata": _jsonable(config.to_dict()),
+                },
+            )
+            return folder
         layers = {
             f"{diffusers_prefix}.{k.removeprefix(PEFT_PREFIX)}": v
             for k, v in tensors.items()
@@ -145,3 +162,17 @@ def save_adapter(
             metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)},
         )
     return folder
+
+
+def lora_pipeline_class(pipeline_class: str | None, component: str | None) -> Any:
+    """The diffusers pipeline class named ``pipeline_class`` when it loads LoRA weights into ``component``
+    (``load_lora_weights`` and ``component`` among its ``_lora_loadable_modules``), else ``None`` (e.g. PixArt,
+    DiT, LDM and DDPM pipelines have no LoRA loader in diffusers 0.42)."""
+    if not pipeline_class or not component:
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    if cls is None or not hasattr(cls, "load_lora_weights") or not hasattr(cls, "save_lora_weights"):
+        return None
+    return cls if component in (getattr(cls, "_lora_loadable_modules", None) or ()) else None

@@ -37,6 +37,10 @@ class FinetuneTask(ABC):
     default_targets: str | list[str] = "all-linear"
     #: Also write diffusers' ``pytorch_lora_weights.safetensors`` under this prefix (``None``: peft's format only).
     diffusers_prefix: str | None = None
+    #: The diffusers pipeline class the adapter is for; its own ``save_lora_weights`` writes that file.
+    diffusers_pipeline: str | None = None
+    #: Set by the recipe before :meth:`load_data`: the run's ``accelerate.Accelerator`` (device, main process first).
+    accelerator: Any = None
 
     @abstractmethod
     def load_data(self) -> tuple[Any, Callable[[list[Any]], Any]]:
@@ -70,6 +74,10 @@ class FinetuneTask(ABC):
     @abstractmethod
     def merge(self, adapter: Path, folder: Path) -> None:
         """Load the untouched base from disk, apply the saved ``adapter`` as a user would, merge, save."""
+
+    def how_to_load(self, adapter: Path) -> str | None:
+        """A short note on loading the exported ``adapter`` (written beside it as README.md); ``None``: none."""
+        return None
 
 
 def resolve_transformers_model(spec: str) -> str:

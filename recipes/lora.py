@@ -2,6 +2,7 @@
 
     accelerate launch recipes/lora.py --config recipes/configs/lora_minilm.yaml         # (a) text model
     accelerate launch recipes/lora.py --config recipes/configs/lora_teacher_digits.yaml # (b) diffusion UNet
+    accelerate launch recipes/lora.py --model_kind unet --model PIPELINE --dataset IMAGES  # (c) image teacher
 
 ``--method``: ``lora`` (peft), ``lora_plus`` (B learns ``loraplus_ratio`` times faster), ``lora_ga`` (adapter
 initialised from the SVD of the full-weight gradient on ``loraga_batches`` batches per process, base weight
@@ -13,13 +14,19 @@ offset so the output is unchanged), ``lora_ga_plus`` (both) or ``full`` (every w
     ``stdlib_docs`` (offline), a local ``.txt``/``.json``/``.jsonl``/``.csv``/``.parquet`` file, a folder or a
     hub id. Eval: cross-entropy (and accuracy) on the validation rows (rule: :func:`finetune.data.
     train_and_eval_splits`).
-(b) ``unet`` -> :class:`DenoiserTask`: a teacher loaded as a :class:`distill.teachers.denoiser.Denoiser`,
-    adapted to new images (digits rotated by 90 degrees). Loss: EDM denoising loss at log-normal sigmas;
-    eval: the EDM loss on held-out digits at fixed sigmas and fixed noise.
+(b) ``unet`` with ``dataset=digits`` -> :class:`DenoiserTask`: a pixel-space teacher loaded as a
+    :class:`distill.teachers.denoiser.Denoiser`, adapted to new images (digits rotated by 90 degrees). Loss: EDM
+    denoising loss at log-normal sigmas; eval: the EDM loss on held-out digits at fixed sigmas and fixed noise.
+(c) ``unet`` with any other dataset -> :class:`distill.image_finetune.ImageDenoiserTask`: any diffusers image
+    teacher (UNet or transformer: SD 1.5/2.1, SDXL, SD3, PixArt, Sana, Flux, DiT, LDM, DDPM, ...) on an image
+    folder (``imagefolder`` layout, captions in ``metadata.jsonl``), a ``datasets`` folder or a hub dataset, with
+    the teacher's own objective (epsilon / v / flow matching at its table timesteps; EDM for EDM teachers).
 
 At the end the adapter is written to ``<export_dir>/adapter`` in peft's format (plus diffusers'
-``pytorch_lora_weights.safetensors`` for UNets), converted for LoRA-GA so that it loads on the ORIGINAL
-pretrained model; ``--merge true`` also writes the merged full model to ``<export_dir>/merged``.
+``pytorch_lora_weights.safetensors`` for UNets and for pipelines with a LoRA loader, so
+``pipe.load_lora_weights("<export_dir>/adapter")`` works; a README.md there says how to load it), converted for
+LoRA-GA so that it loads on the ORIGINAL pretrained model; ``--merge true`` also writes the merged full model
+(the whole pipeline for a pipeline teacher) to ``<export_dir>/merged``.
 """
 
 from __future__ import annotations
@@ -40,11 +47,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from distill.data import new_digits
+from distill.image_finetune import ImageDenoiserTask
 from distill.teachers.edm import edm_denoising_loss, sample_lognormal_sigmas
 from distill.teachers.loading import UNTEXTED, check_teacher, load_teacher, resolve_teacher_path
 from engine.checkpoint import resolve_resume
 from engine.config import TrainConfig, parse_config
 from engine.launch import run_main
+from engine.log import get_logger
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.seeding import make_generator
 from engine.trainer import Trainer
@@ -95,8 +104,9 @@ class LoraRecipeConfig(TrainConfig):
     dataset: str | None = field(
         default=None,
         metadata={
-            "help": "None: model_kind's default ('stdlib_docs' / 'digits', unet's only data); transformers "
-            "also: a .txt/.json/.jsonl/.csv/.parquet file, a folder or a hub id."
+            "help": "None: model_kind's default ('stdlib_docs' / 'digits'); transformers also: a .txt/.json/"
+            ".jsonl/.csv/.parquet file, a folder or a hub id; unet also: an image folder (imagefolder layout, "
+            "captions in metadata.jsonl), a datasets folder or a hub image dataset."
         },
     )
     text_column: str = field(default="text", metadata={"help": "transformers: the text column."})
@@ -105,8 +115,8 @@ class LoraRecipeConfig(TrainConfig):
     eval_split: str | None = field(
         default=None,
         metadata={
-            "help": "transformers: None = 'validation' if present, else eval_holdout of train ('test' only "
-            "when named: it is for the final report)."
+            "help": "transformers / image datasets: None = 'validation' if present, else eval_holdout of train "
+            "('test' only when named: it is for the final report)."
         },
     )
     eval_holdout: float = field(
@@ -126,6 +136,35 @@ class LoraRecipeConfig(TrainConfig):
     )
     p_mean: float = field(default=-1.2, metadata={"help": "unet: mean of training log sigma (EDM)."})
     p_std: float = field(default=1.2, metadata={"help": "unet: std of training log sigma (EDM)."})
+    caption_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "unet + image dataset: the caption column; None = the first of text, caption, prompt."
+        },
+    )
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "unet + image dataset: image side (resize + centre crop); None = the teacher's size."
+        },
+    )
+    caption_dropout: float = field(
+        default=0.0,
+        metadata={"help": "unet + image dataset: share of captions (labels) replaced by the null one."},
+    )
+    eval_timesteps: list[int] = field(
+        default_factory=lambda: [100, 300, 500, 700, 900],
+        metadata={"help": "unet + image dataset: table timesteps of the eval loss (VP / flow teachers)."},
+    )
+    guidance_scale: float = field(
+        default=3.5,
+        metadata={
+            "help": "unet: guidance input of a guidance-distilled teacher (FLUX.1-dev), as diffusers' script."
+        },
+    )
+    prompt_cache_dir: str | None = field(
+        default=None, metadata={"help": "unet + captions: embedding cache; None = ~/.cache/onestep."}
+    )
     # ------------------------------------------------------------------ method
     method: Method = field(
         default="lora_plus", metadata={"help": "lora_plus: fastest to LoRA's final loss in our benchmark."}
@@ -177,10 +216,8 @@ class LoraRecipeConfig(TrainConfig):
                     f"{self.model_kind!r}: use {name}=None ({defaults[self.model_kind]!r}) or a "
                     f"{self.model_kind} {name}"
                 )
-        if self.model_kind == "unet" and self.dataset != "digits":
-            raise ValueError(
-                f"model_kind='unet' trains on dataset='digits' only, got dataset={self.dataset!r}"
-            )
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1]")
         if self.model_kind == "unet" and self.task != "sequence_classification":
             raise ValueError(f"task={self.task!r} applies to model_kind='transformers', not 'unet'")
 
@@ -204,7 +241,7 @@ class LoraRecipeConfig(TrainConfig):
 
 # ------------------------------------------------------------------------------------------------ tasks
 class DenoiserTask(FinetuneTask):
-    """A diffusers UNet teacher (EDM denoiser) adapted to digits rotated by 90 degrees."""
+    """A pixel-space, untexted diffusers UNet teacher (EDM denoiser) adapted to digits rotated by 90 degrees."""
 
     peft_task_type = None
     default_targets = list(UNET_TARGETS)
@@ -224,7 +261,13 @@ class DenoiserTask(FinetuneTask):
 
     def build_model(self) -> nn.Module:
         self.model_path = str(resolve_teacher_path(self.cfg.model))
-        check_teacher(self.cfg.model, conditioning=UNTEXTED, latent=False)
+        try:
+            check_teacher(self.cfg.model, conditioning=UNTEXTED, latent=False)
+        except ValueError as e:
+            raise ValueError(
+                f"{e}. The digits task fits pixel-space untexted teachers; for this teacher pass an image "
+                "dataset: --dataset FOLDER (imagefolder with captions in metadata.jsonl) or a hub dataset"
+            ) from None
         return load_teacher(self.cfg.model)
 
     def add_lora(self, model: nn.Module, config: LoraConfig) -> tuple[nn.Module, PeftModel]:
@@ -269,8 +312,26 @@ def _stack_images(rows: list[tuple[torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def make_task(cfg: LoraRecipeConfig) -> FinetuneTask:
     """The one place that looks at ``model_kind``."""
-    if cfg.model_kind == "unet":
+    if cfg.model_kind == "unet" and cfg.dataset == "digits":
         return DenoiserTask(cfg)
+    if cfg.model_kind == "unet":
+        return ImageDenoiserTask(
+            cfg.model,
+            cfg.dataset,
+            caption_column=cfg.caption_column,
+            resolution=cfg.resolution,
+            caption_dropout=cfg.caption_dropout,
+            eval_split=cfg.eval_split,
+            eval_holdout=cfg.eval_holdout,
+            eval_examples=cfg.eval_examples,
+            eval_timesteps=cfg.eval_timesteps,
+            eval_sigmas=cfg.eval_sigmas,
+            p_mean=cfg.p_mean,
+            p_std=cfg.p_std,
+            guidance_scale=cfg.guidance_scale,
+            batch_size=cfg.batch_size,
+            prompt_cache_dir=cfg.prompt_cache_dir,
+        )
     return TextTask(
         model=cfg.model,
         task=cfg.task,
@@ -303,6 +364,7 @@ class LoraRecipe(Recipe):
         -> loader."""
         cfg, task = self.config, self.task
         self.trainer = trainer
+        task.accelerator = trainer.accelerator
         train_set, collate = task.load_data()
         model = task.build_model()
         if cfg.is_lora:
@@ -427,7 +489,12 @@ class LoraRecipe(Recipe):
                     full_state_dict=full_state,
                     diffusers_prefix=self.task.diffusers_prefix,
                     base_model_name_or_path=self.task.model_path,
+                    pipeline_class=self.task.diffusers_pipeline,
                 )
+                note = self.task.how_to_load(out / "adapter")
+                if note is not None:
+                    (out / "adapter" / "README.md").write_text(note)
+                    get_logger().info(note)
                 if cfg.merge:
                     self.task.merge(out / "adapter", out / "merged")
             else:

@@ -185,7 +185,7 @@ def test_model_and_dataset_default_per_model_kind_and_mismatches_raise():
         ({"model_kind": "unet", "model": "minilm"}, "model='minilm' is the transformers default"),
         ({"model": "default"}, "model='default' is the unet default, but model_kind='transformers'"),
         ({"dataset": "digits"}, "dataset='digits' is the unet default"),
-        ({"model_kind": "unet", "dataset": "rows.csv"}, "dataset='digits' only, got dataset='rows.csv'"),
+        ({"model_kind": "unet", "caption_dropout": 1.5}, "caption_dropout=1.5 must be in"),
         (
             {"model_kind": "unet", "task": "causal_lm"},
             "task='causal_lm' applies to model_kind='transformers'",
