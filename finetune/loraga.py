@@ -137,11 +137,14 @@ def estimate_gradients(
     loss_fn: Callable[[Any], torch.Tensor],
     offload_to_cpu: bool = True,
     batch_weight: Callable[[Any], float] | None = None,
+    probes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean over ``batches`` of d loss / d W for the base weight of every layer (fp32, on this process only).
 
     ``batch_weight`` (e.g. the batch's number of samples) weights each batch's gradient, so batch means of
-    unequal batches average to the mean over samples; None weighs every batch 1. Adapters are disabled and only the target base weights require gradients while this runs; every gradient
+    unequal batches average to the mean over samples; None weighs every batch 1. ``probes``, if given, is filled
+    with each layer's first input and (base) output on the first example, on CPU, for
+    :func:`output_change`. Adapters are disabled and only the target base weights require gradients while this runs; every gradient
     leaves ``.grad`` (to CPU with ``offload_to_cpu``) as soon as it is complete. All flags are restored after.
     """
     was_training = model.training
@@ -171,6 +174,8 @@ def estimate_gradients(
             weight = layer.get_base_layer().weight
             weight.requires_grad_(True)
             hooks.append(weight.register_post_accumulate_grad_hook(accumulate(name)))
+            if probes is not None:
+                hooks.append(layer.register_forward_hook(_probe(name, probes)))
         model.train()
         with torch.enable_grad():
             for batch in batches:
@@ -198,6 +203,37 @@ def estimate_gradients(
             f"({len(missing)} layers): they do not influence the loss; remove them from target_modules"
         )
     return {name: s.div_(total_weight) for name, s in sums.items()}
+
+
+def _probe(
+    name: str, probes: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        if name not in probes and args and isinstance(args[0], torch.Tensor):
+            probes[name] = (args[0][:1].detach().cpu(), output[:1].detach().cpu())
+
+    return hook
+
+
+@torch.no_grad()
+def output_change(
+    layers: dict[str, LoraLayer], probes: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    """Largest change, relative to the output's largest entry, of a probed layer's output on its probed input
+    (in eval mode, so no dropout) now that A0, B0 and the offset base are set: 0 up to float rounding when the
+    initialisation is exact; the rounding of W - s B0 A0 to a bf16/fp16 base shows here."""
+    worst = 0.0
+    for name, (x, before) in probes.items():
+        layer = layers[name]
+        was_training = layer.training
+        layer.eval()
+        try:
+            after = layer(x.to(layer.get_base_layer().weight.device)).float().cpu()
+        finally:
+            layer.train(was_training)
+        scale = before.float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+        worst = max(worst, ((after - before.float()).abs().max() / scale).item())
+    return worst
 
 
 def lora_ga_factors(
@@ -318,11 +354,20 @@ def apply_lora_ga(
     adapter_name: str = "default",
     batch_weight: Callable[[Any], float] | None = None,
     share: float | None = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Estimate gradients on ``batches`` and initialise every LoRA layer of ``model`` (a peft model, before
     ``accelerator.prepare``). ``batch_weight`` and ``share``: see :func:`estimate_gradients` and
-    :func:`initialize_lora_ga`. Returns the initial factors for :func:`finetune.export.lora_ga_to_lora`."""
+    :func:`initialize_lora_ga`. ``report``, if given, receives ``output_change`` (:func:`output_change`, on
+    this process's first example) and ``base_dtypes`` (the adapted base weights' dtypes: a bf16/fp16 base
+    stores W - s B0 A0 rounded, so the start is not exact there). Returns the initial factors for
+    :func:`finetune.export.lora_ga_to_lora`."""
     options = options or LoraGAOptions()
     layers = lora_ga_layers(model, adapter_name)
-    grads = estimate_gradients(model, layers, batches, loss_fn, options.offload_to_cpu, batch_weight)
-    return initialize_lora_ga(layers, grads, options, adapter_name, share)
+    probes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if report is not None else None
+    grads = estimate_gradients(model, layers, batches, loss_fn, options.offload_to_cpu, batch_weight, probes)
+    initial = initialize_lora_ga(layers, grads, options, adapter_name, share)
+    if report is not None:
+        report["output_change"] = output_change(layers, probes or {})
+        report["base_dtypes"] = sorted({str(m.get_base_layer().weight.dtype) for m in layers.values()})
+    return initial

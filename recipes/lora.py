@@ -46,6 +46,7 @@ from distill.teachers.loading import UNTEXTED, check_teacher, load_teacher, reso
 from engine.checkpoint import resolve_resume
 from engine.config import TrainConfig, parse_config
 from engine.launch import run_main
+from engine.log import get_logger
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.seeding import make_generator
 from engine.trainer import Trainer
@@ -119,6 +120,14 @@ class LoraRecipeConfig(TrainConfig):
         default=0.1, metadata={"help": "Train share held out if no eval split; 0: none."}
     )
     max_length: int = field(default=64, metadata={"help": "transformers: tokens kept per text."})
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={
+            "help": "transformers: dtype the base is loaded in; auto = the checkpoint's (bf16 checkpoints load "
+            "in bf16). LoRA-GA is exact only on a float32 base: on bf16/fp16 the offset base W - s B0 A0 is "
+            "rounded, so the output changes at step 0 (measured and warned about at start)."
+        },
+    )
     eval_examples: int = field(default=512, metadata={"help": "Evaluate on at most this many examples."})
     digits_transform: Literal["rot90", "none"] = field(
         default="rot90", metadata={"help": "unet: 'rot90' = digits the teacher never saw; 'none' for checks."}
@@ -319,6 +328,7 @@ def make_task(cfg: LoraRecipeConfig) -> FinetuneTask:
         eval_examples=cfg.eval_examples,
         max_length=cfg.max_length,
         eval_batch_size=cfg.batch_size,
+        dtype=cfg.model_dtype,
     )
 
 
@@ -333,6 +343,7 @@ class LoraRecipe(Recipe):
         self.peft_model: PeftModel | None = None
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._checked_groups = False
+        self.loraga_output_change: float | None = None  # LoRA-GA's measured step-0 change (not on resume)
 
     def setup(self, trainer: Trainer) -> RecipeParts:
         """Data (first: it sizes a classifier's head) -> model -> LoRA -> LoRA-GA init -> LoRA+ optimiser
@@ -414,6 +425,7 @@ class LoraRecipe(Recipe):
                 return self.task.loss(model, send_to_device(batch, trainer.device), sigmas)
 
         options = LoraGAOptions(direction=cfg.loraga_direction, stable_gamma=cfg.loraga_gamma)
+        report: dict[str, Any] = {}
         initial = apply_lora_ga(
             self.peft_model,
             (load(index, rows) for index, rows in mine),
@@ -421,7 +433,9 @@ class LoraRecipe(Recipe):
             options,
             batch_weight=lambda item: item[1],
             share=share,
+            report=report,
         )
+        self.loraga_output_change = _report_exactness(trainer, report)
         _check_identical_across_processes(trainer, self.peft_model)
         if trainer.is_main:
             save_initial(initial, initial_path)
@@ -490,6 +504,7 @@ class LoraRecipe(Recipe):
                 "method": cfg.method,
                 "steps": trainer.step,
                 "optimizer_lrs": loraplus_learning_rates(trainer.trained["model"].optimizer),
+                **({"loraga_output_change": self.loraga_output_change} if cfg.is_lora_ga else {}),
                 **metrics,
             }
             (out / "metrics.json").write_text(json.dumps(info, indent=2))
@@ -523,6 +538,33 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
             raise ImportError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
         return bitsandbytes.optim.AdamW8bit
     return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+
+
+#: Relative step-0 change of an adapted layer's output above which LoRA-GA's start counts as inexact.
+EXACT_OUTPUT_CHANGE = 1e-4
+
+
+def _report_exactness(trainer: Trainer, report: dict[str, Any]) -> float:
+    """Log the largest step-0 output change over the processes; warn when the base's dtype made it inexact."""
+    change = torch.tensor([report["output_change"]], dtype=torch.float64, device=trainer.device)
+    change = float(trainer.accelerator.gather(change).max())
+    if trainer.is_main:
+        dtypes = report["base_dtypes"]
+        low = [d for d in dtypes if d in ("torch.bfloat16", "torch.float16")]
+        message = (
+            f"LoRA-GA initialised: adapted layers' outputs changed by at most {change:.2e} (relative) at step 0; "
+            f"base weights {', '.join(dtypes)}"
+        )
+        if low and change > EXACT_OUTPUT_CHANGE:
+            get_logger().warning(
+                f"{message}. The offset base W - s B0 A0 is stored rounded to {', '.join(low)}, so LoRA-GA does "
+                "not start from the base model's outputs and the adapter exported for the original base "
+                "differs from the trained model by about as much. For an exact start load the base in "
+                "float32 (model_dtype: float32), or use method lora / lora_plus on a low-precision base."
+            )
+        else:
+            get_logger().info(message)
+    return change
 
 
 def _check_identical_across_processes(trainer: Trainer, model: nn.Module) -> None:
