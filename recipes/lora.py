@@ -157,9 +157,9 @@ class LoraRecipeConfig(TrainConfig):
     loraga_lr_scale: float = field(
         default=1.0,
         metadata={
-            "help": "LoRA-GA methods (lora_ga, lora_ga_plus) train at lr x this: their first step already "
-            "follows the full fine-tuning gradient, so the authors advise an lr near full fine-tuning's, "
-            "often below LoRA's (the shipped configs set it from measurements)."
+            "help": "LoRA-GA methods (lora_ga, lora_ga_plus) train at lr x this (the authors advise an lr "
+            "near full fine-tuning's, as the first step already follows the full gradient; the shipped configs "
+            "keep 1, the lr LoRA-GA was measured at in docs/experiments/lora.md)."
         },
     )
     loraplus_ratio: float = field(default=16.0, metadata={"help": "LoRA+: B's lr / A's (paper's 16)."})

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tiny_models import UNET_TARGETS, tiny_bert, tiny_edm_teacher, tiny_llama, tiny_text_dataset
 
 RECIPE = ROOT / "recipes" / "lora.py"
-COMMON = ["--log_with", "none", "--progress_bar", "false", "--lora_rank", "2", "--loraga_samples", "8"]
+COMMON = ["--log_with", "none", "--progress_bar", "false", "--lora_rank", "2", "--loraga_samples", "16"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
