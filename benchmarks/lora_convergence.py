@@ -46,7 +46,6 @@ def run_one(model: str, method: str, args: argparse.Namespace, workdir: Path) ->
         "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha,
         "loraplus_ratio": args.loraplus_ratio,
-        "loraga_batches": args.loraga_batches,
         "lr_warmup_steps": 0,
     }
     if model == "a":
@@ -61,6 +60,8 @@ def run_one(model: str, method: str, args: argparse.Namespace, workdir: Path) ->
             eval_examples=args.eval_examples_a,
             max_length=args.max_length_a,
             lr=lr,
+            loraga_samples=args.loraga_samples_a,
+            loraga_lr_scale=args.loraga_lr_scale_a,
             **common,
         )
     else:
@@ -73,6 +74,8 @@ def run_one(model: str, method: str, args: argparse.Namespace, workdir: Path) ->
             eval_every=args.eval_every_b,
             eval_examples=400,
             lr=lr,
+            loraga_samples=args.loraga_samples_b,
+            loraga_lr_scale=args.loraga_lr_scale_b,
             **common,
         )
     recipe = LoraRecipe(cfg)
@@ -103,18 +106,21 @@ def main() -> None:
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_alpha", type=float, default=16.0)
     parser.add_argument("--loraplus_ratio", type=float, default=16.0)
-    parser.add_argument("--loraga_batches", type=int, default=8)
     parser.add_argument("--steps_a", type=int, default=100)
     parser.add_argument("--batch_a", type=int, default=16)
     parser.add_argument("--eval_every_a", type=int, default=20)
     parser.add_argument("--eval_examples_a", type=int, default=160)
     parser.add_argument("--max_length_a", type=int, default=48)
     parser.add_argument("--lr_a", type=float, default=5e-4)
+    parser.add_argument("--loraga_samples_a", type=int, default=128, help="8 batches of 16")
+    parser.add_argument("--loraga_lr_scale_a", type=float, default=1.0, help="LoRA-GA lr = lr_a x this")
     parser.add_argument("--full_lr_a", type=float, default=5e-5)
     parser.add_argument("--steps_b", type=int, default=200)
     parser.add_argument("--batch_b", type=int, default=64)
     parser.add_argument("--eval_every_b", type=int, default=25)
     parser.add_argument("--lr_b", type=float, default=1e-3)
+    parser.add_argument("--loraga_samples_b", type=int, default=512, help="8 batches of 64")
+    parser.add_argument("--loraga_lr_scale_b", type=float, default=1.0, help="LoRA-GA lr = lr_b x this")
     parser.add_argument("--full_lr_b", type=float, default=2e-4)
     parser.add_argument("--teacher", default="default", help="'default' or a teacher folder")
     parser.add_argument(

@@ -39,7 +39,12 @@ class TrainConfig:
         default="outputs/run", metadata={"help": "Run folder: checkpoints, logs, samples."}
     )
     project_name: str = field(default="onestep", metadata={"help": "Tracker project name."})
-    seed: int = field(default=0, metadata={"help": "Base seed; process i uses seed + i for its noise."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Base seed: recipe setup (new weights) uses it on every process, then process i uses seed + i for its noise."
+        },
+    )
     max_steps: int = field(
         default=1000, metadata={"help": "Optimisation steps (each runs every phase once)."}
     )

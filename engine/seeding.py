@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from accelerate.utils import set_seed
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int, process_index: int = 0, deterministic: bool = False) -> int:
@@ -22,6 +26,23 @@ def seed_everything(seed: int, process_index: int = 0, deterministic: bool = Fal
         if torch.backends.cudnn.is_available():
             torch.backends.cudnn.benchmark = False
     return used
+
+
+def seed_setup_then_processes(
+    seed: int, process_index: int, setup: Callable[[], T], deterministic: bool = False
+) -> T:
+    """Run ``setup`` seeded with ``seed`` on EVERY process, then give each process its own stream.
+
+    Whatever setup draws (a newly created classification head, peft's random LoRA A, any weight the base
+    checkpoint does not hold) is then identical on every process, as training and LoRA-GA's gradient estimate
+    need; the noise and data drawn after setup differ per process. Process 0 keeps its stream (``seed`` from the
+    start, as a 1-process run always had); process ``i > 0`` is re-seeded with ``seed + i`` after setup.
+    """
+    seed_everything(seed, 0, deterministic)
+    result = setup()
+    if process_index != 0:
+        seed_everything(seed, process_index, deterministic)
+    return result
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

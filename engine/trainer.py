@@ -39,7 +39,7 @@ from engine.images import make_grid, save_grid
 from engine.log import get_logger
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.schedules import lr_factor, scale_learning_rates
-from engine.seeding import seed_everything
+from engine.seeding import seed_setup_then_processes
 from engine.threads import configure_threads
 
 _SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -264,8 +264,10 @@ class Trainer:
             get_logger().warning(
                 f"resume_from=latest: no checkpoint in {checkpoint_root(config.output_dir)}; starting a fresh run"
             )
-        seed_everything(config.seed, self.accelerator.process_index, config.deterministic)
-        parts = recipe.setup(self)
+        # setup draws the same numbers on every process (new heads, LoRA A), then each process its own noise
+        parts = seed_setup_then_processes(
+            config.seed, self.accelerator.process_index, lambda: recipe.setup(self), config.deterministic
+        )
         self._check_parts(parts)
         self.trained: dict[str, TrainedModel] = parts.trained
         self.frozen: dict[str, nn.Module] = {}

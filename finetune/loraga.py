@@ -136,10 +136,15 @@ def estimate_gradients(
     batches: Iterable[Any],
     loss_fn: Callable[[Any], torch.Tensor],
     offload_to_cpu: bool = True,
+    batch_weight: Callable[[Any], float] | None = None,
+    probes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean over ``batches`` of d loss / d W for the base weight of every layer (fp32, on this process only).
 
-    Adapters are disabled and only the target base weights require gradients while this runs; every gradient
+    ``batch_weight`` (e.g. the batch's number of samples) weights each batch's gradient, so batch means of
+    unequal batches average to the mean over samples; None weighs every batch 1. ``probes``, if given, is filled
+    with each layer's first input and (base) output on the first example, on CPU, for
+    :func:`output_change`. Adapters are disabled and only the target base weights require gradients while this runs; every gradient
     leaves ``.grad`` (to CPU with ``offload_to_cpu``) as soon as it is complete. All flags are restored after.
     """
     was_training = model.training
@@ -159,7 +164,7 @@ def estimate_gradients(
 
         return hook
 
-    count = 0
+    count, total_weight = 0, 0.0
     try:
         for layer in layers.values():
             layer.enable_adapters(False)
@@ -169,11 +174,17 @@ def estimate_gradients(
             weight = layer.get_base_layer().weight
             weight.requires_grad_(True)
             hooks.append(weight.register_post_accumulate_grad_hook(accumulate(name)))
+            if probes is not None:
+                hooks.append(layer.register_forward_hook(_probe(name, probes)))
         model.train()
         with torch.enable_grad():
             for batch in batches:
-                loss_fn(batch).backward()
+                weight = 1.0 if batch_weight is None else float(batch_weight(batch))
+                if weight <= 0:
+                    raise LoraGAError(f"LoRA-GA batch weight must be > 0, got {weight}")
+                (loss_fn(batch) * weight).backward()
                 count += 1
+                total_weight += weight
     finally:
         for handle in hooks:
             handle.remove()
@@ -191,7 +202,38 @@ def estimate_gradients(
             f"LoRA-GA: no gradient reached {missing[:5]}{' ...' if len(missing) > 5 else ''} "
             f"({len(missing)} layers): they do not influence the loss; remove them from target_modules"
         )
-    return {name: s.div_(count) for name, s in sums.items()}
+    return {name: s.div_(total_weight) for name, s in sums.items()}
+
+
+def _probe(
+    name: str, probes: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        if name not in probes and args and isinstance(args[0], torch.Tensor):
+            probes[name] = (args[0][:1].detach().cpu(), output[:1].detach().cpu())
+
+    return hook
+
+
+@torch.no_grad()
+def output_change(
+    layers: dict[str, LoraLayer], probes: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    """Largest change, relative to the output's largest entry, of a probed layer's output on its probed input
+    (in eval mode, so no dropout) now that A0, B0 and the offset base are set: 0 up to float rounding when the
+    initialisation is exact; the rounding of W - s B0 A0 to a bf16/fp16 base shows here."""
+    worst = 0.0
+    for name, (x, before) in probes.items():
+        layer = layers[name]
+        was_training = layer.training
+        layer.eval()
+        try:
+            after = layer(x.to(layer.get_base_layer().weight.device)).float().cpu()
+        finally:
+            layer.train(was_training)
+        scale = before.float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+        worst = max(worst, ((after - before.float()).abs().max() / scale).item())
+    return worst
 
 
 def lora_ga_factors(
@@ -233,16 +275,21 @@ def initialize_lora_ga(
     grads: dict[str, torch.Tensor],
     options: LoraGAOptions | None = None,
     adapter_name: str = "default",
+    share: float | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Average the gradients over processes, set A0, B0 and W <- W - s B0 A0 in every layer.
 
-    Layer i's gradient is reduced to process ``i % world_size``, which computes the SVD and broadcasts the
+    ``share`` is this process's weight in the average (its samples / all processes' samples, so the result is
+    the mean over every sample whatever the split; the shares must sum to 1); None: 1 / world size. Layer i's
+    gradient is reduced to process ``i % world_size``, which computes the SVD and broadcasts the
     factors, so the processes share the work and end with identical weights. Returns ``{layer name: (A0, B0)}``
     as stored in the adapter (CPU, adapter dtype and shape), needed to convert the trained adapter for the
     original base (:func:`finetune.export.lora_ga_to_lora`).
     """
     options = options or LoraGAOptions()
     world, rank = _world()
+    share = 1.0 / world if share is None else float(share)
+    _check_shares(share, world, next(iter(layers.values())).get_base_layer().weight.device)
     initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, name in enumerate(sorted(layers)):
         layer = layers[name]
@@ -251,11 +298,11 @@ def initialize_lora_ga(
         r = layer.r[adapter_name]
         rows, cols = weight_matrix(base).shape
         owner = i % world
-        grad = grads[name].to(weight.device, torch.float32)
+        grad = grads[name].to(weight.device, torch.float32) * share
         if world > 1:
             dist.reduce(grad, dst=owner, op=dist.ReduceOp.SUM)
         if rank == owner:
-            a, b = lora_ga_factors(weight_matrix(base, grad) / world, r, options)
+            a, b = lora_ga_factors(weight_matrix(base, grad), r, options)
         else:
             a = torch.empty(r, cols, device=weight.device)
             b = torch.empty(rows, r, device=weight.device)
@@ -265,6 +312,20 @@ def initialize_lora_ga(
             dist.broadcast(b, src=owner)
         initial[name] = set_lora_ga_weights(layer, a, b, adapter_name)
     return initial
+
+
+def _check_shares(share: float, world: int, device: torch.device) -> None:
+    """The processes' shares of the gradient average must be positive and sum to 1 (checked on every process)."""
+    total = share
+    if world > 1:
+        summed = torch.tensor([share], dtype=torch.float64, device=device)
+        dist.all_reduce(summed)
+        total = float(summed.item())
+    if share <= 0 or abs(total - 1.0) > 1e-6:
+        raise LoraGAError(
+            f"LoRA-GA gradient shares must be > 0 and sum to 1 over the processes; this process has {share}, "
+            f"the sum is {total}"
+        )
 
 
 @torch.no_grad()
@@ -291,10 +352,22 @@ def apply_lora_ga(
     loss_fn: Callable[[Any], torch.Tensor],
     options: LoraGAOptions | None = None,
     adapter_name: str = "default",
+    batch_weight: Callable[[Any], float] | None = None,
+    share: float | None = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Estimate gradients on ``batches`` and initialise every LoRA layer of ``model`` (a peft model, before
-    ``accelerator.prepare``). Returns the initial factors for :func:`finetune.export.lora_ga_to_lora`."""
+    ``accelerator.prepare``). ``batch_weight`` and ``share``: see :func:`estimate_gradients` and
+    :func:`initialize_lora_ga`. ``report``, if given, receives ``output_change`` (:func:`output_change`, on
+    this process's first example) and ``base_dtypes`` (the adapted base weights' dtypes: a bf16/fp16 base
+    stores W - s B0 A0 rounded, so the start is not exact there). Returns the initial factors for
+    :func:`finetune.export.lora_ga_to_lora`."""
     options = options or LoraGAOptions()
     layers = lora_ga_layers(model, adapter_name)
-    grads = estimate_gradients(model, layers, batches, loss_fn, options.offload_to_cpu)
-    return initialize_lora_ga(layers, grads, options, adapter_name)
+    probes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if report is not None else None
+    grads = estimate_gradients(model, layers, batches, loss_fn, options.offload_to_cpu, batch_weight, probes)
+    initial = initialize_lora_ga(layers, grads, options, adapter_name, share)
+    if report is not None:
+        report["output_change"] = output_change(layers, probes or {})
+        report["base_dtypes"] = sorted({str(m.get_base_layer().weight.dtype) for m in layers.values()})
+    return initial

@@ -146,6 +146,7 @@ class TextTask(FinetuneTask):
         eval_examples: int = 512,
         max_length: int = 64,
         eval_batch_size: int = 16,
+        dtype: str = "auto",
     ) -> None:
         self.model_spec, self.task, self.dataset = model, task, dataset
         self.text_column, self.label_column = text_column, label_column
@@ -154,6 +155,7 @@ class TextTask(FinetuneTask):
         self.peft_task_type = "SEQ_CLS" if task == "sequence_classification" else "CAUSAL_LM"
         self.num_labels: int | None = None
         self.eval_set: datasets.Dataset | None = None
+        self.dtype = dtype  # "auto": the checkpoint's (a bf16 checkpoint loads in bf16)
 
     @property
     def classifies(self) -> bool:
@@ -197,9 +199,10 @@ class TextTask(FinetuneTask):
     def _auto_class(self) -> tuple[Any, dict[str, Any]]:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+        dtype = {"dtype": self.dtype}
         if self.classifies:
-            return AutoModelForSequenceClassification, {"num_labels": self.num_labels}
-        return AutoModelForCausalLM, {}
+            return AutoModelForSequenceClassification, {"num_labels": self.num_labels, **dtype}
+        return AutoModelForCausalLM, dtype
 
     def build_model(self) -> nn.Module:
         auto, kwargs = self._auto_class()

@@ -5,8 +5,8 @@
     accelerate launch recipes/lora.py --model_kind unet --model PIPELINE --dataset IMAGES  # (c) image teacher
 
 ``--method``: ``lora`` (peft), ``lora_plus`` (B learns ``loraplus_ratio`` times faster), ``lora_ga`` (adapter
-initialised from the SVD of the full-weight gradient on ``loraga_batches`` batches per process, base weight
-offset so the output is unchanged), ``lora_ga_plus`` (both) or ``full`` (every weight trained).
+initialised from the SVD of the full-weight gradient on ``loraga_samples`` training rows split across the
+processes, base weight offset so the output is unchanged), ``lora_ga_plus`` (both) or ``full`` (every weight trained).
 
 ``model_kind`` picks the task once (:func:`make_task`); the recipe has no other per-kind code:
 
@@ -36,6 +36,7 @@ import engine  # noqa: F401  first: silences bitsandbytes' import-time warning b
 # isort: on
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -44,7 +45,7 @@ import torch
 from accelerate.utils import DistributedType, send_to_device
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from distill.data import new_digits
 from distill.image_finetune import ImageDenoiserTask
@@ -71,7 +72,8 @@ DEFAULT_MODEL: dict[str, str] = {"transformers": "minilm", "unet": "default"}
 DEFAULT_DATASET: dict[str, str] = {"transformers": "stdlib_docs", "unet": "digits"}
 #: Offsets from ``seed`` for LoRA-GA's private random streams, far from the engine's per-process seeds
 #: (``seed + process_index``) so no stream repeats another: which training rows estimate the gradient (same on
-#: every process, each takes its own share), and the sigmas drawn for them (plus the process index).
+#: every process, each takes its own batches), and the sigmas drawn for them (plus the batch's index, so a
+#: batch gets the same sigmas whichever process estimates it).
 LORAGA_ROWS_SEED_OFFSET = 7919
 LORAGA_SIGMA_SEED_OFFSET = 104729
 #: Seed of the UNet task's evaluation noise: a constant (not ``seed``), so runs with different seeds are
@@ -81,7 +83,11 @@ EVAL_NOISE_SEED = 1234
 
 @dataclass
 class LoraRecipeConfig(TrainConfig):
-    renamed_keys: ClassVar[dict[str, str]] = {"rank": "lora_rank", "alpha": "lora_alpha"}
+    renamed_keys: ClassVar[dict[str, str]] = {
+        "rank": "lora_rank",
+        "alpha": "lora_alpha",
+        "loraga_batches": "loraga_samples",  # batches per process -> total rows over all processes
+    }
 
     output_dir: str = field(default="outputs/lora", metadata={"help": "Run folder (checkpoints, export)."})
     max_steps: int = field(default=300, metadata={"help": "Optimisation steps."})
@@ -123,6 +129,14 @@ class LoraRecipeConfig(TrainConfig):
         default=0.1, metadata={"help": "Train share held out if no eval split; 0: none."}
     )
     max_length: int = field(default=64, metadata={"help": "transformers: tokens kept per text."})
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={
+            "help": "transformers: dtype the base is loaded in; auto = the checkpoint's (bf16 checkpoints load "
+            "in bf16). LoRA-GA is exact only on a float32 base: on bf16/fp16 the offset base W - s B0 A0 is "
+            "rounded, so the output changes at step 0 (measured and warned about at start)."
+        },
+    )
     eval_examples: int = field(default=512, metadata={"help": "Evaluate on at most this many examples."})
     digits_transform: Literal["rot90", "none"] = field(
         default="rot90", metadata={"help": "unet: 'rot90' = digits the teacher never saw; 'none' for checks."}
@@ -178,13 +192,28 @@ class LoraRecipeConfig(TrainConfig):
     use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale alpha / sqrt(r)."})
     use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA)."})
     lr: float = field(default=2e-4, metadata={"help": "Learning rate (of A with LoRA+)."})
+    loraga_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "LoRA-GA methods (lora_ga, lora_ga_plus) train at lr x this (the authors advise an lr "
+            "near full fine-tuning's, as the first step already follows the full gradient; the shipped configs "
+            "keep 1, the lr LoRA-GA was measured at in docs/experiments/lora.md)."
+        },
+    )
     loraplus_ratio: float = field(default=16.0, metadata={"help": "LoRA+: B's lr / A's (paper's 16)."})
     loraplus_lr_embedding: float = field(default=1e-6, metadata={"help": "LoRA+: embedding lr (paper's)."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled decay (never norms/biases)."})
     optimizer: Literal["adamw", "adam", "sgd", "adamw8bit"] = field(
         default="adamw", metadata={"help": "adamw8bit needs bitsandbytes."}
     )
-    loraga_batches: int = field(default=8, metadata={"help": "LoRA-GA: gradient batches per process."})
+    loraga_samples: int = field(
+        default=128,
+        metadata={
+            "help": "LoRA-GA: training rows of the gradient estimate, in all (split into batches shared out "
+            "over the processes, so the estimate does not depend on their number; replaces loraga_batches, "
+            "which counted batches per process: loraga_samples = loraga_batches x batch size x processes)."
+        },
+    )
     loraga_batch_size: int = field(default=0, metadata={"help": "LoRA-GA: their size; 0: batch_size."})
     loraga_gamma: float = field(default=16.0, metadata={"help": "LoRA-GA: stable-scale gamma (paper's)."})
     loraga_direction: Literal["ArB2r", "ArBr", "A2rBr"] = field(
@@ -196,14 +225,24 @@ class LoraRecipeConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.lora_rank < 1 or self.lora_alpha <= 0 or self.lr <= 0 or self.loraplus_ratio <= 0:
+        if (
+            self.lora_rank < 1
+            or self.lora_alpha <= 0
+            or self.lr <= 0
+            or self.loraplus_ratio <= 0
+            or self.loraga_lr_scale <= 0
+        ):
             raise ValueError(
-                "need lora_rank >= 1 and lora_alpha, lr, loraplus_ratio > 0; got "
+                "need lora_rank >= 1 and lora_alpha, lr, loraplus_ratio, loraga_lr_scale > 0; got "
                 f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, lr={self.lr}, "
-                f"loraplus_ratio={self.loraplus_ratio}"
+                f"loraplus_ratio={self.loraplus_ratio}, loraga_lr_scale={self.loraga_lr_scale}"
             )
-        if self.loraga_batches < 1 or self.loraga_batch_size < 0 or self.eval_examples < 1:
-            raise ValueError("need loraga_batches >= 1, loraga_batch_size >= 0 and eval_examples >= 1")
+        if self.loraga_samples < 1 or self.loraga_batch_size < 0 or self.eval_examples < 1:
+            raise ValueError(
+                f"need loraga_samples >= 1, loraga_batch_size >= 0 and eval_examples >= 1; got loraga_samples="
+                f"{self.loraga_samples}, loraga_batch_size={self.loraga_batch_size}, eval_examples="
+                f"{self.eval_examples}"
+            )
         if not 0.0 <= self.eval_holdout < 1.0:
             raise ValueError(f"eval_holdout={self.eval_holdout} must be in [0, 1)")
         other_kind = "unet" if self.model_kind == "transformers" else "transformers"
@@ -232,6 +271,11 @@ class LoraRecipeConfig(TrainConfig):
     @property
     def is_plus(self) -> bool:
         return self.method in ("lora_plus", "lora_ga_plus")
+
+    @property
+    def method_lr(self) -> float:
+        """The learning rate of this method (of A with LoRA+): ``lr``, times ``loraga_lr_scale`` for LoRA-GA."""
+        return self.lr * self.loraga_lr_scale if self.is_lora_ga else self.lr
 
     @property
     def loraplus_lr_ratio(self) -> float:
@@ -344,6 +388,7 @@ def make_task(cfg: LoraRecipeConfig) -> FinetuneTask:
         eval_examples=cfg.eval_examples,
         max_length=cfg.max_length,
         eval_batch_size=cfg.batch_size,
+        dtype=cfg.model_dtype,
     )
 
 
@@ -358,6 +403,7 @@ class LoraRecipe(Recipe):
         self.peft_model: PeftModel | None = None
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._checked_groups = False
+        self.loraga_output_change: float | None = None  # LoRA-GA's measured step-0 change (not on resume)
 
     def setup(self, trainer: Trainer) -> RecipeParts:
         """Data (first: it sizes a classifier's head) -> model -> LoRA -> LoRA-GA init -> LoRA+ optimiser
@@ -374,10 +420,10 @@ class LoraRecipe(Recipe):
         optimizer = create_loraplus_optimizer(
             model,
             _optimizer_class(cfg.optimizer),
-            lr=cfg.lr,
+            lr=cfg.method_lr,
             ratio=cfg.loraplus_lr_ratio,
             weight_decay=cfg.weight_decay,
-            lr_embedding=cfg.loraplus_lr_embedding if cfg.is_plus else cfg.lr,
+            lr_embedding=cfg.loraplus_lr_embedding if cfg.is_plus else cfg.method_lr,
         )
         loader = DataLoader(
             train_set,
@@ -407,29 +453,50 @@ class LoraRecipe(Recipe):
     def _init_lora_ga(
         self, trainer: Trainer, model: nn.Module, train_set: Any, collate: Any
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Estimate gradients on this process's share of the data and initialise; a resumed run instead reads
-        the initial factors saved at the start (the checkpoint restores the weights)."""
+        """Estimate gradients on this process's batches of the ``loraga_samples`` rows and initialise; a
+        resumed run instead reads the initial factors saved at the start (the checkpoint restores the weights).
+
+        The rows are cut into batches in one fixed order and batch j goes to process j % processes, with sigmas
+        from a generator seeded by j: the batches, and so the estimate (a mean over rows, each batch weighted by
+        its rows), are the same for any number of processes."""
         cfg, acc = self.config, trainer.accelerator
         initial_path = Path(cfg.output_dir) / INITIAL_FILE
         if resolve_resume(cfg.resume_from, cfg.output_dir) is not None:
             if not initial_path.is_file():
                 raise FileNotFoundError(f"Resuming a LoRA-GA run needs {initial_path} (written at its start)")
             return load_initial(initial_path)
-        size = cfg.loraga_batch_size or cfg.batch_size
-        order = torch.randperm(len(train_set), generator=make_generator(cfg.seed + LORAGA_ROWS_SEED_OFFSET))
-        share = order[acc.process_index :: acc.num_processes][: size * cfg.loraga_batches].tolist()
-        if len(share) < size:
-            raise ValueError(f"Not enough training data for one LoRA-GA batch of {size} on each process")
-        loader = DataLoader(Subset(train_set, share), batch_size=size, collate_fn=collate)
+        batches = loraga_batches(
+            len(train_set),
+            cfg.loraga_samples,
+            cfg.loraga_batch_size or cfg.batch_size,
+            acc.num_processes,
+            cfg.seed,
+        )
+        mine = batches[acc.process_index :: acc.num_processes]
+        share = sum(len(rows) for _, rows in mine) / cfg.loraga_samples
         model.to(trainer.device)
-        sigma_generator = make_generator(cfg.seed + LORAGA_SIGMA_SEED_OFFSET + acc.process_index)
 
-        def loss_fn(batch: Any) -> torch.Tensor:
+        def load(index: int, rows: list[int]) -> tuple[int, int, Any]:
+            return index, len(rows), collate([train_set[i] for i in rows])
+
+        def loss_fn(item: tuple[int, int, Any]) -> torch.Tensor:
+            index, _, batch = item
+            sigmas = make_generator(cfg.seed + LORAGA_SIGMA_SEED_OFFSET + index)
             with acc.autocast():
-                return self.task.loss(model, send_to_device(batch, trainer.device), sigma_generator)
+                return self.task.loss(model, send_to_device(batch, trainer.device), sigmas)
 
         options = LoraGAOptions(direction=cfg.loraga_direction, stable_gamma=cfg.loraga_gamma)
-        initial = apply_lora_ga(self.peft_model, loader, loss_fn, options)
+        report: dict[str, Any] = {}
+        initial = apply_lora_ga(
+            self.peft_model,
+            (load(index, rows) for index, rows in mine),
+            loss_fn,
+            options,
+            batch_weight=lambda item: item[1],
+            share=share,
+            report=report,
+        )
+        self.loraga_output_change = _report_exactness(trainer, report)
         _check_identical_across_processes(trainer, self.peft_model)
         if trainer.is_main:
             save_initial(initial, initial_path)
@@ -439,7 +506,7 @@ class LoraRecipe(Recipe):
     def loss(self, phase: str, batch: Any, models: Any) -> torch.Tensor:
         if not self._checked_groups:  # after accelerate.prepare, once: the LoRA+ groups must have survived it
             check_loraplus_groups(
-                self.trainer.trained["model"].optimizer, self.config.lr, self.config.loraplus_lr_ratio
+                self.trainer.trained["model"].optimizer, self.config.method_lr, self.config.loraplus_lr_ratio
             )
             self._checked_groups = True
         return self.task.loss(models["model"], batch)
@@ -503,11 +570,30 @@ class LoraRecipe(Recipe):
                 "method": cfg.method,
                 "steps": trainer.step,
                 "optimizer_lrs": loraplus_learning_rates(trainer.trained["model"].optimizer),
+                **({"loraga_output_change": self.loraga_output_change} if cfg.is_lora_ga else {}),
                 **metrics,
             }
             (out / "metrics.json").write_text(json.dumps(info, indent=2))
         acc.wait_for_everyone()
         return out
+
+
+def loraga_batches(
+    rows: int, samples: int, size: int, processes: int, seed: int
+) -> list[tuple[int, list[int]]]:
+    """LoRA-GA's gradient batches ``[(index, row ids)]``: ``samples`` rows drawn (seed ``seed +
+    LORAGA_ROWS_SEED_OFFSET``) from ``rows``, cut into batches of ``size`` (the last may be smaller). Process p
+    estimates batches p, p + processes, ...; refused before any work if a process would get none."""
+    if samples > rows:
+        raise ValueError(f"loraga_samples={samples} is more than the {rows} training rows: lower it")
+    count = math.ceil(samples / size)
+    if count < processes:
+        raise ValueError(
+            f"loraga_samples={samples} in batches of {size} makes {count} LoRA-GA batches for {processes} "
+            "processes (each needs one): raise loraga_samples or lower loraga_batch_size"
+        )
+    order = torch.randperm(rows, generator=make_generator(seed + LORAGA_ROWS_SEED_OFFSET))[:samples].tolist()
+    return [(j, order[j * size : (j + 1) * size]) for j in range(count)]
 
 
 def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -518,6 +604,33 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
             raise ImportError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
         return bitsandbytes.optim.AdamW8bit
     return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+
+
+#: Relative step-0 change of an adapted layer's output above which LoRA-GA's start counts as inexact.
+EXACT_OUTPUT_CHANGE = 1e-4
+
+
+def _report_exactness(trainer: Trainer, report: dict[str, Any]) -> float:
+    """Log the largest step-0 output change over the processes; warn when the base's dtype made it inexact."""
+    change = torch.tensor([report["output_change"]], dtype=torch.float64, device=trainer.device)
+    change = float(trainer.accelerator.gather(change).max())
+    if trainer.is_main:
+        dtypes = report["base_dtypes"]
+        low = [d for d in dtypes if d in ("torch.bfloat16", "torch.float16")]
+        message = (
+            f"LoRA-GA initialised: adapted layers' outputs changed by at most {change:.2e} (relative) at step 0; "
+            f"base weights {', '.join(dtypes)}"
+        )
+        if low and change > EXACT_OUTPUT_CHANGE:
+            get_logger().warning(
+                f"{message}. The offset base W - s B0 A0 is stored rounded to {', '.join(low)}, so LoRA-GA does "
+                "not start from the base model's outputs and the adapter exported for the original base "
+                "differs from the trained model by about as much. For an exact start load the base in "
+                "float32 (model_dtype: float32), or use method lora / lora_plus on a low-precision base."
+            )
+        else:
+            get_logger().info(message)
+    return change
 
 
 def _check_identical_across_processes(trainer: Trainer, model: nn.Module) -> None:

@@ -180,3 +180,21 @@ def test_failing_recipe_script_prints_its_error_last():
     assert out.returncode == 1
     last = [line for line in out.stderr.splitlines() if line.strip()][-1]
     assert last == "error: ValueError: config field max_steps=0 must be >= 1"
+
+
+def test_setup_is_seeded_alike_on_every_process_then_each_process_gets_its_own_stream():
+    """Weights made in setup are the same on every process; noise drawn after differs; process 0's whole
+    stream is the one a 1-process run always had (seed_everything(seed), no re-seed)."""
+    import torch
+
+    from engine.seeding import seed_everything, seed_setup_then_processes
+
+    streams = {}
+    for rank in (0, 1, 2):
+        made = seed_setup_then_processes(7, rank, lambda: torch.randn(4))
+        streams[rank] = (made, torch.randn(4))
+    seed_everything(7)
+    before = (torch.randn(4), torch.randn(4))
+    assert all(torch.equal(streams[r][0], before[0]) for r in (1, 2))
+    assert torch.equal(streams[0][1], before[1])
+    assert not torch.equal(streams[1][1], streams[0][1]) and not torch.equal(streams[1][1], streams[2][1])

@@ -202,7 +202,11 @@ def test_old_rank_and_alpha_keys_name_their_new_names(tmp_path):
     from engine.config import parse_config
     from recipes.lora import LoraRecipeConfig
 
-    assert LoraRecipeConfig.renamed_keys == {"rank": "lora_rank", "alpha": "lora_alpha"}
+    assert LoraRecipeConfig.renamed_keys == {
+        "rank": "lora_rank",
+        "alpha": "lora_alpha",
+        "loraga_batches": "loraga_samples",
+    }
     cfg = parse_config(LoraRecipeConfig, ["--lora_rank", "4", "--lora_alpha", "8"])
     assert (cfg.lora_rank, cfg.lora_alpha) == (4, 8.0)
     for old, new in LoraRecipeConfig.renamed_keys.items():

@@ -269,3 +269,30 @@ def test_lora_ga_refuses_what_it_cannot_initialise():
     with pytest.raises(LoraGAError, match="no gradient reached"):
         apply_lora_ga(model, [x], lambda b: model.base_model.model["used"](b).sum(), LoraGAOptions())
     assert not any(p.requires_grad for n, p in model.named_parameters() if not re.search("lora_", n))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_ga_reports_its_step0_output_change_exact_only_on_a_float32_base(dtype):
+    """The reported change (per adapted layer) tracks the real one (the logits): ~1e-6 on fp32; on bf16 the
+    rounded offset base W - s B0 A0 moves both by orders of magnitude more (issue 22), and the report shows it."""
+    from tiny_models import tiny_llama
+
+    base = tiny_llama().to(dtype)
+    model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=16, target_modules="all-linear"),
+    )
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(5, 60, (4, 12), generator=g) for _ in range(2)]
+    report: dict = {}
+    apply_lora_ga(model, batches, lambda b: model(input_ids=b, labels=b).loss, report=report)
+    probe = torch.randint(5, 60, (4, 12), generator=g)
+    with torch.no_grad():
+        change = (
+            (model.eval()(input_ids=probe).logits.float() - base(input_ids=probe).logits.float()).abs().max()
+        )
+    assert report["base_dtypes"] == [str(dtype)]
+    if dtype == torch.float32:
+        assert report["output_change"] < 1e-4 and change < 1e-5
+    else:
+        assert report["output_change"] > 1e-2 and change > 1e-3

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tiny_models import UNET_TARGETS, tiny_bert, tiny_edm_teacher, tiny_llama, tiny_text_dataset
 
 RECIPE = ROOT / "recipes" / "lora.py"
-COMMON = ["--log_with", "none", "--progress_bar", "false", "--lora_rank", "2", "--loraga_batches", "2"]
+COMMON = ["--log_with", "none", "--progress_bar", "false", "--lora_rank", "2", "--loraga_samples", "16"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -237,3 +237,64 @@ def test_stdlib_docstrings_is_a_real_offline_text_task():
     assert len(train) > 1000 and len(evaluation) > 200
     assert set(train["label"]) == set(range(len(STDLIB_PACKAGES)))
     assert not set(train["text"]) & set(evaluation["text"])
+
+
+def test_lora_ga_on_a_bf16_checkpoint_warns_with_the_measured_change_and_float32_loading_is_exact(
+    tmp_path, caplog
+):
+    """transformers loads a bf16 checkpoint in bf16: LoRA-GA's start is then inexact and the run says so with
+    the measured change; ``model_dtype: float32`` loads it in fp32 and the start is exact (no warning)."""
+    from recipes.lora import main
+
+    tiny_llama().to(torch.bfloat16).save_pretrained(str(tmp_path / "llama"))
+    from tiny_models import tiny_tokenizer
+
+    tiny_tokenizer(tmp_path / "llama")
+    tiny_text_dataset(tmp_path / "data")
+    args = ["--model", str(tmp_path / "llama"), "--task", "causal_lm", "--dataset", str(tmp_path / "data")]
+    args += ["--method", "lora_ga", "--batch_size", "4", "--max_steps", "1", "--eval_every", "0", *COMMON]
+    changes = {}
+    for dtype in ("auto", "float32"):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="engine"):
+            main([*args, "--model_dtype", dtype, "--output_dir", str(tmp_path / dtype)])
+        _reset_accelerate()
+        info = json.loads((tmp_path / dtype / "export" / "metrics.json").read_text())
+        changes[dtype] = info["loraga_output_change"]
+        warned = [
+            r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "LoRA-GA" in r.getMessage()
+        ]
+        if dtype == "auto":
+            assert len(warned) == 1 and "torch.bfloat16" in warned[0] and f"{changes[dtype]:.2e}" in warned[0]
+        else:
+            assert not warned
+    assert changes["auto"] > 1e-2 and changes["float32"] < 1e-4
+
+
+def test_loraga_samples_are_cut_into_batches_shared_out_over_processes_and_checked():
+    from recipes.lora import LoraRecipeConfig, loraga_batches
+
+    batches = loraga_batches(rows=20, samples=14, size=4, processes=2, seed=0)
+    assert [len(rows) for _, rows in batches] == [4, 4, 4, 2] and [j for j, _ in batches] == [0, 1, 2, 3]
+    rows = [r for _, part in batches for r in part]
+    assert len(set(rows)) == 14 and all(0 <= r < 20 for r in rows)
+    assert loraga_batches(20, 14, 4, 1, 0) == batches  # the same batches whatever the number of processes
+    with pytest.raises(ValueError, match="more than the 20 training rows"):
+        loraga_batches(20, 21, 4, 1, 0)
+    with pytest.raises(ValueError, match="makes 1 LoRA-GA batches for 2 processes"):
+        loraga_batches(20, 4, 4, 2, 0)
+    with pytest.raises(ValueError, match="loraga_samples >= 1"):
+        LoraRecipeConfig(loraga_samples=0)
+
+
+def test_loraga_batches_is_answered_with_its_new_name_and_lora_ga_takes_its_lr_scale():
+    from engine.config import parse_config
+    from recipes.lora import LoraRecipeConfig
+
+    with pytest.raises(ValueError, match="'loraga_batches' .* renamed to 'loraga_samples'"):
+        parse_config(LoraRecipeConfig, ["--loraga_batches", "8"])
+    for method, want in (("lora", 1e-3), ("lora_plus", 1e-3), ("lora_ga", 2.5e-4), ("lora_ga_plus", 2.5e-4)):
+        cfg = LoraRecipeConfig(method=method, lr=1e-3, loraga_lr_scale=0.25)
+        assert cfg.method_lr == pytest.approx(want)
+    with pytest.raises(ValueError, match="loraga_lr_scale=0"):
+        LoraRecipeConfig(loraga_lr_scale=0)

@@ -82,6 +82,15 @@ def tiny_bert(folder: Path | None = None, num_labels: int = 4, seed: int = 0):
     return model
 
 
+def tiny_bert_headless(folder: Path, seed: int = 0) -> Path:
+    """:func:`tiny_bert`'s encoder alone (``BertModel``, no classifier) saved with a tokenizer: a sequence
+    classifier loaded from it gets a newly created, random head (as from a sentence-embedding checkpoint)."""
+    model = tiny_bert(seed=seed)
+    model.bert.save_pretrained(str(folder))
+    tiny_tokenizer(folder)
+    return folder
+
+
 def tiny_llama(folder: Path | None = None, seed: int = 0):
     """LlamaForCausalLM, hidden 32, 2 layers."""
     from transformers import LlamaConfig, LlamaForCausalLM
