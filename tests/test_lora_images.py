@@ -73,7 +73,7 @@ def config(tmp_path: Path, teacher: Path, dataset: Path, **overrides) -> LoraRec
         max_steps=2,
         batch_size=2,
         lora_rank=2,
-        loraga_batches=1,
+        loraga_samples=2,
         lr=1e-2,
         method="lora",
         eval_holdout=0.25,
