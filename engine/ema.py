@@ -4,7 +4,8 @@ diffusers' ``EMAModel`` parameterises the average by a per-step decay; distillat
 as a half-life in images with a ramp-up (half-life = min(H, ratio * images seen)), which keeps the average
 meaningful when the batch size changes. :class:`EMA` averages a whole model (a frozen copy you can call);
 :class:`ParameterEMA` averages only named parameters (LoRA adapters on a shared base, where a copy of the whole
-model would cost what the adapters save) and swaps the averages in when you need them.
+model would cost what the adapters save) and swaps the averages in when you need them. Either can live on another
+device than the model (``device="cpu"``: off the accelerator; each update copies the weights across).
 """
 
 from __future__ import annotations

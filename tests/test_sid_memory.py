@@ -243,3 +243,26 @@ def test_ema_on_cpu_resumes_exactly(tmp_path, teacher_dir, student):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
     at_2 = load_file(tmp_path / "step_2" / "ema_generator.safetensors")
     assert any(not torch.equal(a[k], at_2[k]) for k in a)  # the EMA moved between the checkpoints
+
+
+def test_ema_device_copies_and_averages():
+    """engine.ema with a device: own storage (never the model's), and the half-life update."""
+    from engine.ema import EMA, ParameterEMA
+
+    model = torch.nn.Linear(3, 2)
+    for ema in (
+        EMA(model, 100, None, device="cpu"),
+        ParameterEMA(model, ["weight"], 100, None, device="cpu"),
+    ):
+        tensors = dict(ema.module.named_parameters()) if isinstance(ema, EMA) else ema.shadow
+        start = tensors["weight"].clone()
+        assert tensors["weight"].device.type == "cpu"
+        assert tensors["weight"].data_ptr() != model.weight.data_ptr()
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        torch.testing.assert_close(tensors["weight"], start)  # not aliased
+        beta = ema.update(model, images_in_step=100, images_seen=1000)
+        assert beta == pytest.approx(0.5)
+        torch.testing.assert_close(tensors["weight"], start + 0.5)
+        with torch.no_grad():
+            model.weight.sub_(1.0)
