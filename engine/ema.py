@@ -4,7 +4,8 @@ diffusers' ``EMAModel`` parameterises the average by a per-step decay; distillat
 as a half-life in images with a ramp-up (half-life = min(H, ratio * images seen)), which keeps the average
 meaningful when the batch size changes. :class:`EMA` averages a whole model (a frozen copy you can call);
 :class:`ParameterEMA` averages only named parameters (LoRA adapters on a shared base, where a copy of the whole
-model would cost what the adapters save) and swaps the averages in when you need them.
+model would cost what the adapters save) and swaps the averages in when you need them. Either can live on another
+device than the model (``device="cpu"``: off the accelerator; each update copies the weights across).
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ class _HalfLife:
 class EMA(_HalfLife):
     """Holds a frozen copy of ``model`` whose floating-point tensors track the model's."""
 
-    def __init__(self, model: nn.Module, halflife_images: float, rampup_ratio: float | None = 0.05) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        halflife_images: float,
+        rampup_ratio: float | None = 0.05,
+        device: str | torch.device | None = None,
+    ) -> None:
         super().__init__(halflife_images, rampup_ratio)
         # accelerate.prepare puts an autocast-wrapped `forward` on the model itself, which unwrap_model keeps (the
         # trained model needs it) and a deepcopy inherits. The EMA is evaluated and exported: strip the wrapper
@@ -49,6 +56,8 @@ class EMA(_HalfLife):
         self.module = (
             extract_model_from_parallel(copied, keep_fp32_wrapper=False).requires_grad_(False).eval()
         )
+        if device is not None:  # e.g. "cpu": the average off the accelerator, updated across devices
+            self.module.to(device)
 
     @torch.no_grad()
     def update(self, model: nn.Module, images_in_step: int, images_seen: int) -> float:
@@ -57,7 +66,7 @@ class EMA(_HalfLife):
         for name, value in model.state_dict().items():
             target = ema_state[name]
             if target.is_floating_point():
-                target.lerp_(value.detach().to(target.dtype), 1.0 - beta)
+                target.lerp_(value.detach().to(target.device, target.dtype), 1.0 - beta)
             else:
                 target.copy_(value)
         return beta
@@ -73,14 +82,19 @@ class ParameterEMA(_HalfLife):
     """Averages of the named parameters of a model, kept beside it (no copy of the rest)."""
 
     def __init__(
-        self, model: nn.Module, names: list[str], halflife_images: float, rampup_ratio: float | None = 0.05
+        self,
+        model: nn.Module,
+        names: list[str],
+        halflife_images: float,
+        rampup_ratio: float | None = 0.05,
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__(halflife_images, rampup_ratio)
         params = dict(model.named_parameters())
         missing = [n for n in names if n not in params]
         if missing:
             raise KeyError(f"ParameterEMA: {missing[:3]} are not parameters of {type(model).__name__}")
-        self.shadow = {n: params[n].detach().float().clone() for n in names}
+        self.shadow = {n: params[n].detach().to(device, torch.float32, copy=True) for n in names}
 
     @property
     def module(self) -> nn.Module:

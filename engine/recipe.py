@@ -27,7 +27,8 @@ class TrainedModel:
     ``parameters`` names the trained subset (default: every parameter with ``requires_grad``). With
     ``sync="all_reduce"`` the module is not wrapped for DDP: the engine averages the trained parameters'
     gradients across processes itself after the last micro-batch. Use it when several trained models share one
-    module (adapters on one frozen base); the EMA then covers only ``parameters``.
+    module (adapters on one frozen base); the EMA then covers only ``parameters``. ``ema_device`` keeps the EMA
+    elsewhere (e.g. "cpu", freeing a model copy of accelerator memory; None: beside the model).
     """
 
     module: nn.Module
@@ -35,6 +36,7 @@ class TrainedModel:
     lr_scheduler: Any | None = None
     ema_halflife_images: float | None = None
     ema_rampup_ratio: float | None = 0.05
+    ema_device: str | None = None
     parameters: list[str] | None = None
     sync: Literal["wrap", "all_reduce"] = "wrap"
 

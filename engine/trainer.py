@@ -279,10 +279,10 @@ class Trainer:
                 continue
             model = self.accelerator.unwrap_model(tm.module)
             if tm.parameters is None:
-                self.emas[name] = EMA(model, tm.ema_halflife_images, tm.ema_rampup_ratio)
+                self.emas[name] = EMA(model, tm.ema_halflife_images, tm.ema_rampup_ratio, tm.ema_device)
             else:
                 self.emas[name] = ParameterEMA(
-                    model, tm.parameters, tm.ema_halflife_images, tm.ema_rampup_ratio
+                    model, tm.parameters, tm.ema_halflife_images, tm.ema_rampup_ratio, tm.ema_device
                 )
         self.step = 0
         self.images_seen = 0

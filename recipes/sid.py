@@ -67,6 +67,7 @@ from distill.sid.lora_student import (
     adapter_optimizer,
     adapter_parameter_names,
     add_sid_adapters,
+    enable_adapter_checkpointing,
 )
 from distill.sid.losses import (
     FakeScoreObjective,
@@ -294,6 +295,32 @@ class SiDConfig(TrainConfig):
             "real_data (SiDA), off without; 0 = off."
         },
     )
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32",
+        metadata={
+            "help": "Storage dtype of the frozen teacher f_phi (full students: f_psi and G are copied before the "
+            "cast and keep fp32 master weights; lora: the shared base is cast, the adapters stay fp32)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "diffusers' gradient checkpointing on f_psi, G and the teacher (G's loss backpropagates "
+            "through the teacher's activations): recomputes block forwards in backward to save activations; "
+            "lora: each recomputation runs under the adapter it first ran with."
+        },
+    )
+    optimizer: Literal["adam", "adam8bit"] = field(
+        default="adam",
+        metadata={"help": "adam: torch Adam; adam8bit: bitsandbytes Adam8bit (8-bit state), both networks."},
+    )
+    ema_device: Literal["same", "cpu"] = field(
+        default="same",
+        metadata={
+            "help": "Where G's EMA lives: same = G's device; cpu = host memory (updated from the device each "
+            "step; moved to the device only while evaluating)."
+        },
+    )
     export_dir: str | None = field(
         default=None, metadata={"help": "Where to export the EMA student (default: output_dir/student)."}
     )
@@ -400,6 +427,7 @@ class SiDRecipe(Recipe):
             check_latent_export(family, len(cfg.step_sigmas))  # refused now, not after training
         # prompts are encoded (and the text encoders freed) before the teacher's weights are loaded
         prompted = self._conditions(trainer, family) if cfg.prompts is not None else None
+        optimizer_cls = sid_optimizer_class(cfg.optimizer)  # a missing bitsandbytes fails before any load
         teacher = load_teacher(cfg.teacher)
         self.embedded_guidance = teacher.embedded_guidance
         # a latent teacher's samples are latents: images only at the edges (grids, metrics, SiDA's real data)
@@ -425,17 +453,29 @@ class SiDRecipe(Recipe):
             decode=decode,
             conditions=fixed,
         )
-        ema = {"ema_halflife_images": cfg.ema_halflife_images, "ema_rampup_ratio": cfg.ema_rampup_ratio}
+        ema = {
+            "ema_halflife_images": cfg.ema_halflife_images,
+            "ema_rampup_ratio": cfg.ema_rampup_ratio,
+            "ema_device": "cpu" if cfg.ema_device == "cpu" else None,
+        }
         lrs = {"fake_score": cfg.lr_fake_score, "generator": cfg.lr_generator}
         self.trainer = trainer
         real_images = self._real_images() if cfg.real_data is not None else None
         if cfg.student == "lora":
-            parts = self._lora_parts(teacher, lrs, ema)
+            teacher.to(TEACHER_DTYPES[cfg.teacher_dtype])  # the shared base; peft adds fp32 adapters after
+            parts = self._lora_parts(teacher, lrs, ema, optimizer_cls)
+            if cfg.gradient_checkpointing:
+                enable_adapter_checkpointing(teacher)
         else:
+            # the trained copies first (fp32 master weights), then the frozen teacher in its storage dtype
             fake_score, generator = copy.deepcopy(teacher), copy.deepcopy(teacher)
+            teacher.to(TEACHER_DTYPES[cfg.teacher_dtype])
+            if cfg.gradient_checkpointing:
+                for module in (fake_score, generator, teacher):
+                    enable_checkpointing(module)
 
             def adam(module: torch.nn.Module, name: str) -> torch.optim.Optimizer:
-                return torch.optim.Adam(
+                return optimizer_cls(
                     module.parameters(), lr=lrs[name], betas=cfg.adam_betas(name), eps=cfg.adam_eps
                 )
 
@@ -619,7 +659,13 @@ class SiDRecipe(Recipe):
             dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=torch_collate
         )
 
-    def _lora_parts(self, teacher: Denoiser, lrs: dict[str, float], ema: dict) -> RecipeParts:
+    def _lora_parts(
+        self,
+        teacher: Denoiser,
+        lrs: dict[str, float],
+        ema: dict,
+        optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
+    ) -> RecipeParts:
         """f_psi and G as adapter views of one frozen teacher; each trains (and averages) only its adapter.
 
         The views share one module, so each names its `parameters` and uses sync="all_reduce" (the engine
@@ -636,7 +682,7 @@ class SiDRecipe(Recipe):
                 names,
                 lrs[name],
                 cfg.loraplus_ratio,
-                torch.optim.Adam,
+                optimizer_cls,
                 betas=cfg.adam_betas(name),
                 eps=cfg.adam_eps,
             )
@@ -796,9 +842,18 @@ class SiDRecipe(Recipe):
     # 3. evaluation and export -------------------------------------------------------------------------
     @contextlib.contextmanager
     def ema_generator(self, trainer: Trainer) -> Iterator[Denoiser]:
-        """G with its EMA weights (lora: the EMA adapter swapped into the shared model for the duration)."""
+        """G with its EMA weights (lora: the EMA adapter swapped into the shared model for the duration; an EMA
+        kept on the CPU (``ema_device=cpu``) is on the training device only for the duration)."""
         if self.config.student != "lora":
-            yield trainer.models.ema("generator")
+            ema = trainer.models.ema("generator")
+            home = next(ema.parameters()).device
+            if home == trainer.device:
+                yield ema
+                return
+            try:
+                yield ema.to(trainer.device)
+            finally:
+                ema.to(home)
             return
         view = trainer.accelerator.unwrap_model(trainer.trained["generator"].module)
         with trainer.emas["generator"].applied(view):
@@ -902,6 +957,43 @@ class SiDRecipe(Recipe):
             facts=facts,
             sample_grid=self.quality.last_grid,
         )
+
+
+#: --teacher_dtype: the frozen teacher's storage dtype
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sid_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimiser class of ``--optimizer``: torch Adam, or bitsandbytes' Adam8bit (8-bit moments for
+    tensors of >= 4096 values, 32-bit for smaller ones, as bitsandbytes does by default)."""
+    if name == "adam":
+        return torch.optim.Adam
+    if name != "adam8bit":
+        raise ValueError(f"optimizer={name!r}; expected 'adam' or 'adam8bit'")
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError(
+            "optimizer=adam8bit needs bitsandbytes: pip install bitsandbytes (or this toolkit's "
+            "'bitsandbytes' extra: pip install -e '.[bitsandbytes]'); or use optimizer=adam"
+        ) from e
+    return bitsandbytes.optim.Adam8bit
+
+
+def enable_checkpointing(denoiser: Denoiser) -> None:
+    """diffusers' gradient checkpointing on ``denoiser``'s model (its default torch checkpoint function).
+
+    Active whenever grad mode is on, whether or not the model's parameters require grad (diffusers checks
+    ``torch.is_grad_enabled()`` only), so on the frozen teacher it drops the activations G's loss
+    backpropagates through; under ``torch.no_grad`` (G's sample in f_psi's step) nothing is recomputed.
+    """
+    model = denoiser.model
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"gradient_checkpointing: the teacher's {type(model).__name__} does not support diffusers' gradient "
+            "checkpointing; set gradient_checkpointing=false"
+        )
+    model.enable_gradient_checkpointing()
 
 
 def clip_gradient_values(optimizer: torch.optim.Optimizer, limit: float) -> Any:

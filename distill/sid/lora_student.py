@@ -10,9 +10,13 @@ teacher's diffusers UNet is loaded once and frozen, and peft injects two named a
 Only adapter weights get gradients, optimiser state and an EMA. Each view switches the shared model to its
 adapter right before calling it. Autograd records the operations of each call, with the weights that call
 used, so one graph can hold G's output feeding f_phi and f_psi (the SiD generator loss) and its backward pass
-gives each adapter its own gradient (tests/test_sid_lora.py checks this against three separate copies). This
-would not hold with activation checkpointing, which re-runs forwards during backward (under whichever adapter
-is then active); SiD here does not use it.
+gives each adapter its own gradient (tests/test_sid_lora.py checks this against three separate copies).
+
+Activation checkpointing re-runs each checkpointed block's forward during backward, when the shared model has
+long since been switched to another adapter (G's blocks would be recomputed under f_psi's adapter, the last
+one called). :func:`enable_adapter_checkpointing` therefore gives diffusers a checkpoint function that records
+which adapter (and train/eval mode) was active when the block ran and re-activates it for the recomputation
+(tests/test_sid_memory.py checks the gradients against a run without checkpointing).
 
 peft's switching (``set_adapter``, ``enable/disable_adapter_layers``) also rewrites ``requires_grad`` of the
 adapter weights; the engine owns those flags (it turns on only the current phase's adapter), so a view
@@ -23,14 +27,19 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from distill.teachers.denoiser import Denoiser
 from finetune.targets import default_targets
 
 ADAPTERS = ("fake_score", "generator")
+#: attribute of the shared denoiser holding the adapter :func:`activate` made active (None: all disabled)
+_ACTIVE = "_sid_active_adapter"
+_UNSET = object()
 _LORA_LAYER_TYPES = (nn.Linear, nn.Conv2d)
 
 
@@ -112,6 +121,59 @@ def activate(shared: Denoiser, adapter: str | None) -> None:
         tuner.enable_adapter_layers()
     for p, flag in flags:
         p.requires_grad_(flag)
+    object.__setattr__(shared, _ACTIVE, adapter)  # a plain attribute, not a submodule or buffer
+
+
+def active_adapter(shared: Denoiser) -> Any:
+    """The adapter last made active by :func:`activate` (None: all disabled; a sentinel if never set)."""
+    return getattr(shared, _ACTIVE, _UNSET)
+
+
+def enable_adapter_checkpointing(shared: Denoiser) -> None:
+    """diffusers' gradient checkpointing on the shared model, each recomputation under the adapter it ran with.
+
+    diffusers calls the checkpoint function per block (``_gradient_checkpointing_func(block, *args)``), inside
+    the forward of whichever view is running. The function here notes that view's adapter and the block's
+    train/eval mode, and the checkpointed closure re-activates both when it runs again in backward (no
+    switching on the first run, where they are already active). Non-reentrant torch checkpointing, as
+    diffusers' default; RNG state is preserved, so dropout draws the same masks.
+    """
+    model = _base_model(shared)
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"gradient_checkpointing: the teacher's {type(model).__name__} does not support diffusers' gradient "
+            "checkpointing; set gradient_checkpointing=false"
+        )
+
+    def checkpoint(block: nn.Module, *args: Any) -> Any:
+        adapter, training = active_adapter(shared), block.training
+
+        def run(*inner: Any) -> Any:
+            previous, was_training = active_adapter(shared), block.training
+            switch = previous != adapter
+            if switch:
+                activate(shared, adapter)
+            if was_training != training:
+                block.train(training)
+            try:
+                return block(*inner)
+            finally:
+                if was_training != training:
+                    block.train(was_training)
+                if switch and previous is not _UNSET:
+                    activate(shared, previous)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(checkpoint)
+
+
+def _base_model(shared: Denoiser) -> nn.Module:
+    """The diffusers model under the peft wrapper of ``shared``."""
+    from peft import PeftModel
+
+    model = shared.model
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 class AdapterView(nn.Module):
