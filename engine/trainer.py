@@ -507,7 +507,7 @@ class Trainer:
         for n in names:
             if parts.trained[n].lr_scheduler is not None:
                 parts.trained[n].lr_scheduler = next(prepared_iter)
-        self.stream = BatchStream(acc, next(prepared_iter)) if extra else None
+        self.stream = BatchStream(acc, next(prepared_iter), self.config.seed) if extra else None
         self._trainable = {}
         for n in names:
             tm, model = parts.trained[n], acc.unwrap_model(parts.trained[n].module)
