@@ -444,7 +444,8 @@ class Trainer:
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED and len(parts.trained) > 1:
             raise ValueError(
                 f"DeepSpeed trains one model per Accelerator, this recipe trains {sorted(parts.trained)}: "
-                "launch it with a DDP or FSDP config instead (see accelerate_configs/)"
+                "launch it with a DDP config instead (accelerate_configs/multi_gpu.yaml, or cpu_2proc.yaml without "
+                "a GPU); several trained models under DeepSpeed or FSDP are not supported yet (docs/engine.md)"
             )
         self.recipe._trained_names = tuple(parts.trained)
 
