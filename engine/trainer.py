@@ -11,6 +11,7 @@ gradients.
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import importlib.metadata
 import json
@@ -26,7 +27,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, GradScalerKwargs, ProjectConfiguration
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    GradScalerKwargs,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -104,23 +111,82 @@ class _Setup:
 _SETUPS: weakref.WeakKeyDictionary[Accelerator, _Setup] = weakref.WeakKeyDictionary()
 
 
+def launch_sharding(environ: Mapping[str, str] | None = None) -> str | None:
+    """ "deepspeed" or "fsdp" when ``accelerate launch`` asked for one (the variables it exports from the config's
+    ``distributed_type``), else None."""
+    environ = os.environ if environ is None else environ
+    for name, variable in (("deepspeed", "ACCELERATE_USE_DEEPSPEED"), ("fsdp", "ACCELERATE_USE_FSDP")):
+        if (environ.get(variable) or "").strip().lower() in ("true", "1", "yes"):
+            return name
+    return None
+
+
+def _has_accelerator_device() -> bool:
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def accelerator_device_kwargs(
+    config: TrainConfig, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The ``cpu`` flag and process-group backend for this launch.
+
+    Without a GPU the engine asks ``cpu=True`` so the processes ``accelerate launch``/torchrun start form one gloo
+    group (else each reports DistributedType.NO). accelerate ignores DeepSpeed and FSDP under ``cpu=True``, which
+    turned a ZeRO launch into silent DDP; so a DeepSpeed launch gets no CPU flag, and on a machine without a GPU
+    a gloo process group (DeepSpeed then picks its CPU accelerator). FSDP needs a CUDA/XPU device in accelerate
+    1.15 (its plugin and AcceleratorState enable FSDP only for GPU-like distributed types): refused on CPU here.
+    """
+    environ = os.environ if environ is None else environ
+    sharding = launch_sharding(environ)
+    if sharding is None:
+        return {"cpu": config.cpu or not _has_accelerator_device(), "kwargs_handlers": []}
+    use_cpu = (environ.get("ACCELERATE_USE_CPU") or "").strip().lower() in ("true", "1", "yes")
+    if config.cpu or use_cpu:
+        which = "--cpu true (recipe config)" if config.cpu else "use_cpu: true / --cpu (launch config)"
+        raise ValueError(
+            f"The launch asks for {sharding} and for {which}: accelerate ignores {sharding} on a CPU "
+            "Accelerator and would silently run plain DDP. Drop the CPU flag: without a GPU the engine runs "
+            f"{'DeepSpeed on CPU processes over gloo' if sharding == 'deepspeed' else 'nothing sharded'}"
+        )
+    if _has_accelerator_device():
+        return {"cpu": False, "kwargs_handlers": []}  # NCCL, accelerate's default
+    if sharding == "fsdp":
+        raise RuntimeError(FSDP_NEEDS_GPU)
+    return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+
+#: why an FSDP launch is refused on a machine without a GPU (asserted by the tests, quoted in docs/engine.md)
+FSDP_NEEDS_GPU = (
+    "FSDP launch on a machine without a CUDA/XPU device: accelerate 1.15 enables FSDP only for GPU-like "
+    "distributed types (on CPU processes it would silently run DDP, or each process alone) and its FSDP plugin "
+    "asks for a device. Run FSDP on GPUs (accelerate_configs/fsdp.yaml), or use DeepSpeed "
+    "(accelerate_configs/deepspeed_zero2.yaml / deepspeed_zero3.yaml), which runs on CPU processes over gloo"
+)
+
+
 def build_accelerator(config: TrainConfig) -> Accelerator:
-    """One Accelerator from the config; distribution (DDP, DeepSpeed, FSDP) comes from ``accelerate launch``,
-    precision from the recipe config when it sets one, else from the launcher (:func:`resolve_mixed_precision`)."""
+    """One Accelerator from the config; distribution (DDP, DeepSpeed, FSDP) comes from ``accelerate launch``
+    (:func:`accelerator_device_kwargs`), precision from the recipe config when it sets one, else from the
+    launcher (:func:`resolve_mixed_precision`)."""
     precision = resolve_mixed_precision(config.mixed_precision)
     trackers = [t.strip() for t in config.log_with.split(",") if t.strip() and t.strip() != "none"]
+    device = accelerator_device_kwargs(config)
     accelerator = Accelerator(
         mixed_precision=precision.value,
-        # without this, processes started by torchrun/accelerate on a machine with no GPU each report
-        # DistributedType.NO instead of forming one gloo group
-        cpu=config.cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        cpu=device["cpu"],
         log_with=trackers or None,
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=config.output_dir + "/logs"
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-        kwargs_handlers=[GradScalerKwargs(init_scale=config.fp16_initial_scale)],
+        kwargs_handlers=[GradScalerKwargs(init_scale=config.fp16_initial_scale), *device["kwargs_handlers"]],
     )
+    requested = launch_sharding()
+    if requested == "deepspeed" and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise RuntimeError(
+            f"accelerate launch asked for DeepSpeed but the Accelerator runs {accelerator.distributed_type.value}"
+            " (an Accelerator or AcceleratorState built earlier in this process with other settings?)"
+        )
     if precision.value == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
         _enable_cpu_fp16(accelerator, config.fp16_initial_scale)
     threads = configure_threads(config.num_threads, on_cpu=accelerator.device.type == "cpu")
@@ -152,11 +218,30 @@ def precision_source(accelerator: Accelerator) -> str:
 def run_line(accelerator: Accelerator, threads: str, source: str | None = None) -> str:
     """What runs: distribution, processes, device, precision (and its source) and threads (logged once)."""
     n = accelerator.num_processes
+    sharding = sharding_info(accelerator)
+    detail = "".join(f", {k}={v}" for k, v in sharding.items() if k in ("zero_stage", "sharding_strategy"))
     line = (
-        f"distributed_type={accelerator.distributed_type.value}, {n} process{'es' if n > 1 else ''}, "
+        f"distributed_type={accelerator.distributed_type.value}{detail}, {n} process{'es' if n > 1 else ''}, "
         f"device={accelerator.device.type}, mixed_precision={accelerator.mixed_precision}, {threads}"
     )
     return line + (f"; mixed_precision {_SOURCE_WORDS.get(source, source)}" if source else "")
+
+
+def is_zero3(accelerator: Accelerator) -> bool:
+    """DeepSpeed ZeRO stage 3: each process holds only a shard of every parameter of a prepared model."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    return getattr(accelerator.state.deepspeed_plugin, "zero_stage", None) == 3
+
+
+def gathered_parameters(accelerator: Accelerator, module: nn.Module) -> contextlib.AbstractContextManager:
+    """Full parameters of ``module`` for reading inside the block under ZeRO-3 (a collective: every process
+    must enter it); a no-op otherwise. Writes inside the block are discarded (modifier_rank=None)."""
+    if not is_zero3(accelerator):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
 
 def _plain(value: Any) -> Any:
@@ -175,10 +260,34 @@ def _version(package: str) -> str | None:
         return None
 
 
+def sharding_info(accelerator: Accelerator) -> dict[str, Any]:
+    """DeepSpeed's ZeRO stage, offload and precision settings, or FSDP's version and strategy; {} otherwise."""
+    state = accelerator.state
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = state.deepspeed_plugin
+        ds = getattr(plugin, "deepspeed_config", None) or {}
+        zero = ds.get("zero_optimization", {})
+        return {
+            "zero_stage": _plain(getattr(plugin, "zero_stage", None)),
+            "offload_optimizer_device": _plain(zero.get("offload_optimizer", {}).get("device", "none")),
+            "offload_param_device": _plain(zero.get("offload_param", {}).get("device", "none")),
+            "bf16": bool(ds.get("bf16", {}).get("enabled", False)),
+            "fp16": bool(ds.get("fp16", {}).get("enabled", False)),
+            "gradient_accumulation_steps": _plain(ds.get("gradient_accumulation_steps")),
+            "gradient_clipping": _plain(ds.get("gradient_clipping")),
+        }
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = state.fsdp_plugin
+        return {
+            name: _plain(getattr(plugin, name, None))
+            for name in ("fsdp_version", "sharding_strategy", "reshard_after_forward")
+        }
+    return {}
+
+
 def run_info(accelerator: Accelerator) -> dict[str, Any]:
     """What a run ran on: distribution, world size, sharding, precision and its source, device, threads and
     library versions (the facts a result depends on that config.yaml does not hold)."""
-    state = accelerator.state
     setup = _SETUPS.get(accelerator)
     info: dict[str, Any] = {
         "distributed_type": accelerator.distributed_type.value,
@@ -190,13 +299,11 @@ def run_info(accelerator: Accelerator) -> dict[str, Any]:
         "torch_threads_reason": setup.threads if setup is not None else None,
     }
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        info["deepspeed"] = {"zero_stage": _plain(getattr(state.deepspeed_plugin, "zero_stage", None))}
+        info["deepspeed"] = sharding_info(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP:
-        plugin = state.fsdp_plugin
-        info["fsdp"] = {
-            name: _plain(getattr(plugin, name, None))
-            for name in ("fsdp_version", "sharding_strategy", "reshard_after_forward")
-        }
+        info["fsdp"] = sharding_info(accelerator)
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        info["backend"] = torch.distributed.get_backend()
     info["versions"] = {"python": platform.python_version(), **{p: _version(p) for p in _VERSIONED}}
     return info
 
@@ -271,19 +378,10 @@ class Trainer:
         self._check_parts(parts)
         self.trained: dict[str, TrainedModel] = parts.trained
         self.frozen: dict[str, nn.Module] = {}
+        templates = self._ema_templates(parts)
         self._prepare(parts)
         self.models = PhaseModels(self)
-        self.emas: dict[str, EMA | ParameterEMA] = {}
-        for name, tm in self.trained.items():
-            if not tm.ema_halflife_images:
-                continue
-            model = self.accelerator.unwrap_model(tm.module)
-            if tm.parameters is None:
-                self.emas[name] = EMA(model, tm.ema_halflife_images, tm.ema_rampup_ratio, tm.ema_device)
-            else:
-                self.emas[name] = ParameterEMA(
-                    model, tm.parameters, tm.ema_halflife_images, tm.ema_rampup_ratio, tm.ema_device
-                )
+        self.emas = self._build_emas(templates)
         self.step = 0
         self.images_seen = 0
         self._time_used = 0.0  # share of max_minutes used by this launch, agreed by all processes each step
@@ -348,9 +446,42 @@ class Trainer:
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED and len(parts.trained) > 1:
             raise ValueError(
                 f"DeepSpeed trains one model per Accelerator, this recipe trains {sorted(parts.trained)}: "
-                "launch it with a DDP or FSDP config instead (see accelerate_configs/)"
+                "launch it with a DDP config instead (accelerate_configs/multi_gpu.yaml, or cpu_2proc.yaml without "
+                "a GPU); several trained models under DeepSpeed or FSDP are not supported yet (docs/engine.md)"
             )
         self.recipe._trained_names = tuple(parts.trained)
+
+    def _ema_templates(self, parts: RecipeParts) -> dict[str, nn.Module]:
+        """Under DeepSpeed, copies of the unprepared models that get an EMA; the EMA is built from such a template
+        loaded with the (gathered) prepared weights (:meth:`_build_emas`). A copy of the prepared module would
+        hold DeepSpeed's bf16/fp16 cast of the weights and, under ZeRO-3, only this process's shards plus
+        DeepSpeed's partitioning hooks; the template keeps the model's own dtype."""
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            return {}
+        return {
+            n: copy.deepcopy(tm.module)
+            for n, tm in parts.trained.items()
+            if tm.ema_halflife_images and tm.parameters is None
+        }
+
+    def _build_emas(self, templates: dict[str, nn.Module]) -> dict[str, EMA | ParameterEMA]:
+        emas: dict[str, EMA | ParameterEMA] = {}
+        for name, tm in self.trained.items():
+            if not tm.ema_halflife_images:
+                continue
+            model = self.accelerator.unwrap_model(tm.module)
+            with gathered_parameters(self.accelerator, model):
+                if name in templates:
+                    template = templates[name]
+                    template.load_state_dict(model.state_dict())
+                    model = template.to(self.device)
+                if tm.parameters is None:
+                    emas[name] = EMA(model, tm.ema_halflife_images, tm.ema_rampup_ratio, tm.ema_device)
+                else:
+                    emas[name] = ParameterEMA(
+                        model, tm.parameters, tm.ema_halflife_images, tm.ema_rampup_ratio, tm.ema_device
+                    )
+        return emas
 
     def progress(self) -> float:
         """Share of the run done: the larger of step / max_steps and (this launch's) time / max_minutes."""
@@ -379,7 +510,7 @@ class Trainer:
         for n in names:
             if parts.trained[n].lr_scheduler is not None:
                 parts.trained[n].lr_scheduler = next(prepared_iter)
-        self.stream = BatchStream(acc, next(prepared_iter)) if extra else None
+        self.stream = BatchStream(acc, next(prepared_iter), self.config.seed) if extra else None
         self._trainable = {}
         for n in names:
             tm, model = parts.trained[n], acc.unwrap_model(parts.trained[n].module)
@@ -475,7 +606,7 @@ class Trainer:
             acc.gradient_state._set_sync_gradients(last)
             sync = contextlib.nullcontext() if last or tm.sync == "all_reduce" else acc.no_sync(tm.module)
             with sync:
-                with acc.autocast():
+                with self.autocast():
                     out = self.recipe.loss(phase, batch, self.models)
                 loss, extra = (out, {}) if isinstance(out, torch.Tensor) else out
                 acc.backward(loss / n)
@@ -491,7 +622,9 @@ class Trainer:
         tm.optimizer.zero_grad(set_to_none=True)
         if phase in self.emas:
             seen_after = self.images_seen + self.samples_per_step
-            self.emas[phase].update(acc.unwrap_model(tm.module), self.samples_per_step, seen_after)
+            model = acc.unwrap_model(tm.module)
+            with gathered_parameters(acc, model):
+                self.emas[phase].update(model, self.samples_per_step, seen_after)
         return logs
 
     def _all_reduce_gradients(self, phase: str) -> None:
@@ -575,8 +708,19 @@ class Trainer:
         return dict(zip(keys, stacked.cpu()))
 
     # ---------------------------------------------------------------------------- eval and logging
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The accelerator's autocast, and under DeepSpeed with bf16/fp16 torch's: DeepSpeed casts the prepared
+        model's weights to that dtype but not its inputs, and accelerate's autocast is a no-op under DeepSpeed,
+        so fp32 inputs would meet bf16 weights ("mat1 and mat2 must have the same dtype")."""
+        acc = self.accelerator
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+        if acc.distributed_type == DistributedType.DEEPSPEED and dtype is not None:
+            return torch.autocast(acc.device.type, dtype=dtype)
+        return acc.autocast()
+
     def evaluate(self) -> dict[str, float]:
-        metrics = self.recipe.evaluate(self, self.step) or {}
+        with self.autocast():
+            metrics = self.recipe.evaluate(self, self.step) or {}
         if metrics:
             self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.step)
             if self.is_main:

@@ -62,7 +62,10 @@ class DenoisingAutoencoder(Recipe):
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
         x = self.eval_images.to(trainer.device)
-        noisy = x + self.config.noise * torch.randn_like(x)
+        # fixed noise: every evaluation sees the same inputs, and it leaves the training RNG alone (a resumed run
+        # then draws the training noise an uninterrupted run draws)
+        g = torch.Generator(device=x.device).manual_seed(self.config.seed)
+        noisy = x + self.config.noise * torch.randn(x.shape, generator=g, device=x.device)
         clean = trainer.models.ema("dae")(noisy)
         trainer.log_images("denoised", torch.cat([noisy, clean]).reshape(-1, 1, 8, 8), upscale=4)
         return {"ema_mse": float((clean - x).pow(2).mean())}

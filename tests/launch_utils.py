@@ -18,7 +18,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(script: str | Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def accelerate_launch(
+    script: str | Path,
+    args: list[str],
+    timeout: int = 600,
+    config: str | Path | None = None,
+    launch_args: list[str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file <config, default cpu_2proc.yaml> <launch_args> script args``; with
+    ``check`` a failing launch raises with the tail of its output."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
@@ -29,14 +38,15 @@ def accelerate_launch(script: str | Path, args: list[str], timeout: int = 600) -
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(CPU_CONFIG),
+        str(config or CPU_CONFIG),
+        *(launch_args or []),
         "--main_process_port",
         str(free_port()),
         str(script),
         *args,
     ]
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         raise AssertionError(
             f"accelerate launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         )
