@@ -571,6 +571,9 @@ class Trainer:
         self.recipe.on_train_end(self, last_metrics)
         self.save()
         if end_training:
+            # every process reaches the teardown together: a peer still inside a collective (or its store) while
+            # another destroys the group can abort the gloo/DeepSpeed teardown on CPU
+            acc.wait_for_everyone()
             acc.end_training()
         else:
             for tracker in acc.trackers:
