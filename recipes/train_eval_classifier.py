@@ -269,7 +269,7 @@ def _ship_fashion(model: DigitsClassifier, report: dict, weights: Path, referenc
     stored = load_digits_classifier(weights)
     _, _, x_test, y_test = load_data("fashion")
     test_acc, per_class = accuracy(stored, x_test, y_test)
-    reference = compute_reference(stored, pr_features="penultimate", classifier_file=weights)
+    reference = compute_reference(stored, pr_features="conv_2x2", classifier_file=weights)
     reference.save(reference_file)
     evaluator = FashionEvaluator(classifier=stored, reference=reference)
     images, labels = load_fashion_mnist_arrays("train")
@@ -303,7 +303,8 @@ def _ship_fashion(model: DigitsClassifier, report: dict, weights: Path, referenc
         "real_2000_train_shuffled_prompts": shuffled,
         "gaussian_noise_2000_vs_test": noise,
         "features": (
-            "FD and precision/recall: penultimate Linear(256->128) pre-activations (DigitsClassifier.features)"
+            "FD: penultimate Linear(256->128) pre-activations (DigitsClassifier.features); precision/recall: "
+            "the last conv map (64x4x4) average-pooled to 64x2x2, 256-d (FeatureEvaluator pr_features='conv_2x2')"
         ),
     }
 

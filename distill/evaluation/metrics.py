@@ -171,6 +171,11 @@ def mode_coverage(counts: ArrayLike, min_share: float = 0.05) -> dict[str, float
     return {"classes_covered": int((p >= min_share).sum()), "label_entropy": entropy}
 
 
+#: k-NN feature choices: the flattened last conv map, the same average-pooled 2x2 (Fashion-MNIST: 256-d, so 2,000
+#: reference rows ship in 1 MB), or the penultimate (FD) features
+PR_FEATURES = ("conv", "conv_2x2", "penultimate")
+
+
 # --- evaluators: a classifier's features against a fixed reference --------------------------------------------
 class FeatureEvaluator:
     """What every classifier-feature evaluator shares: FD of the penultimate features against the reference
@@ -184,8 +189,8 @@ class FeatureEvaluator:
     real_pr_features: torch.Tensor
 
     def __init__(self, classifier: DigitsClassifier, k: int, min_share: float, pr_features: str) -> None:
-        if pr_features not in ("conv", "penultimate"):
-            raise ValueError(f"pr_features must be 'conv' or 'penultimate', got {pr_features!r}")
+        if pr_features not in PR_FEATURES:
+            raise ValueError(f"pr_features must be one of {list(PR_FEATURES)}, got {pr_features!r}")
         self.classifier = classifier.eval().requires_grad_(False)
         self.device = next(self.classifier.parameters()).device
         self.k, self.min_share, self.pr_features = k, min_share, pr_features
@@ -200,10 +205,19 @@ class FeatureEvaluator:
         for chunk in images.split(batch_size):
             penultimate, conv, logits = self.classifier.forward_all(chunk.to(self.device, torch.float32))
             fd.append(penultimate)
-            pr.append(conv if self.pr_features == "conv" else penultimate)
+            pr.append(self._pr_view(conv, penultimate))
             labels.append(logits.argmax(dim=1))
         as_f64 = torch.float64
         return torch.cat(fd).to("cpu", as_f64), torch.cat(pr).to("cpu", as_f64), torch.cat(labels).cpu()
+
+    def _pr_view(self, conv: torch.Tensor, penultimate: torch.Tensor) -> torch.Tensor:
+        if self.pr_features == "penultimate":
+            return penultimate
+        if self.pr_features == "conv":
+            return conv
+        config = self.classifier.config  # conv_2x2: the last conv map average-pooled by 2 (a quarter as wide)
+        grid = conv.view(len(conv), config.widths[-1], config.conv_size, config.conv_size)
+        return torch.nn.functional.avg_pool2d(grid, 2).flatten(1)
 
     def _metrics(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         fake, fake_pr, predicted = self.features(images)
