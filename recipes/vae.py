@@ -51,9 +51,9 @@ class VAEConfig(TrainConfig):
         default=1e-4, metadata={"help": "Weight of the KL term (sum-reduced, as in LDM)."}
     )
     lr: float = field(default=1e-3, metadata={"help": "AdamW lr."})
-    lr_warmup_steps: int = 100
-    batch_size: int = 128
-    max_steps: int = 3000
+    lr_warmup_steps: int = field(default=100, metadata={"help": "Linear lr warm-up steps."})
+    batch_size: int = field(default=128, metadata={"help": "Images per process and step."})
+    max_steps: int = field(default=3000, metadata={"help": "Optimisation steps."})
     ema_halflife_images: float = field(default=20_000.0, metadata={"help": "EMA half-life in images."})
     eval_images: int = field(default=2000, metadata={"help": "Test images for the reconstruction figures."})
     scale_images: int = field(default=5000, metadata={"help": "Training images whose latents set the scale."})

@@ -225,3 +225,20 @@ def test_text2image_config_refuses_bad_mode():
         TeacherConfig(mode="pixels")
     with pytest.raises(ValueError, match="caption_dropout"):
         TeacherConfig(mode="text2image", caption_dropout=1.5)
+
+
+def test_fashion_sd_teacher_name_resolves_to_the_assembled_folder(shipped, tmp_path, monkeypatch):
+    from distill.teachers.families import describe_teacher_source
+    from distill.teachers.loading import resolve_teacher_path
+    from distill.text2image import pipeline
+
+    monkeypatch.setattr(pipeline, "SHIPPED_SD_TEACHER", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="teacher_fashion_sd.yaml"):
+        resolve_teacher_path("fashion-sd")
+    _, ship = shipped
+    monkeypatch.setattr(pipeline, "SHIPPED_SD_TEACHER", ship)
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    folder = resolve_teacher_path("fashion-sd")
+    assert folder.startswith(str(tmp_path / "cache"))
+    family = describe_teacher_source(folder)
+    assert family.family == "sd" and family.conditioning == "text" and family.parameterization == "vp-epsilon"
