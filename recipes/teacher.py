@@ -25,6 +25,7 @@ from __future__ import annotations
 import engine  # noqa: F401  first: silences bitsandbytes' import-time warning before peft/diffusers load it
 # isort: on
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -335,6 +336,10 @@ class Text2ImageTeacherRecipe(Recipe):
         unet: UNet2DConditionModel = trainer.models.ema("unet")
         pipe = self.pipeline(unet)
         pipe.save_pretrained(out)
+        # the VAE's own card and figure travel with it (the shipped folder then keeps them)
+        vae_src = Path(cfg.vae or SHIPPED_VAE)
+        for extra in [*vae_src.glob("*.md"), *vae_src.glob("*.png")]:
+            shutil.copy2(extra, out / "vae" / extra.name)
         grid = self.sample_grid(unet)
         save_grid(grid.cpu(), out / GRID_NAME, nrow=len(FASHION_CLASSES), upscale=2)
         facts = {
