@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
-
 import numpy as np
 import pytest
+from tiny_fashion import write_idx
 
 from distill import fashion_mnist as fm
 
@@ -15,19 +14,13 @@ needs_debian = pytest.mark.skipif(
 )
 
 
-def _write_idx(path, array: np.ndarray, magic: int) -> None:
-    header = np.array([magic, *array.shape], dtype=">u4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def tiny_root(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
     labels = np.array([0, 9, 3, 7, 7, 1, 5], dtype=np.uint8)
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, 2051)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels, 2049)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, 2051)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels, 2049)
     return tmp_path, images, labels
 
 
@@ -48,7 +41,7 @@ def test_changed_file_is_reread(tiny_root, tmp_path_factory):
     assert fm.load_fashion_mnist("test", root=root, cache_dir=cache)["label"][0] == 0
     labels = labels.copy()
     labels[0] = 4
-    _write_idx(root / "t10k-labels-idx1-ubyte.gz", labels, 2049)
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", labels, 2049)
     assert fm.load_fashion_mnist("test", root=root, cache_dir=cache)["label"][0] == 4
 
 
@@ -60,7 +53,7 @@ def test_missing_files_say_how_to_install(tmp_path):
 
 
 def test_bad_magic_is_refused(tmp_path):
-    _write_idx(tmp_path / "x.gz", np.zeros((2, 28, 28)), 2049)
+    write_idx(tmp_path / "x.gz", np.zeros((2, 28, 28)), 2049)
     with pytest.raises(ValueError, match="magic"):
         fm.read_idx(tmp_path / "x.gz", 3)
 
