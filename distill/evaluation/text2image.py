@@ -370,22 +370,35 @@ def declared_metrics(folder: str | Path) -> str | None:
     return kind
 
 
+#: teacher names (``resolve_teacher_path`` specs) that are Fashion-MNIST text-to-image teachers
+FASHION_TEACHER_SPECS = ("fashion-sd",)
+
+
+def metrics_kind(model: str | Path | None) -> str | None:
+    """The metrics a model fits: ``"fashion"`` for the shipped Fashion-MNIST teachers' names and for folders
+    whose :data:`EVAL_INFO_FILE` says so; ``None`` otherwise (hub ids, other folders)."""
+    if model is None:
+        return None
+    if str(model) in FASHION_TEACHER_SPECS:
+        return "fashion"
+    folder = Path(model).expanduser()
+    return declared_metrics(folder) if folder.is_dir() else None
+
+
 def tracker_kwargs(
     teacher: str | Path | None, prompts: Sequence[str] | None, metrics: str = "auto"
 ) -> dict[str, object]:
     """The ``evaluator`` / ``sample_labels`` keywords of :class:`~distill.evaluation.quality.QualityTracker` for
-    a recipe: the Fashion-MNIST metrics when ``metrics == "fashion"``, or ``"auto"`` and the ``teacher`` folder
-    declares them (:data:`EVAL_INFO_FILE`); ``{}`` otherwise (``"none"``, other teachers). ``prompts`` are the
+    a recipe: the Fashion-MNIST metrics when ``metrics == "fashion"``, or ``"auto"`` and the ``teacher`` (name or
+    folder) is one (:func:`metrics_kind`); ``{}`` otherwise (``"none"``, other teachers). ``prompts`` are the
     recipe's prompts in file order (sample ``i`` gets prompt ``i % len(prompts)``); without them there is no
     ``align``."""
     if metrics not in ("auto", "none", *METRICS_KINDS):
         raise ValueError(f"metrics must be 'auto', 'none' or one of {list(METRICS_KINDS)}, got {metrics!r}")
     if metrics == "none":
         return {}
-    if metrics == "auto":
-        folder = Path(teacher) if teacher is not None else None
-        if folder is None or not folder.is_dir() or declared_metrics(folder) is None:
-            return {}
+    if metrics == "auto" and metrics_kind(teacher) != "fashion":
+        return {}
     kwargs: dict[str, object] = {"evaluator": fashion_evaluator()}
     if prompts is not None:
         kwargs["sample_labels"] = prompt_labels(prompts)
