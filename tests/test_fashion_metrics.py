@@ -346,6 +346,11 @@ def test_tracker_kwargs_follow_the_flag_or_the_teacher_folder(tmp_path, evaluato
     with pytest.raises(ValueError, match="got 'fid'"):
         text2image.tracker_kwargs(tmp_path, prompts, "fid")
     assert text2image.metrics_kind("fashion-sd") == "fashion"  # the shipped teacher, by name
+    (tmp_path / text2image.EVAL_INFO_FILE).write_text(json.dumps({"metrics": "fashion"}))
+    custom = text2image.tracker_kwargs(tmp_path, ["a red fox"])  # auto: metrics, but no alignment
+    assert set(custom) == {"evaluator"}
+    with pytest.raises(ValueError, match="'a red fox' is not a Fashion-MNIST caption"):
+        text2image.tracker_kwargs(tmp_path, ["a red fox"], "fashion")
     assert text2image.metrics_kind("org/some-model") is None and text2image.metrics_kind("default") is None
 
 

@@ -391,8 +391,8 @@ def tracker_kwargs(
     """The ``evaluator`` / ``sample_labels`` keywords of :class:`~distill.evaluation.quality.QualityTracker` for
     a recipe: the Fashion-MNIST metrics when ``metrics == "fashion"``, or ``"auto"`` and the ``teacher`` (name or
     folder) is one (:func:`metrics_kind`); ``{}`` otherwise (``"none"``, other teachers). ``prompts`` are the
-    recipe's prompts in file order (sample ``i`` gets prompt ``i % len(prompts)``); without them there is no
-    ``align``."""
+    recipe's prompts in file order (sample ``i`` gets prompt ``i % len(prompts)``); without them, or (``auto``)
+    when one is not a Fashion-MNIST caption, there is no ``align`` (``fashion`` refuses such prompts)."""
     if metrics not in ("auto", "none", *METRICS_KINDS):
         raise ValueError(f"metrics must be 'auto', 'none' or one of {list(METRICS_KINDS)}, got {metrics!r}")
     if metrics == "none":
@@ -401,7 +401,14 @@ def tracker_kwargs(
         return {}
     kwargs: dict[str, object] = {"evaluator": fashion_evaluator()}
     if prompts is not None:
-        kwargs["sample_labels"] = prompt_labels(prompts)
+        try:
+            kwargs["sample_labels"] = prompt_labels(prompts)
+        except ValueError as err:
+            if metrics == "fashion":
+                raise
+            from distill.evaluation.progress import say
+
+            say(f"eval: Fashion-MNIST metrics without prompt alignment: {err}")
     return kwargs
 
 
