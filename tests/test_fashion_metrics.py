@@ -370,3 +370,49 @@ def test_eval_command_inception_fid_on_a_tiny_sd_pipeline(sd_folder, capsys) -> 
     mu_r, s_r = feature_statistics(text2image.inception_features(real))
     mu, s = feature_statistics(text2image.inception_features(images))
     assert out["inception_fid"] == pytest.approx(frechet_distance_from_statistics(mu_r, s_r, mu, s), rel=1e-4)
+
+
+class _OracleSampler:
+    """A stand-in text-to-image pipeline drawing real test images: of the prompted class (``follow=True``), of a
+    random class (prompt ignored), or noise; each sample's choice from its own generator, as a pipeline's noise."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mode: str) -> None:
+        self.images, self.labels, self.mode = images, labels, mode
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        pass
+
+    def __call__(self, prompt, generator, output_type="pt", **kwargs):
+        classes = prompt_classes(prompt)
+        out = []
+        for wanted, gen in zip(classes.tolist(), generator, strict=True):
+            if self.mode == "noise":
+                out.append(torch.rand(1, 32, 32, generator=gen) * 2 - 1)
+                continue
+            pool = (
+                (self.labels == wanted).nonzero().flatten()
+                if self.mode == "follow"
+                else torch.arange(len(self.labels))
+            )
+            out.append(self.images[pool[torch.randint(len(pool), (1,), generator=gen)]][0])
+        return SimpleNamespace(images=(torch.stack(out) + 1) / 2)
+
+
+@needs_data
+def test_evaluate_pipeline_separates_a_good_sampler_from_broken_ones(test_slice, monkeypatch) -> None:
+    images, labels = test_slice
+    scores = {}
+    for mode in ("follow", "ignore", "noise"):
+        sampler = _OracleSampler(images, labels, mode)
+        monkeypatch.setattr(text2image, "load_prompt_pipeline", lambda folder, device="cpu", s=sampler: s)
+        scores[mode], _ = text2image.evaluate_pipeline("oracle", num_samples=300, progress_bar=False)
+    good, ignoring, noise = scores["follow"], scores["ignore"], scores["noise"]
+    print(
+        {
+            k: {m: round(v[m], 3) for m in ("fd", "align", "align_heldout", "precision")}
+            for k, v in scores.items()
+        }
+    )
+    assert good["align"] > 0.8 and good["align_heldout"] > 0.8  # the classifier's accuracy, on both wordings
+    assert ignoring["align"] < 0.2 and ignoring["align_heldout"] < 0.2 and ignoring["fd"] < 3 * good["fd"]
+    assert noise["fd"] > 50 * good["fd"] and noise["precision"] < 0.1
