@@ -218,8 +218,19 @@ def test_eval_command_on_a_tiny_sd_pipeline(sd_folder, evaluator, capsys) -> Non
         pipe, held, seed=3, batch_size=5, num_inference_steps=2, guidance_scale=3.0
     )
     assert out["align_heldout"] == evaluator.alignment(held_images, labels)
+    # a loaded pipeline gives the same numbers as its folder
+    loaded, _ = text2image.evaluate_pipeline(
+        pipe,
+        num_samples=20,
+        seed=3,
+        batch_size=8,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        progress_bar=False,
+    )
+    assert loaded["fd"] == out["fd"] and loaded["align_heldout"] == out["align_heldout"]
     # a folder that declares its metrics is evaluated as text-to-image without the flag
-    (sd_folder / text2image.EVAL_INFO_FILE).write_text(json.dumps({"metrics": "fashion"}))
+    text2image.declare_metrics(sd_folder)
     try:
         assert eval_main([*args, "--no-heldout", "--no-progress"]) == 0
     finally:

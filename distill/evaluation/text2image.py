@@ -374,6 +374,16 @@ def declared_metrics(folder: str | Path) -> str | None:
 FASHION_TEACHER_SPECS = ("fashion-sd",)
 
 
+def declare_metrics(folder: str | Path, kind: str = "fashion") -> Path:
+    """Write :data:`EVAL_INFO_FILE` into an exported pipeline folder, so ``onestep eval`` and recipes' ``auto``
+    metrics pick the ``kind`` metrics for it (teacher and student exports of Fashion-MNIST models)."""
+    if kind not in METRICS_KINDS:
+        raise ValueError(f"kind must be one of {list(METRICS_KINDS)}, got {kind!r}")
+    file = Path(folder) / EVAL_INFO_FILE
+    file.write_text(json.dumps({"metrics": kind}) + "\n")
+    return file
+
+
 def metrics_kind(model: str | Path | None) -> str | None:
     """The metrics a model fits: ``"fashion"`` for the shipped Fashion-MNIST teachers' names and for folders
     whose :data:`EVAL_INFO_FILE` says so; ``None`` otherwise (hub ids, other folders)."""
@@ -456,7 +466,7 @@ def sample_prompts(
 
 
 def evaluate_pipeline(
-    folder: str | Path,
+    folder: str | Path | object,
     num_samples: int = 2000,
     seed: int = 0,
     batch_size: int = 50,
@@ -466,16 +476,25 @@ def evaluate_pipeline(
     progress_bar: bool = True,
     device: str | torch.device = "cpu",
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Fashion-MNIST metrics of a text-to-image pipeline folder and its (training-wording) samples: prompts
-    from :func:`eval_prompts`, fixed seeds; ``heldout`` also samples the held-out wording with the same noise
-    for ``align_heldout``. ``num_inference_steps`` / ``guidance_scale``: the pipeline's defaults when None."""
+    """Fashion-MNIST metrics of a text-to-image pipeline (a folder, or a pipeline object already loaded, e.g. a
+    teacher recipe's EMA pipeline) and its (training-wording) samples: prompts from :func:`eval_prompts`, fixed
+    seeds; ``heldout`` also samples the held-out wording with the same noise for ``align_heldout``.
+    ``num_inference_steps`` / ``guidance_scale``: the pipeline's defaults when None."""
     from distill.evaluation.progress import samples_bar, say, threads_note
 
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (a covariance needs them), got {num_samples}")
     evaluator = fashion_evaluator()  # before the long part: a missing asset fails at once
-    pipe = load_prompt_pipeline(folder, device)
-    say(f"eval: {type(pipe).__name__} from {folder}")
+    if isinstance(folder, (str, Path)):
+        pipe = load_prompt_pipeline(folder, device)
+        say(f"eval: {type(pipe).__name__} from {folder}")
+    else:
+        pipe = folder
+        if "prompt" not in inspect.signature(pipe.__call__).parameters:
+            raise ValueError(
+                f"{type(pipe).__name__} takes no `prompt`: text-to-image metrics need pipe(prompt=...)"
+            )
+        device = getattr(pipe, "device", device)
     call_kwargs = {
         k: v
         for k, v in (("num_inference_steps", num_inference_steps), ("guidance_scale", guidance_scale))
