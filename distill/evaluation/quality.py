@@ -8,6 +8,12 @@ only for 1x8x8 samples. For any other shape nothing but the sample grid and the 
 use the samples, so only :data:`GRID_SAMPLES` are generated (from the first rows of the same fixed noise), and
 a note says once per shape why the feature metrics are skipped.
 
+Other image kinds get feature metrics through an explicit ``evaluator`` (an object with ``evaluate(images,
+labels=None) -> dict``, e.g. :class:`distill.evaluation.text2image.FashionEvaluator`) and the class each fixed
+sample was conditioned on (``sample_labels``: fixed sample indices -> class ids, e.g.
+:func:`distill.evaluation.text2image.prompt_labels`), which adds prompt alignment (``align``); then all
+``num_samples`` are drawn whatever the shape.
+
 A latent teacher's samples are latents: :func:`evaluate_sampler` and :class:`QualityTracker` take a ``decode``
 (e.g. :meth:`distill.teachers.latents.LatentCodec.decode`) applied to each chunk of samples before anything
 else, so grids, statistics and the feature-metrics rule are about the decoded images, never the latents.
@@ -16,6 +22,7 @@ else, so grids, statistics and the feature-metrics rule are about the decoded im
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from accelerate.utils import gather
@@ -43,20 +50,33 @@ def digits_evaluator():
     return _EVALUATOR
 
 
-def has_feature_metrics(shape: tuple[int, ...]) -> bool:
-    """Whether FD / precision / recall exist for samples of ``shape`` (C, H, W): only digits-shaped ones."""
-    return tuple(shape) == DIGITS_SHAPE
+class SampleEvaluator(Protocol):
+    """What :func:`metrics_for` and :class:`QualityTracker` accept as ``evaluator``."""
+
+    def evaluate(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Any]: ...
 
 
-def samples_needed(num_samples: int, shape: tuple[int, ...]) -> int:
+#: fixed sample indices -> the class each sample was conditioned on (for prompt alignment)
+SampleLabels = Callable[[Tensor], Tensor]
+
+
+def has_feature_metrics(shape: tuple[int, ...], evaluator: SampleEvaluator | None = None) -> bool:
+    """Whether FD / precision / recall exist for samples of ``shape`` (C, H, W): digits-shaped ones, or any
+    shape with an explicit ``evaluator``."""
+    return evaluator is not None or tuple(shape) == DIGITS_SHAPE
+
+
+def samples_needed(num_samples: int, shape: tuple[int, ...], evaluator: SampleEvaluator | None = None) -> int:
     """All ``num_samples`` where feature metrics apply, else only a grid's worth (they would go unused)."""
-    return num_samples if has_feature_metrics(shape) else min(num_samples, GRID_SAMPLES)
+    return num_samples if has_feature_metrics(shape, evaluator) else min(num_samples, GRID_SAMPLES)
 
 
-def note_skipped_metrics(shape: tuple[int, ...], num_samples: int) -> None:
+def note_skipped_metrics(
+    shape: tuple[int, ...], num_samples: int, evaluator: SampleEvaluator | None = None
+) -> None:
     """Say once per shape (per process) that FD etc. are skipped, why, and how many samples are drawn instead."""
     shape = tuple(int(s) for s in shape)
-    if has_feature_metrics(shape) or shape in _SKIP_NOTED:
+    if has_feature_metrics(shape, evaluator) or shape in _SKIP_NOTED:
         return
     _SKIP_NOTED.add(shape)
     got, want = "x".join(map(str, shape)), "x".join(map(str, DIGITS_SHAPE))
@@ -67,18 +87,28 @@ def note_skipped_metrics(shape: tuple[int, ...], num_samples: int) -> None:
     )
 
 
-def metrics_for(images: torch.Tensor) -> dict[str, float]:
-    """Offline metrics when the images are digits-shaped, else only their statistics.
+def metrics_for(
+    images: torch.Tensor, evaluator: SampleEvaluator | None = None, labels: Tensor | None = None
+) -> dict[str, float]:
+    """Offline metrics by ``evaluator`` (with prompt alignment when ``labels``, the class each image was
+    conditioned on, are given) or, without one, of digits-shaped images; else only the images' statistics.
 
     Samples with non-finite pixels are dropped (as SiD's code does) and counted as ``nonfinite_samples``.
     """
     finite = torch.isfinite(images.flatten(1)).all(dim=1)
     dropped = int((~finite).sum())
     images = images[finite]
+    if labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1)
+        if len(labels) != len(finite):
+            raise ValueError(f"metrics_for got {len(labels)} labels for {len(finite)} images")
+        labels = labels[finite.to(labels.device)]
     if len(images) < 2:
         return {"nonfinite_samples": float(dropped)}
-    if has_feature_metrics(tuple(images.shape[1:])):
-        metrics = {k: float(v) for k, v in digits_evaluator().evaluate(images).items()}
+    if evaluator is not None:
+        metrics = {k: float(v) for k, v in evaluator.evaluate(images, labels).items()}
+    elif has_feature_metrics(tuple(images.shape[1:])):
+        metrics = {k: float(v) for k, v in digits_evaluator().evaluate(images, labels).items()}
     else:
         metrics = {
             "mean": float(images.mean()),
@@ -140,22 +170,25 @@ def evaluate_sampler(
     guidance_scale: float = 1.0,
     progress_bar: bool = True,
     decode: Decode | None = None,
+    evaluator: SampleEvaluator | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Metrics of a multi-step teacher sampler at ``nfe`` function evaluations (one process), and the samples
     (images: decoded by ``decode`` for a latent teacher).
 
-    Class-conditional teachers are sampled with labels cycling through the classes. For image shapes without
-    feature metrics only :func:`samples_needed` samples are drawn: the first ones of the full run's noise.
+    Class-conditional teachers are sampled with labels cycling through the classes (and scored for alignment
+    with them). For image shapes without feature metrics (no digits, no ``evaluator``) only
+    :func:`samples_needed` samples are drawn: the first ones of the full run's noise.
     """
     params = denoiser.parameters() if hasattr(denoiser, "parameters") else iter(())
     device = next(params, torch.empty(0)).device
     shape = decoded_shape(sample_shape(denoiser), decode, device)
-    count = samples_needed(num_samples, shape)
-    note_skipped_metrics(shape, num_samples)
+    count = samples_needed(num_samples, shape, evaluator)
+    note_skipped_metrics(shape, num_samples, evaluator)
     generator = torch.Generator().manual_seed(seed)
-    cond = None
+    cond = labels = None
     if num_classes is not None:
-        cond = Condition(class_labels=torch.arange(count) % num_classes)
+        labels = torch.arange(count) % num_classes
+        cond = Condition(class_labels=labels)
     desc = f"eval: {count} samples at NFE {nfe} ({threads_note(device)})"
     result = sample_with_bar(
         denoiser,
@@ -169,7 +202,7 @@ def evaluate_sampler(
         guidance_scale=guidance_scale,
     )
     images = decode_in_chunks(result.images, decode).clamp(-1, 1)
-    metrics = metrics_for(images)
+    metrics = metrics_for(images, evaluator, labels if evaluator is not None else None)
     metrics["nfe"] = float(result.nfe)
     return metrics, images
 
@@ -179,8 +212,9 @@ class QualityTracker:
 
     ``shape`` is the shape of ``f``'s input noise and output samples; ``decode`` (latent models) turns each
     chunk of samples into images before clipping, metrics and the grid, and ``image_shape`` is then what it
-    makes of one sample. Digits-shaped images get all ``num_samples``; other shapes only :data:`GRID_SAMPLES`
-    (see the module docstring). The bar (main process) follows ``trainer.config.progress_bar``.
+    makes of one sample. Digits-shaped images, or any with an ``evaluator``, get all ``num_samples``; other
+    shapes only :data:`GRID_SAMPLES` (see the module docstring). The bar (main process) follows
+    ``trainer.config.progress_bar``.
     """
 
     def __init__(
@@ -192,23 +226,36 @@ class QualityTracker:
         num_classes: int | None = None,
         decode: Decode | None = None,
         conditions: Callable[[torch.Tensor], Condition | None] | None = None,
+        evaluator: SampleEvaluator | None = None,
+        sample_labels: SampleLabels | None = None,
     ):
         """``conditions`` (fixed sample indices -> their condition, e.g. ``ConditionSource.fixed(i)[0]``)
-        replaces the labels cycling through ``num_classes`` when given (prompts)."""
+        replaces the labels cycling through ``num_classes`` when given (prompts).
+
+        ``evaluator`` (e.g. ``FashionEvaluator``) computes the metrics instead of the digits rule; it gets the
+        class of every sample, for prompt alignment, from ``sample_labels`` (fixed sample indices -> class ids,
+        e.g. ``text2image.prompt_labels(prompts)``), else from the labels cycling through ``num_classes``."""
         self.trainer = trainer
         self.device = trainer.device
         self.shape = tuple(shape)
         self.decode = decode
         self.image_shape = decoded_shape(self.shape, decode, self.device)
-        count = samples_needed(num_samples, self.image_shape)
+        self.evaluator = evaluator
+        count = samples_needed(num_samples, self.image_shape, evaluator)
         if trainer.accelerator.is_main_process:
-            note_skipped_metrics(self.image_shape, num_samples)
+            note_skipped_metrics(self.image_shape, num_samples, evaluator)
         noise_gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(count, *self.shape, generator=noise_gen)
         self.labels = (
             None if num_classes is None or conditions is not None else torch.arange(count) % num_classes
         )
         self.conditions = conditions
+        self.sample_labels: Tensor | None = None  # the class of each fixed sample, for the evaluator
+        if evaluator is not None:
+            if sample_labels is not None:
+                self.sample_labels = torch.as_tensor(sample_labels(torch.arange(count))).long().cpu()
+            elif self.labels is not None:
+                self.sample_labels = self.labels
         self.best: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self.last_grid: str | None = None
@@ -242,7 +289,7 @@ class QualityTracker:
         images = gather(torch.cat(images))[: len(self.noise)]
         if not acc.is_main_process:
             return {}
-        metrics = metrics_for(images.cpu())
+        metrics = metrics_for(images.cpu(), self.evaluator, self.sample_labels)
         path = self.trainer.log_images(tag, images[:100], upscale=4)
         self.last_grid = str(path) if path else None
         self.history.append(

@@ -73,6 +73,9 @@ def describe_teacher(spec: str | None) -> TeacherRef | None:
             "`default_teacher`, the 8x8 digits EDM teacher shipped with onestep-toolkit (`--teacher default`)"
         )
         return TeacherRef(spec, None, DEFAULT_TEACHER.name, note)
+    if spec == "fashion-sd":
+        note = "`text2image_sd`, the Fashion-MNIST text-to-image teacher shipped with onestep-toolkit (`--teacher fashion-sd`)"
+        return TeacherRef(spec, None, "text2image_sd", note)
     path = Path(spec).expanduser()
     if path.is_dir():
         recorded = _recorded_hub_id(path)

@@ -9,12 +9,16 @@ from typing import Any
 
 from distill.teachers.denoiser import Denoiser
 from distill.teachers.families import TeacherFamily, describe_teacher_source
+from distill.text2image.pipeline import fashion_sd_teacher
 
 DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "default_teacher"
 
 
 def resolve_teacher_path(spec: str) -> str:
-    """'default' -> the teacher shipped in the package; an existing folder -> itself; else a hub id."""
+    """'default' -> the teacher shipped in the package; 'fashion-sd' -> the shipped Fashion-MNIST text-to-image
+    teacher (assembled with its MiniLM text encoder on first use); an existing folder -> itself; else a hub id."""
+    if spec == "fashion-sd":
+        return str(fashion_sd_teacher())
     if spec == "default":
         if not (DEFAULT_TEACHER / "unet").is_dir():
             raise FileNotFoundError(
