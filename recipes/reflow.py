@@ -49,6 +49,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill.evaluation.quality import QualityTracker
+from distill.evaluation.text2image import tracker_kwargs
 from distill.export.flow import DONE_FILE, export_flow_model
 from distill.export.latent import export_latent_student
 from distill.export.model_card import describe_teacher
@@ -123,6 +124,13 @@ class ReflowConfig(TrainConfig):
         metadata={
             "help": "Where prompt embeddings are cached; None: $ONESTEP_CACHE/prompt_embeddings, else "
             "~/.cache/onestep/prompt_embeddings."
+        },
+    )
+    eval_metrics: Literal["auto", "fashion", "none"] = field(
+        default="auto",
+        metadata={
+            "help": "Feature metrics of the evaluation samples: fashion = the shipped Fashion-MNIST classifier's FD, "
+            "prompt alignment and precision/recall; auto = fashion for the shipped text-to-image teacher; none."
         },
     )
     resolution: int | None = field(
@@ -302,6 +310,11 @@ class ReflowRecipe(Recipe):
                 self.num_classes,
                 decode=decode,
                 conditions=fixed,
+                **tracker_kwargs(
+                    cfg.teacher,
+                    None if self.prompts is None else self.prompts.all_prompt_texts(),
+                    cfg.eval_metrics,
+                ),
             )
             for n in self.evaluated_nfes()
         }

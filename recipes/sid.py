@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader
 
 from distill.data import load_image_dataset, torch_collate
 from distill.evaluation.quality import QualityTracker
+from distill.evaluation.text2image import tracker_kwargs
 from distill.export.adapter import export_merged, save_sid_adapter
 from distill.export.generator import export_generator
 from distill.export.latent import check_latent_export, export_latent_student
@@ -324,6 +325,13 @@ class SiDConfig(TrainConfig):
     export_dir: str | None = field(
         default=None, metadata={"help": "Where to export the EMA student (default: output_dir/student)."}
     )
+    eval_metrics: Literal["auto", "fashion", "none"] = field(
+        default="auto",
+        metadata={
+            "help": "Feature metrics of the evaluation samples: fashion = the shipped Fashion-MNIST classifier's FD, "
+            "prompt alignment and precision/recall; auto = fashion for the shipped text-to-image teacher; none."
+        },
+    )
     resolution: int | None = field(
         default=None,
         metadata={
@@ -452,6 +460,7 @@ class SiDRecipe(Recipe):
             self.num_classes,
             decode=decode,
             conditions=fixed,
+            **tracker_kwargs(cfg.teacher, self.conditions.all_prompt_texts(), cfg.eval_metrics),
         )
         ema = {
             "ema_halflife_images": cfg.ema_halflife_images,

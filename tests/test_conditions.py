@@ -409,3 +409,25 @@ def test_sid_sdxl_time_ids_follow_the_resolution(tmp_path, tiny_pipeline_dir, pr
     want = torch.tensor([[48.0, 48, 0, 0, 48, 48]]).repeat(2, 1)
     _equal(cond.added_cond_kwargs["time_ids"], want)
     _equal(null.added_cond_kwargs["time_ids"], want)
+
+
+def test_sid_evaluates_fashion_prompts_with_the_shipped_classifier(tmp_path, tiny_pipeline_dir):
+    """eval_metrics=fashion: SiD's evaluation scores its decoded samples with the shipped Fashion-MNIST
+    classifier (FD against the shipped statistics, prompt alignment by the prompt's class)."""
+    from distill.fashion_mnist import caption
+
+    prompts = tmp_path / "fashion.txt"
+    prompts.write_text("\n".join(caption(label, 0) for label in range(10)) + "\n")
+    trainer = sid_trainer(
+        tmp_path,
+        tiny_pipeline_dir("sd"),
+        prompts=str(prompts),
+        prompt_cache_dir=str(tmp_path / "cache"),
+        eval_metrics="fashion",
+        batch_size=2,
+        eval_samples=20,
+    )
+    trainer.fit()
+    last = trainer.recipe.quality.history[-1]
+    assert {"fd", "align", "precision", "recall"} <= set(last), last
+    assert 0.0 <= last["align"] <= 1.0 and last["fd"] > 0

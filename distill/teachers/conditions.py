@@ -199,6 +199,10 @@ class ConditionSource:
         """Whether there is a null condition (guidance and condition dropout need one)."""
         return self.kind == "prompts" or (self.kind == "classes" and self.null_label is not None)
 
+    def all_prompt_texts(self) -> list[str] | None:
+        """Every prompt in order (evaluation sample ``i`` gets prompt ``i % num_prompts``), or None without prompts."""
+        return self.prompt_texts(list(range(self.num_prompts))) if self.kind == "prompts" else None
+
     def prompt_texts(self, indices: Tensor | list[int]) -> list[str]:
         """The prompt strings of ``indices`` (taken modulo the prompt count, as :meth:`fixed` does)."""
         if self.embeddings is None:
