@@ -271,3 +271,23 @@ def test_shipped_fashion_sd_teacher_generates_its_prompted_class(tmp_path, monke
     assert np.abs(out[0] - out[1]).mean() > 0.05
     assert (SHIPPED_SD_TEACHER / "README.md").read_text().count("recipes/teacher.py") >= 1
     assert (SHIPPED_SD_TEACHER / "vae" / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_sid_runs_two_steps_on_the_shipped_teacher(tmp_path, monkeypatch):
+    """``--teacher fashion-sd --prompts FILE``: SiD-LSG's case, on the shipped teacher, end to end."""
+    from distill.fashion_mnist import all_captions
+    from distill.text2image.pipeline import SHIPPED_SD_TEACHER
+    from recipes.sid import main
+
+    if not (SHIPPED_SD_TEACHER / "unet").is_dir():
+        pytest.skip(f"no shipped text-to-image teacher in {SHIPPED_SD_TEACHER}")
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(c for k in range(10) for c in all_captions(k)[:2]) + "\n")
+    out = tmp_path / "sid"
+    main(
+        ["--teacher", "fashion-sd", "--prompts", str(prompts), "--max_steps", "2", "--batch_size", "2",
+         "--output_dir", str(out), "--progress_bar", "false", "--eval_every", "0"]
+    )  # fmt: skip
+    assert (out / "samples").is_dir() and any((out / "samples").iterdir())
