@@ -239,6 +239,9 @@ class Text2ImageTeacherRecipe(Recipe):
             images, labels = images[: cfg.train_limit], labels[: cfg.train_limit]
         self.vae = AutoencoderKL.from_pretrained(cfg.vae or SHIPPED_VAE).eval().requires_grad_(False)
         self.text_encoder, self.tokenizer = minilm_components()
+        # frozen helpers live on the accelerator: encoding 60k latents there takes seconds, not minutes
+        self.vae.to(trainer.device)
+        self.text_encoder.to(trainer.device)
         self.scheduler = sd_scheduler()
         vae_size = self.vae.config.sample_size
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -254,7 +257,7 @@ class Text2ImageTeacherRecipe(Recipe):
         pipe = build_sd_pipeline(unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
         per_class = [all_captions(c) for c in range(len(FASHION_CLASSES))]
         captions = [""] + [c for options in per_class for c in options]
-        self.caption_embeds = encode_captions(pipe, captions)
+        self.caption_embeds = encode_captions(pipe, captions).cpu()
         starts = torch.tensor([0] + [len(o) for o in per_class]).cumsum(0)[:-1] + 1
         self.caption_start, self.caption_count = starts, torch.tensor([len(o) for o in per_class])
         # posterior mean and std of every image, once (a fresh latent sample is drawn per step, as SD trains)
@@ -272,8 +275,8 @@ class Text2ImageTeacherRecipe(Recipe):
         """``[N, 2 * latent_channels, h, w]``: the posterior's mean and std, concatenated on channels."""
         out = []
         for chunk in tqdm(pixels.split(batch), desc="encode latents", disable=not self.config.progress_bar):
-            dist = self.vae.encode(chunk).latent_dist
-            out.append(torch.cat([dist.mean, dist.std], dim=1))
+            dist = self.vae.encode(chunk.to(trainer.device)).latent_dist
+            out.append(torch.cat([dist.mean, dist.std], dim=1).cpu())
         return torch.cat(out)
 
     def loss(self, phase, batch, models):
@@ -320,8 +323,6 @@ class Text2ImageTeacherRecipe(Recipe):
     def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
         if not trainer.is_main:
             return {}
-        self.vae.to(trainer.device)
-        self.text_encoder.to(trainer.device)
         images = self.sample_grid(trainer.models.ema("unet"))
         trainer.log_images("teacher_cfg", images, upscale=2)
         return {}

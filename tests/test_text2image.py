@@ -194,6 +194,7 @@ def test_text2image_teacher_recipe_trains_exports_and_generates(tiny_root, tmp_p
 
     vae_dir = tmp_path / "vae"
     build_vae(1, (8, 16, 16), 4, 1, scaling_factor=0.8).save_pretrained(vae_dir)
+    (vae_dir / "README.md").write_text("the VAE's card")
     out, ship = tmp_path / "pipe", tmp_path / "ship"
     main(
         ["--mode", "text2image", "--data_root", str(tiny_root), "--vae", str(vae_dir),
@@ -216,6 +217,8 @@ def test_text2image_teacher_recipe_trains_exports_and_generates(tiny_root, tmp_p
     assert image.shape == (32, 32, 1) and np.isfinite(image).all()
     assert not (ship / "text_encoder").exists() and "text-to-image" in (ship / "README.md").read_text()
     assert (ship / "samples.png").is_file()
+    assert (ship / "vae" / "README.md").read_text() == "the VAE's card"  # the VAE's card travels with it
+    assert "_name_or_path" not in (ship / "vae" / "config.json").read_text()  # no local paths shipped
 
 
 def test_text2image_config_refuses_bad_mode():
@@ -242,3 +245,49 @@ def test_fashion_sd_teacher_name_resolves_to_the_assembled_folder(shipped, tmp_p
     assert folder.startswith(str(tmp_path / "cache"))
     family = describe_teacher_source(folder)
     assert family.family == "sd" and family.conditioning == "text" and family.parameterization == "vp-epsilon"
+
+
+@pytest.mark.slow
+def test_shipped_fashion_sd_teacher_generates_its_prompted_class(tmp_path, monkeypatch):
+    """The shipped teacher assembles, loads with plain diffusers and, with CFG, draws different images for
+    different prompts from the same noise (the text conditioning is live)."""
+    from distill.text2image.pipeline import SHIPPED_SD_TEACHER, fashion_sd_teacher
+
+    if not (SHIPPED_SD_TEACHER / "unet").is_dir():
+        pytest.skip(f"no shipped text-to-image teacher in {SHIPPED_SD_TEACHER}")
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path))
+    pipe = DiffusionPipeline.from_pretrained(fashion_sd_teacher())
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a photo of a trouser", "a photo of a bag"]
+    out = pipe(
+        prompts,
+        num_inference_steps=10,
+        guidance_scale=3,
+        generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)],
+        output_type="np",
+    ).images
+    assert out.shape == (2, 32, 32, 1) and np.isfinite(out).all()
+    # same noise, different prompt: trousers are tall and narrow, bags wide, so the images differ clearly
+    assert np.abs(out[0] - out[1]).mean() > 0.05
+    assert (SHIPPED_SD_TEACHER / "README.md").read_text().count("recipes/teacher.py") >= 1
+    assert (SHIPPED_SD_TEACHER / "vae" / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_sid_runs_two_steps_on_the_shipped_teacher(tmp_path, monkeypatch):
+    """``--teacher fashion-sd --prompts FILE``: SiD-LSG's case, on the shipped teacher, end to end."""
+    from distill.fashion_mnist import all_captions
+    from distill.text2image.pipeline import SHIPPED_SD_TEACHER
+    from recipes.sid import main
+
+    if not (SHIPPED_SD_TEACHER / "unet").is_dir():
+        pytest.skip(f"no shipped text-to-image teacher in {SHIPPED_SD_TEACHER}")
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(c for k in range(10) for c in all_captions(k)[:2]) + "\n")
+    out = tmp_path / "sid"
+    main(
+        ["--teacher", "fashion-sd", "--prompts", str(prompts), "--max_steps", "2", "--batch_size", "2",
+         "--output_dir", str(out), "--progress_bar", "false", "--eval_every", "0"]
+    )  # fmt: skip
+    assert (out / "samples").is_dir() and any((out / "samples").iterdir())

@@ -124,13 +124,18 @@ def assemble_teacher_folder(shipped_dir: str | Path, target_dir: str | Path | No
 
 def strip_text_components(pipeline_dir: str | Path, shipped_dir: str | Path, fp16: bool = True) -> Path:
     """The shippable part of a pipeline folder: everything but ``text_encoder/`` and ``tokenizer/``, with the
-    safetensors weights stored in fp16 when ``fp16`` (diffusers loads them into fp32 models unchanged in value)."""
+    safetensors weights stored in fp16 when ``fp16`` (diffusers loads them into fp32 models unchanged in value)
+    and no ``_name_or_path`` (the training machine's local paths) in its configs."""
     from safetensors.torch import load_file, save_file
 
     src, dst = Path(pipeline_dir), Path(shipped_dir)
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*TEXT_COMPONENTS, _COMPLETE))
+    for config in dst.rglob("*.json"):  # a local path recorded by from_pretrained says nothing to a user
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     if fp16:
         for weights in dst.rglob("*.safetensors"):
             tensors = load_file(weights)
