@@ -115,6 +115,11 @@ def main() -> None:
     # the config first: bad keys or values fail here, before the teacher is measured
     config = parse_config(SiDConfig, [*settings_argv(fixed), *parse_overrides(args.overrides)])
 
+    if args.student == "lora" and not config.lora_export_merged:
+        raise SystemExit(
+            "--student lora: pass lora_export_merged=true (the evaluation needs a pipeline folder)"
+        )
+
     teacher_path = resolve_teacher_path(spec)
     teacher = {}
     for steps in teacher_steps:
@@ -132,9 +137,7 @@ def main() -> None:
     print(f"train wall minutes={train_minutes:.1f} steps={steps_done} images={images_seen}", flush=True)
 
     student_dir = config.export_dir or str(out / "student")
-    if args.student == "lora" and not config.lora_export_merged:
-        raise SystemExit("--student lora: pass lora_export_merged=true for a pipeline folder to evaluate")
-    if args.student == "lora":
+    if args.student == "lora":  # the merged pipeline folder (checked above)
         student_dir = str(Path(student_dir).parent / f"{Path(student_dir).name}_merged")
     student, student_images = measure("student", student_dir, args.eval_samples, args.eval_seed, 1, 1.0)
 
