@@ -396,3 +396,14 @@ def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML, loadable again with ``--config``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def changed_settings_argv(config: Any) -> list[str]:
+    """The fields of a config dataclass that differ from its class defaults, as ``--key value`` arguments (lists
+    space-joined): the exact command a model card records."""
+    default = type(config)()
+    flags: list[str] = []
+    for name, value in vars(config).items():
+        if value != getattr(default, name):
+            flags += [f"--{name}", " ".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return flags

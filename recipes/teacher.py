@@ -50,7 +50,7 @@ from distill.teachers.edm import drop_labels, edm_denoising_loss, sample_lognorm
 from distill.text2image.builders import build_text2image_unet, sd_scheduler
 from distill.text2image.minilm import minilm_components, strip_text_components
 from distill.text2image.pipeline import SHIPPED_VAE, build_sd_pipeline, encode_captions, sampling_scheduler
-from engine.config import TrainConfig, parse_config
+from engine.config import TrainConfig, changed_settings_argv, parse_config
 from engine.images import save_grid
 from engine.launch import run_main
 from engine.recipe import Recipe, RecipeParts, TrainedModel
@@ -221,7 +221,7 @@ class TeacherRecipe(Recipe):
                 "ema_halflife_images": cfg.ema_halflife_images,
                 **{f"eval_{k}_nfe{cfg.eval_nfe}": v for k, v in metrics.items()},
             },
-            command="accelerate launch recipes/teacher.py " + " ".join(_cli_overrides(cfg)),
+            command="accelerate launch recipes/teacher.py " + " ".join(changed_settings_argv(cfg)),
         )
         return out
 
@@ -362,7 +362,7 @@ class Text2ImageTeacherRecipe(Recipe):
             title="Fashion-MNIST text-to-image teacher (Stable Diffusion format, MiniLM text encoder)",
             method="latent diffusion (Rombach et al. 2022): UNet2DConditionModel + AutoencoderKL, epsilon loss",
             facts=facts,
-            command="accelerate launch recipes/teacher.py " + " ".join(_cli_overrides(cfg)),
+            command="accelerate launch recipes/teacher.py " + " ".join(changed_settings_argv(cfg)),
             sample_grid=GRID_NAME,
             pipeline_tag=TEXT_TO_IMAGE,
             usage=(
@@ -378,16 +378,6 @@ class Text2ImageTeacherRecipe(Recipe):
             write_model_card(shipped, **card)
             save_grid(grid.cpu(), shipped / GRID_NAME, nrow=len(FASHION_CLASSES), upscale=2)
         return out
-
-
-def _cli_overrides(cfg: TeacherConfig) -> list[str]:
-    """The non-default fields of ``cfg`` as command-line flags (for the model card's exact command)."""
-    default = TeacherConfig()
-    flags = []
-    for name, value in vars(cfg).items():
-        if value != getattr(default, name):
-            flags += [f"--{name}", " ".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return flags
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

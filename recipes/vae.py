@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from distill.export.model_card import write_model_card
 from distill.fashion_mnist import load_fashion_mnist_arrays, pixel_values
 from distill.text2image.builders import build_vae
-from engine.config import TrainConfig, parse_config
+from engine.config import TrainConfig, changed_settings_argv, parse_config
 from engine.images import save_grid
 from engine.launch import run_main
 from engine.recipe import Recipe, RecipeParts, TrainedModel
@@ -173,7 +173,7 @@ class VAERecipe(Recipe):
                 **{f"test_{k}": round(v, 5) for k, v in metrics.items()},
                 "test_images": len(test),
             },
-            command="accelerate launch recipes/vae.py " + " ".join(_cli_overrides(cfg)),
+            command="accelerate launch recipes/vae.py " + " ".join(changed_settings_argv(cfg)),
             sample_grid=figure,
         )
         if cfg.fp16_export:
@@ -190,15 +190,6 @@ def _pairs(x: torch.Tensor, recon: torch.Tensor, per_row: int = 20) -> torch.Ten
     for i in range(0, len(x), per_row):
         rows += [x[i : i + per_row], recon[i : i + per_row]]
     return torch.cat(rows)
-
-
-def _cli_overrides(cfg: VAEConfig) -> list[str]:
-    default = VAEConfig()
-    flags = []
-    for name, value in vars(cfg).items():
-        if value != getattr(default, name):
-            flags += [f"--{name}", " ".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return flags
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
