@@ -65,7 +65,7 @@ from distill.reflow.flow import (
 )
 from distill.reflow.pairs import load_pairs
 from distill.reflow.stages import TrainingStage, prompt_cache_key, prompt_source, run
-from distill.teachers.conditions import ConditionSource
+from distill.teachers.conditions import ConditionSource, TeacherInputSettings
 from distill.teachers.denoiser import Condition, Denoiser
 from distill.teachers.latents import LatentCodec
 from distill.teachers.loading import check_teacher, load_teacher
@@ -78,7 +78,7 @@ Stage = Literal["all", "pairs", "reflow", "distill"]
 
 
 @dataclass
-class ReflowConfig(TrainConfig):
+class ReflowConfig(TrainConfig, TeacherInputSettings):
     """All stages' settings. ``max_steps`` / ``max_minutes`` are set per training stage from ``reflow_*`` and
     ``distill_*``; each stage runs the engine in its own folder under ``output_dir``."""
 
@@ -101,45 +101,6 @@ class ReflowConfig(TrainConfig):
         default=None, metadata={"help": "Classes (default: the teacher's class embeddings less the null)."}
     )
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale baked into round-1 pairs."})
-    prompts: str | None = field(
-        default=None,
-        metadata={
-            "help": "Prompts of a text-to-image teacher (required for one): a text file, one prompt a line, or a "
-            ".json/.jsonl/.csv/.parquet file, a local datasets folder or a hub dataset (see prompt_column); "
-            "encoded once by the teacher's own text encoders and cached on disk."
-        },
-    )
-    prompt_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "Column of the prompts in a table source; None: the first of prompt, text, caption."
-        },
-    )
-    negative_prompt: str = field(
-        default="",
-        metadata={"help": "The null condition of a text teacher's guidance while making round-1 pairs."},
-    )
-    prompt_cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Where prompt embeddings are cached; None: $ONESTEP_CACHE/prompt_embeddings, else "
-            "~/.cache/onestep/prompt_embeddings."
-        },
-    )
-    eval_metrics: Literal["auto", "fashion", "none"] = field(
-        default="auto",
-        metadata={
-            "help": "Feature metrics of the evaluation samples: fashion = the shipped Fashion-MNIST classifier's FD, "
-            "prompt alignment and precision/recall; auto = fashion for the shipped text-to-image teacher; none."
-        },
-    )
-    resolution: int | None = field(
-        default=None,
-        metadata={
-            "help": "Image side in pixels (latent teachers: divided by the VAE's factor); None: the teacher's "
-            "configured sample size (Flux has none: give it)."
-        },
-    )
     # pairs
     num_pairs: int = field(default=20_000, metadata={"help": "Pairs per round (the reflow's training set)."})
     pairs_shard_size: int = field(

@@ -81,7 +81,7 @@ from distill.sid.losses import (
     sample_table_timesteps,
     sid_generator_loss,
 )
-from distill.teachers.conditions import ConditionSource, check_conditioning
+from distill.teachers.conditions import ConditionSource, TeacherInputSettings, check_conditioning
 from distill.teachers.denoiser import Condition, Denoiser
 from distill.teachers.edm import sample_lognormal_sigmas
 from distill.teachers.families import TeacherFamily
@@ -95,7 +95,7 @@ from engine.trainer import Trainer
 
 
 @dataclass
-class SiDConfig(TrainConfig):
+class SiDConfig(TrainConfig, TeacherInputSettings):
     #: old config keys, answered by parse_config with their new names
     renamed_keys: ClassVar[dict[str, str]] = {"tmax": "max_timestep", "student_sigmas": "step_sigmas"}
 
@@ -202,31 +202,6 @@ class SiDConfig(TrainConfig):
             "f_psi's CFG scales is not 1 (as the authors): f_psi then learns the null score its guidance uses."
         },
     )
-    prompts: str | None = field(
-        default=None,
-        metadata={
-            "help": "Prompts of a text-to-image teacher (required for one): a text file, one prompt a line, or a "
-            ".json/.jsonl/.csv/.parquet file, a local datasets folder or a hub dataset (see prompt_column); "
-            "encoded once by the teacher's own text encoders and cached on disk."
-        },
-    )
-    prompt_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "Column of the prompts in a table source; None: the first of prompt, text, caption."
-        },
-    )
-    negative_prompt: str = field(
-        default="",
-        metadata={"help": "The null condition of a text teacher's guidance (and of prompt dropout)."},
-    )
-    prompt_cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Where prompt embeddings are cached; None: $ONESTEP_CACHE/prompt_embeddings, else "
-            "~/.cache/onestep/prompt_embeddings."
-        },
-    )
     num_classes: int | None = field(
         default=None,
         metadata={
@@ -324,20 +299,6 @@ class SiDConfig(TrainConfig):
     )
     export_dir: str | None = field(
         default=None, metadata={"help": "Where to export the EMA student (default: output_dir/student)."}
-    )
-    eval_metrics: Literal["auto", "fashion", "none"] = field(
-        default="auto",
-        metadata={
-            "help": "Feature metrics of the evaluation samples: fashion = the shipped Fashion-MNIST classifier's FD, "
-            "prompt alignment and precision/recall; auto = fashion for the shipped text-to-image teacher; none."
-        },
-    )
-    resolution: int | None = field(
-        default=None,
-        metadata={
-            "help": "Image side in pixels (latent teachers: divided by the VAE's factor); None: the teacher's "
-            "configured sample size (Flux has none: give it)."
-        },
     )
 
     def __post_init__(self) -> None:

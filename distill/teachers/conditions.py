@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +35,7 @@ from distill.teachers.edm import drop_labels
 from distill.teachers.families import TeacherFamily
 from distill.teachers.prompts import PromptEmbeddings, encode_prompts, load_prompts
 
-__all__ = ["ConditionSource", "TEXT_CONDITIONINGS", "check_conditioning"]
+__all__ = ["ConditionSource", "TEXT_CONDITIONINGS", "TeacherInputSettings", "check_conditioning"]
 
 #: ``TeacherFamily.conditioning`` values a ConditionSource feeds from prompts
 TEXT_CONDITIONINGS = ("text", "text+pooled")
@@ -315,3 +316,53 @@ class ConditionSource:
         draw_on = generator.device if generator is not None else cond.encoder_hidden_states.device
         drop = torch.rand(n, device=draw_on, generator=generator) < p
         return Condition.where(~drop, cond, null)
+
+
+@dataclass
+class TeacherInputSettings:
+    """The settings every distillation recipe shares for what it feeds the teacher: prompts of a text teacher
+    (read by :meth:`ConditionSource.for_teacher`), the image resolution of a latent teacher without a configured
+    sample size, and the evaluation metrics. Recipe configs inherit them next to ``TrainConfig``."""
+
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts of a text-to-image teacher (required for one): a text file, one prompt a line, or a "
+            ".json/.jsonl/.csv/.parquet file, a local datasets folder or a hub dataset (see prompt_column); "
+            "encoded once by the teacher's own text encoders and cached on disk."
+        },
+    )
+    prompt_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of the prompts in a table source; None: the first of prompt, text, caption."
+        },
+    )
+    negative_prompt: str = field(
+        default="",
+        metadata={
+            "help": "The null condition of a text teacher's classifier-free guidance (SiD: also of prompt "
+            "dropout; reflow: of the guided round-1 pairs)."
+        },
+    )
+    prompt_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where prompt embeddings are cached; None: $ONESTEP_CACHE/prompt_embeddings, else "
+            "~/.cache/onestep/prompt_embeddings."
+        },
+    )
+    eval_metrics: Literal["auto", "fashion", "none"] = field(
+        default="auto",
+        metadata={
+            "help": "Feature metrics of the evaluation samples: fashion = the shipped Fashion-MNIST classifier's FD, "
+            "prompt alignment and precision/recall; auto = fashion for the shipped text-to-image teacher; none."
+        },
+    )
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Image side in pixels (latent teachers: divided by the VAE's factor); None: the teacher's "
+            "configured sample size (Flux has none: give it)."
+        },
+    )
