@@ -20,6 +20,8 @@ from accelerate.utils import extract_model_from_parallel
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from engine.fsdp import full_tensor
+
 
 class _HalfLife:
     def __init__(self, halflife_images: float, rampup_ratio: float | None) -> None:
@@ -64,6 +66,7 @@ class EMA(_HalfLife):
         beta = self.beta(images_in_step, images_seen)
         ema_state = self.module.state_dict()
         for name, value in model.state_dict().items():
+            value = full_tensor(value)  # FSDP: one gathered tensor at a time (a collective: every process)
             target = ema_state[name]
             if target.is_floating_point():
                 target.lerp_(value.detach().to(target.device, target.dtype), 1.0 - beta)

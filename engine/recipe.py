@@ -74,5 +74,10 @@ class Recipe(ABC):
         """Called on every process after the final evaluation, before the final checkpoint (export here)."""
         return None
 
+    #: whether the recipe runs under the engine's FSDP (engine/fsdp.py): every call of a trained or frozen network
+    #: happens on all processes together (a sharded network gathers its parameters collectively), and evaluation
+    #: and export read EMAs or gathered states, never a sharded network on the main process alone
+    supports_fsdp: bool = False
+
     # set by the engine after setup
     _trained_names: tuple[str, ...] = ()

@@ -42,6 +42,17 @@ from engine.checkpoint import checkpoint_root, load_trainer_state, resolve_resum
 from engine.config import TrainConfig, config_to_dict, save_config
 from engine.data import BatchStream
 from engine.ema import EMA, ParameterEMA
+from engine.fsdp import (
+    USE_FSDP_ENV,
+    FSDPSettings,
+    full_tensor,
+    gather_state,
+    load_sharded_state,
+    rebind_optimizer,
+    save_sharded_state,
+    shard_module,
+    sharding_facts,
+)
 from engine.images import make_grid, save_grid
 from engine.log import get_logger
 from engine.recipe import Recipe, RecipeParts, TrainedModel
@@ -105,6 +116,7 @@ def resolve_mixed_precision(
 class _Setup:
     precision: PrecisionChoice
     threads: str
+    fsdp: FSDPSettings | None = None
 
 
 #: what build_accelerator decided for each Accelerator it built (read by the run-info writer)
@@ -131,37 +143,28 @@ def accelerator_device_kwargs(
     """The ``cpu`` flag and process-group backend for this launch.
 
     Without a GPU the engine asks ``cpu=True`` so the processes ``accelerate launch``/torchrun start form one gloo
-    group (else each reports DistributedType.NO). accelerate ignores DeepSpeed and FSDP under ``cpu=True``, which
+    group (else each reports DistributedType.NO). accelerate ignores DeepSpeed under ``cpu=True``, which
     turned a ZeRO launch into silent DDP; so a DeepSpeed launch gets no CPU flag, and on a machine without a GPU
-    a gloo process group (DeepSpeed then picks its CPU accelerator). FSDP needs a CUDA/XPU device in accelerate
-    1.15 (its plugin and AcceleratorState enable FSDP only for GPU-like distributed types): refused on CPU here.
+    a gloo process group (DeepSpeed then picks its CPU accelerator). FSDP is the engine's own (engine/fsdp.py) on
+    plain data-parallel processes: NCCL on GPUs, gloo on CPU (``cpu=True``), as for a DDP launch.
     """
     environ = os.environ if environ is None else environ
     sharding = launch_sharding(environ)
+    use_cpu = (environ.get("ACCELERATE_USE_CPU") or "").strip().lower() in ("true", "1", "yes")
+    if sharding == "fsdp":
+        return {"cpu": config.cpu or use_cpu or not _has_accelerator_device(), "kwargs_handlers": []}
     if sharding is None:
         return {"cpu": config.cpu or not _has_accelerator_device(), "kwargs_handlers": []}
-    use_cpu = (environ.get("ACCELERATE_USE_CPU") or "").strip().lower() in ("true", "1", "yes")
     if config.cpu or use_cpu:
         which = "--cpu true (recipe config)" if config.cpu else "use_cpu: true / --cpu (launch config)"
         raise ValueError(
             f"The launch asks for {sharding} and for {which}: accelerate ignores {sharding} on a CPU "
             "Accelerator and would silently run plain DDP. Drop the CPU flag: without a GPU the engine runs "
-            f"{'DeepSpeed on CPU processes over gloo' if sharding == 'deepspeed' else 'nothing sharded'}"
+            "DeepSpeed on CPU processes over gloo"
         )
     if _has_accelerator_device():
         return {"cpu": False, "kwargs_handlers": []}  # NCCL, accelerate's default
-    if sharding == "fsdp":
-        raise RuntimeError(FSDP_NEEDS_GPU)
     return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-
-
-#: why an FSDP launch is refused on a machine without a GPU (asserted by the tests, quoted in docs/engine.md)
-FSDP_NEEDS_GPU = (
-    "FSDP launch on a machine without a CUDA/XPU device: accelerate 1.15 enables FSDP only for GPU-like "
-    "distributed types (on CPU processes it would silently run DDP, or each process alone) and its FSDP plugin "
-    "asks for a device. Run FSDP on GPUs (accelerate_configs/fsdp.yaml), or use DeepSpeed "
-    "(accelerate_configs/deepspeed_zero2.yaml / deepspeed_zero3.yaml), which runs on CPU processes over gloo"
-)
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
@@ -169,8 +172,21 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     (:func:`accelerator_device_kwargs`), precision from the recipe config when it sets one, else from the
     launcher (:func:`resolve_mixed_precision`)."""
     precision = resolve_mixed_precision(config.mixed_precision)
+    requested = launch_sharding()
+    fsdp = None
+    if requested == "fsdp":
+        fsdp = FSDPSettings.from_environ()
+        if precision.value == "fp16":
+            raise ValueError(
+                "mixed_precision='fp16' under FSDP: the engine's FSDP2 runs bf16 or fp32 (fp16 would need a "
+                "sharded gradient scaler); launch with --mixed_precision bf16"
+            )
     trackers = [t.strip() for t in config.log_with.split(",") if t.strip() and t.strip() != "none"]
     device = accelerator_device_kwargs(config)
+    if fsdp is not None:
+        os.environ[USE_FSDP_ENV] = (
+            "false"  # the engine shards (engine/fsdp.py); accelerate runs data parallel
+        )
     accelerator = Accelerator(
         mixed_precision=precision.value,
         cpu=device["cpu"],
@@ -181,7 +197,6 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         kwargs_handlers=[GradScalerKwargs(init_scale=config.fp16_initial_scale), *device["kwargs_handlers"]],
     )
-    requested = launch_sharding()
     if requested == "deepspeed" and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise RuntimeError(
             f"accelerate launch asked for DeepSpeed but the Accelerator runs {accelerator.distributed_type.value}"
@@ -190,7 +205,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     if precision.value == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
         _enable_cpu_fp16(accelerator, config.fp16_initial_scale)
     threads = configure_threads(config.num_threads, on_cpu=accelerator.device.type == "cpu")
-    _SETUPS[accelerator] = _Setup(precision, threads)
+    _SETUPS[accelerator] = _Setup(precision, threads, fsdp)
     if accelerator.is_main_process:
         if precision.warning:
             get_logger().warning(precision.warning)
@@ -219,12 +234,24 @@ def run_line(accelerator: Accelerator, threads: str, source: str | None = None) 
     """What runs: distribution, processes, device, precision (and its source) and threads (logged once)."""
     n = accelerator.num_processes
     sharding = sharding_info(accelerator)
-    detail = "".join(f", {k}={v}" for k, v in sharding.items() if k in ("zero_stage", "sharding_strategy"))
+    keys = ("zero_stage", "sharding_strategy", "fsdp_version", "reshard_after_forward")
+    detail = "".join(f", {k}={v}" for k, v in sharding.items() if k in keys)
     line = (
-        f"distributed_type={accelerator.distributed_type.value}{detail}, {n} process{'es' if n > 1 else ''}, "
+        f"distributed_type={distributed_type(accelerator)}{detail}, {n} process{'es' if n > 1 else ''}, "
         f"device={accelerator.device.type}, mixed_precision={accelerator.mixed_precision}, {threads}"
     )
     return line + (f"; mixed_precision {_SOURCE_WORDS.get(source, source)}" if source else "")
+
+
+def fsdp_settings(accelerator: Accelerator) -> FSDPSettings | None:
+    """The engine's FSDP settings when ``accelerator`` was built for an FSDP launch (engine/fsdp.py), else None."""
+    setup = _SETUPS.get(accelerator)
+    return setup.fsdp if setup is not None else None
+
+
+def distributed_type(accelerator: Accelerator) -> str:
+    """accelerate's distributed type, or "FSDP" when the engine shards the networks itself."""
+    return "FSDP" if fsdp_settings(accelerator) is not None else accelerator.distributed_type.value
 
 
 def is_zero3(accelerator: Accelerator) -> bool:
@@ -276,6 +303,9 @@ def sharding_info(accelerator: Accelerator) -> dict[str, Any]:
             "gradient_accumulation_steps": _plain(ds.get("gradient_accumulation_steps")),
             "gradient_clipping": _plain(ds.get("gradient_clipping")),
         }
+    fsdp = fsdp_settings(accelerator)
+    if fsdp is not None:
+        return fsdp.describe()
     if accelerator.distributed_type == DistributedType.FSDP:
         plugin = state.fsdp_plugin
         return {
@@ -285,12 +315,13 @@ def sharding_info(accelerator: Accelerator) -> dict[str, Any]:
     return {}
 
 
-def run_info(accelerator: Accelerator) -> dict[str, Any]:
+def run_info(accelerator: Accelerator, sharded_models: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a run ran on: distribution, world size, sharding, precision and its source, device, threads and
-    library versions (the facts a result depends on that config.yaml does not hold)."""
+    library versions (the facts a result depends on that config.yaml does not hold). ``sharded_models``: what
+    FSDP did to each network (:func:`engine.fsdp.sharding_facts`)."""
     setup = _SETUPS.get(accelerator)
     info: dict[str, Any] = {
-        "distributed_type": accelerator.distributed_type.value,
+        "distributed_type": distributed_type(accelerator),
         "num_processes": accelerator.num_processes,
         "device": accelerator.device.type,
         "mixed_precision": accelerator.mixed_precision,
@@ -300,21 +331,26 @@ def run_info(accelerator: Accelerator) -> dict[str, Any]:
     }
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         info["deepspeed"] = sharding_info(accelerator)
-    if accelerator.distributed_type == DistributedType.FSDP:
+    if accelerator.distributed_type == DistributedType.FSDP or fsdp_settings(accelerator) is not None:
         info["fsdp"] = sharding_info(accelerator)
+        info["fsdp"]["process_group"] = accelerator.distributed_type.value
+        if sharded_models:
+            info["fsdp"]["sharded_models"] = sharded_models
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         info["backend"] = torch.distributed.get_backend()
     info["versions"] = {"python": platform.python_version(), **{p: _version(p) for p in _VERSIONED}}
     return info
 
 
-def write_run_info(accelerator: Accelerator, output_dir: str | Path) -> Path:
+def write_run_info(
+    accelerator: Accelerator, output_dir: str | Path, sharded_models: dict[str, Any] | None = None
+) -> Path:
     """Write :func:`run_info` to ``output_dir/run_info.json`` atomically (a temporary file renamed over it,
     so a reader never sees half a file); call on the main process."""
     path = Path(output_dir) / RUN_INFO_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{RUN_INFO_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(run_info(accelerator), indent=2) + "\n")
+    tmp.write_text(json.dumps(run_info(accelerator, sharded_models), indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -364,6 +400,8 @@ class Trainer:
         self.config = config
         self.recipe = recipe
         self.accelerator = accelerator or build_accelerator(config)
+        self.fsdp = fsdp_settings(self.accelerator)
+        self.sharded: dict[str, dict[str, int]] = {}  # network -> sharding_facts, under FSDP
         self.output_dir = Path(config.output_dir)
         # a bad or damaged checkpoint fails here, before any work; all processes get the same folder
         resume_path = resolve_resume(config.resume_from, config.output_dir, self.accelerator)
@@ -446,9 +484,22 @@ class Trainer:
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED and len(parts.trained) > 1:
             raise ValueError(
                 f"DeepSpeed trains one model per Accelerator, this recipe trains {sorted(parts.trained)}: "
-                "launch it with a DDP config instead (accelerate_configs/multi_gpu.yaml, or cpu_2proc.yaml without "
-                "a GPU); several trained models under DeepSpeed or FSDP are not supported yet (docs/engine.md)"
+                "launch it with accelerate_configs/fsdp.yaml (the engine's FSDP shards each network, ZeRO-3-like; "
+                "fsdp_grad_op.yaml is ZeRO-2-like) or a DDP config (multi_gpu.yaml, cpu_2proc.yaml without a GPU)"
             )
+        if self.fsdp is not None:
+            if not self.recipe.supports_fsdp:
+                raise ValueError(
+                    f"{type(self.recipe).__name__} does not run under FSDP (its evaluation or export calls a "
+                    "network on one process, which a sharded network cannot do): launch it with DeepSpeed "
+                    "(accelerate_configs/deepspeed_zero2.yaml / deepspeed_zero3.yaml) or DDP"
+                )
+            with_scheduler = [n for n, tm in parts.trained.items() if tm.lr_scheduler is not None]
+            if with_scheduler:
+                raise ValueError(
+                    f"Under FSDP the engine's lr schedule (lr_warmup_steps, lr_decay_start) is the only one; "
+                    f"the recipe gives {with_scheduler} their own lr_scheduler"
+                )
         self.recipe._trained_names = tuple(parts.trained)
 
     def _ema_templates(self, parts: RecipeParts) -> dict[str, nn.Module]:
@@ -456,7 +507,7 @@ class Trainer:
         loaded with the (gathered) prepared weights (:meth:`_build_emas`). A copy of the prepared module would
         hold DeepSpeed's bf16/fp16 cast of the weights and, under ZeRO-3, only this process's shards plus
         DeepSpeed's partitioning hooks; the template keeps the model's own dtype."""
-        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED and self.fsdp is None:
             return {}
         return {
             n: copy.deepcopy(tm.module)
@@ -470,8 +521,12 @@ class Trainer:
             if not tm.ema_halflife_images:
                 continue
             model = self.accelerator.unwrap_model(tm.module)
+            if name in templates and self.fsdp is not None:
+                model = templates[name].to(
+                    self.device
+                )  # the weights before sharding, which left them as they were
             with gathered_parameters(self.accelerator, model):
-                if name in templates:
+                if name in templates and self.fsdp is None:
                     template = templates[name]
                     template.load_state_dict(model.state_dict())
                     model = template.to(self.device)
@@ -494,18 +549,23 @@ class Trainer:
         for n in names:
             if parts.trained[n].sync == "all_reduce":
                 parts.trained[n].module.to(acc.device)
+        if self.fsdp is not None:  # the engine shards these itself; accelerate prepares the rest
+            self._shard_networks(parts, wrapped)
+            wrapped = []
         modules = [parts.trained[n].module for n in wrapped]
-        optimizers = [parts.trained[n].optimizer for n in names]
+        stepped = [n for n in names if n not in self.sharded]
+        optimizers = [parts.trained[n].optimizer for n in stepped]
         schedulers = [
             parts.trained[n].lr_scheduler for n in names if parts.trained[n].lr_scheduler is not None
         ]
         extra = [parts.dataloader] if parts.dataloader is not None else []
-        prepared = acc.prepare(*modules, *optimizers, *schedulers, *extra)
+        to_prepare = [*modules, *optimizers, *schedulers, *extra]
+        prepared = acc.prepare(*to_prepare) if to_prepare else []
         prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
         prepared_iter = iter(prepared)
         for n in wrapped:
             parts.trained[n].module = next(prepared_iter)
-        for n in names:
+        for n in stepped:
             parts.trained[n].optimizer = next(prepared_iter)
         for n in names:
             if parts.trained[n].lr_scheduler is not None:
@@ -522,6 +582,29 @@ class Trainer:
         for n, module in parts.frozen.items():
             module.requires_grad_(False).eval()
             self.frozen[n] = module.to(acc.device)
+            if self.fsdp is not None and n in self._shardable_frozen:
+                shard_module(module, self.fsdp, acc.device, self._compute_dtype())
+                self.sharded[n] = sharding_facts(module)
+
+    def _compute_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
+
+    def _shard_networks(self, parts: RecipeParts, names: list[str]) -> None:
+        """FSDP: shard each trained network that owns its parameters (and its optimiser with it), and note the
+        frozen networks that share no parameter with a trained one (sharded once on the device)."""
+        for n in names:
+            tm = parts.trained[n]
+            tm.module.to(self.device)
+            before = dict(tm.module.named_parameters())
+            shard_module(tm.module, self.fsdp, self.device, self._compute_dtype())
+            rebind_optimizer(tm.optimizer, before, tm.module)
+            self.sharded[n] = sharding_facts(tm.module)
+        trained_params = {id(p) for tm in parts.trained.values() for p in tm.module.parameters()}
+        self._shardable_frozen = {
+            n
+            for n, m in parts.frozen.items()
+            if not any(id(p) in trained_params for p in m.parameters()) and any(True for _ in m.parameters())
+        }
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self, end_training: bool = True) -> dict[str, float]:
@@ -534,7 +617,7 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
-            write_run_info(acc, self.output_dir)
+            write_run_info(acc, self.output_dir, self.sharded or None)
         if acc.log_with:
             acc.init_trackers(cfg.project_name, config=_flat_scalars(config_to_dict(cfg)))
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.is_main and cfg.progress_bar))
@@ -608,6 +691,8 @@ class Trainer:
             # accelerate reads this flag (DeepSpeed/FSDP accumulation, optimizer wrapper); DDP needs no_sync too
             acc.gradient_state._set_sync_gradients(last)
             sync = contextlib.nullcontext() if last or tm.sync == "all_reduce" else acc.no_sync(tm.module)
+            if phase in self.sharded:  # FSDP2: reduce-scatter once, after the last micro-batch
+                tm.module.set_requires_gradient_sync(last)
             with sync:
                 with self.autocast():
                     out = self.recipe.loss(phase, batch, self.models)
@@ -646,6 +731,10 @@ class Trainer:
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
             offset += p.numel()
 
+    @property
+    def _sharded_trained(self) -> list[str]:
+        return [n for n in self.trained if n in self.sharded]
+
     def trained_parameters(self, name: str) -> list[torch.nn.Parameter]:
         """The parameters trained model ``name``'s optimiser steps (for a LoRA view: its adapter's only)."""
         return list(self._trainable[name])
@@ -676,7 +765,7 @@ class Trainer:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return True
-        norm = torch.nn.utils.get_total_norm(grads)
+        norm = full_tensor(torch.nn.utils.get_total_norm(grads))  # FSDP: the norm over all shards
         if not torch.isfinite(norm):
             self.nonfinite_steps[phase] += 1
             if cfg.nonfinite_grads == "error":
@@ -687,7 +776,7 @@ class Trainer:
                 return False
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-            norm = torch.nn.utils.get_total_norm(grads)
+            norm = full_tensor(torch.nn.utils.get_total_norm(grads))
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm)
         return True
@@ -753,7 +842,15 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        # FSDP: gathering the full states is a collective (every process), writing them is the main process's
+        gathered = {
+            n: gather_state(self.trained[n].module, self.trained[n].optimizer) for n in self._sharded_trained
+        }
         writers = [
+            (lambda folder, n=name, st=state: save_sharded_state(Path(folder), n, *st))
+            for name, state in gathered.items()
+        ]
+        writers += [
             (lambda folder, n=name, e=ema: e.save(Path(folder) / f"ema_{n}.safetensors"))
             for name, ema in self.emas.items()
         ]
@@ -792,6 +889,8 @@ class Trainer:
         self.accelerator.load_state(str(folder))
         for name, ema in self.emas.items():
             ema.load(folder / f"ema_{name}.safetensors")
+        for name in self._sharded_trained:
+            load_sharded_state(folder, name, self.trained[name].module, self.trained[name].optimizer)
         for name, tm in self.trained.items():
             if tm.sync == "all_reduce":
                 named = dict(self.accelerator.unwrap_model(tm.module).named_parameters())

@@ -36,6 +36,8 @@ class DemoConfig(TrainConfig):
 
 
 class DenoisingAutoencoder(Recipe):
+    supports_fsdp = True  # every process trains; evaluation reads the EMA
+
     def __init__(self, config: DemoConfig) -> None:
         self.config = config
 

@@ -377,6 +377,8 @@ class SiDRecipe(Recipe):
 
     #: the teacher takes its guidance scale as an input (FLUX.1-dev), set in setup
     embedded_guidance: bool = False
+    #: every process runs every network in each phase; evaluation and export use G's EMA (a full copy)
+    supports_fsdp = True
 
     def __init__(self, config: SiDConfig) -> None:
         self.config = config
@@ -687,7 +689,12 @@ class SiDRecipe(Recipe):
         Each step of a k-step student is trained with the same losses; one step draws nothing.
         """
         sigmas = self.config.step_sigmas
-        steps = int(torch.randint(len(sigmas), ()).item()) + 1 if len(sigmas) > 1 else 1
+        if len(sigmas) == 1:
+            return student_sample(generator, z, sigmas, cond)
+        # under FSDP every process must call G as often as the others (each call gathers its shards): the number
+        # of steps is drawn from the step number, the same on every process; otherwise from each process's RNG
+        shared = None if self.trainer.fsdp is None else torch.Generator().manual_seed(self.trainer.step)
+        steps = int(torch.randint(len(sigmas), (), generator=shared).item()) + 1
         return student_sample(generator, z, sigmas, cond, steps=steps)
 
     def guided(

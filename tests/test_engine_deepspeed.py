@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2/3 under a real ``accelerate launch`` with 2 CPU processes (gloo), and FSDP's refusal on CPU.
+"""DeepSpeed ZeRO-2/3 under a real ``accelerate launch`` with 2 CPU processes (gloo) (FSDP: tests/test_fsdp.py).
 
 Each launch asserts the distributed type it meant to test from ``run_info.json``: a ZeRO config that silently
 ran as DDP (what ``Accelerator(cpu=True)`` did before) fails here.
@@ -7,19 +7,17 @@ ran as DDP (what ``Accelerator(cpu=True)`` did before) fails here.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch_utils import ROOT, accelerate_launch, free_port
+from launch_utils import ROOT, accelerate_launch
 from safetensors.torch import load_file
 
 from engine.checkpoint import MANIFEST_FILE, resolve_resume
 from engine.config import TrainConfig
-from engine.trainer import FSDP_NEEDS_GPU, accelerator_device_kwargs, launch_sharding
+from engine.trainer import accelerator_device_kwargs, launch_sharding
 
 pytest.importorskip("deepspeed")
 
@@ -87,20 +85,6 @@ def test_zero3_resume_equals_uninterrupted_run_and_latest_skips_damage(tmp_path)
     assert resolve_resume("latest", resumed) == resumed / "checkpoints" / "step_2"
 
 
-@pytest.mark.distributed
-def test_fsdp_launch_without_gpu_is_refused_with_the_reason(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: FSDP runs (scripts/gpu_check.sh)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml")]
-    cmd += ["--num_processes", "2", "--main_process_port", str(free_port()), str(DEMO)]
-    cmd += [*DEMO_ARGS, "--output_dir", str(tmp_path), "--max_steps", "1"]
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0
-    assert out.stderr.splitlines().count(f"error: RuntimeError: {FSDP_NEEDS_GPU}") == 2
-    assert not (tmp_path / "run_info.json").exists()
-
-
 def test_sharded_launch_variables_and_the_cpu_flag():
     """What accelerate launch exports decides the Accelerator's arguments (no launch needed)."""
     assert launch_sharding({}) is None and launch_sharding({"ACCELERATE_USE_DEEPSPEED": "false"}) is None
@@ -112,6 +96,9 @@ def test_sharded_launch_variables_and_the_cpu_flag():
         assert plain["cpu"] is True and plain["kwargs_handlers"] == []
         ds = accelerator_device_kwargs(config, {"ACCELERATE_USE_DEEPSPEED": "true"})
         assert ds["cpu"] is False and [h.backend for h in ds["kwargs_handlers"]] == ["gloo"]
+        # the engine's own FSDP runs on plain data-parallel processes: gloo on CPU, like DDP
+        fsdp = accelerator_device_kwargs(config, {"ACCELERATE_USE_FSDP": "true"})
+        assert fsdp["cpu"] is True and fsdp["kwargs_handlers"] == []
     with pytest.raises(ValueError, match="use_cpu: true.*silently run plain DDP"):
         accelerator_device_kwargs(config, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "true"})
     with pytest.raises(ValueError, match="--cpu true"):
