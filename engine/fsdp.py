@@ -170,6 +170,19 @@ def rebind_optimizer(
         group["params"] = [by_id[id(p)] for p in group["params"]]
 
 
+def reshard(module: nn.Module) -> None:
+    """Free every gathered parameter group of ``module`` (a no-op for groups already sharded).
+
+    With ``reshard_after_forward=False`` a forward without a backward (SiD's generator under ``no_grad`` in the
+    fake-score phase) leaves the gathered parameters registered on the module, with the ``requires_grad`` they had
+    then; the engine reshards before each phase so the next forward gathers them again with the current flag."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a (possibly sharded) parameter or gradient; a collective for DTensors."""
     from torch.distributed.tensor import DTensor

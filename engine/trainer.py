@@ -49,6 +49,7 @@ from engine.fsdp import (
     gather_state,
     load_sharded_state,
     rebind_optimizer,
+    reshard,
     save_sharded_state,
     shard_module,
     sharding_facts,
@@ -599,6 +600,12 @@ class Trainer:
             shard_module(tm.module, self.fsdp, self.device, self._compute_dtype())
             rebind_optimizer(tm.optimizer, before, tm.module)
             self.sharded[n] = sharding_facts(tm.module)
+        whole = [n for n in parts.trained if n not in names]
+        if whole and self.is_main:
+            get_logger().info(
+                f"FSDP: {whole} share one module (adapters on a frozen base, sync='all_reduce'): it stays whole on "
+                "every process and only their gradients are averaged"
+            )
         trained_params = {id(p) for tm in parts.trained.values() for p in tm.module.parameters()}
         self._shardable_frozen = {
             n
@@ -746,6 +753,8 @@ class Trainer:
         Public so a caller can compute a phase's loss and gradients by hand (tests, diagnostics).
         """
         self.models.phase = phase
+        for name in self.sharded:
+            reshard(self.trained[name].module if name in self.trained else self.frozen[name])
         for name, params in self._trainable.items():
             flag = name == phase
             for p in params:

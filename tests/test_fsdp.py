@@ -16,6 +16,7 @@ from launch_utils import ROOT, accelerate_launch
 from safetensors.torch import load_file
 from tiny_models import tiny_edm_teacher
 
+from engine.checkpoint import resolve_resume
 from engine.config import TrainConfig
 from engine.fsdp import FSDPSettings
 from engine.trainer import build_accelerator
@@ -81,6 +82,10 @@ def test_engine_demo_sharded_in_bf16_resumes_bit_for_bit(tmp_path):
     # the checkpoint holds the full (gathered) weights, readable without torch.distributed
     assert _tensors(a, "fsdp_dae_model")["0.weight"].shape == (256, 64)
     assert json.loads((a / "fsdp_dae_optimizer.json").read_text())["param_groups"][0]["lr"] > 0
+    # a sharded network's checkpoint damaged after it was written: latest falls back to the intact step_2
+    model_file = b / "fsdp_dae_model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    assert resolve_resume("latest", resumed) == resumed / "checkpoints" / "step_2"
 
 
 @pytest.mark.distributed
@@ -144,3 +149,37 @@ def test_fp16_under_fsdp_is_refused_before_the_accelerator(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="fp16.*FSDP.*bf16"):
         build_accelerator(TrainConfig(output_dir="unused", mixed_precision="fp16"))
+
+
+@pytest.mark.distributed
+def test_sid_zero2_like_with_checkpointing_accumulation_and_a_two_step_student(tmp_path):
+    """fsdp_grad_op.yaml (gathered parameters kept from forward to backward) with the memory options: gradient
+    checkpointing, a bf16 teacher, 2 micro-batches, and a 2-step student whose step count every process draws
+    alike (each G call gathers shards collectively: a differing count would hang)."""
+    teacher = tiny_edm_teacher(tmp_path / "teacher")
+    args = ["--teacher", str(teacher), "--batch_size", "2", "--eval_samples", "8", "--eval_every", "0"]
+    args += [
+        "--log_with",
+        "none",
+        "--max_steps",
+        "3",
+        "--progress_bar",
+        "false",
+        "--gradient_checkpointing",
+        "true",
+    ]
+    args += ["--teacher_dtype", "bf16", "--gradient_accumulation_steps", "2", "--step_sigmas", "80.0", "1.5"]
+    accelerate_launch(
+        SID,
+        [*args, "--output_dir", str(tmp_path / "out")],
+        config=CONFIGS / "fsdp_grad_op.yaml",
+        launch_args=["--num_processes", "2"],
+        timeout=900,
+    )
+    info = _assert_sharded(tmp_path / "out", {"fake_score", "generator", "teacher"}, "bf16")
+    assert info["fsdp"]["reshard_after_forward"] is False
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step_3" / "trainer_state.json").read_text())
+    assert state["images_seen"] == 3 * 2 * 2 * 2
+    ema = _tensors(tmp_path / "out" / "checkpoints" / "step_3", "ema_generator")
+    assert all(torch.isfinite(t).all() for t in ema.values())
+    assert (tmp_path / "out" / "student" / "model_index.json").is_file()
