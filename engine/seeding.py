@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 
@@ -50,3 +53,24 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+@contextlib.contextmanager
+def training_rng_kept() -> Iterator[None]:
+    """Run the block without moving the global random streams (python, numpy, torch CPU and CUDA).
+
+    Evaluation and export draw random numbers (sampling noise, a new model's initial weights); around them the
+    training stream is put back, so a run that evaluates at its end and is resumed from that checkpoint draws
+    what an uninterrupted run that did not evaluate there draws (exact resume).
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)

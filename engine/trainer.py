@@ -58,7 +58,7 @@ from engine.images import make_grid, save_grid
 from engine.log import get_logger
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.schedules import lr_factor, scale_learning_rates
-from engine.seeding import seed_setup_then_processes
+from engine.seeding import seed_setup_then_processes, training_rng_kept
 from engine.threads import configure_threads
 
 _SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -658,7 +658,10 @@ class Trainer:
                 break
         bar.close()
         last_metrics = self.evaluate()
-        self.recipe.on_train_end(self, last_metrics)
+        with (
+            training_rng_kept()
+        ):  # an export draws (new models' initial weights): the checkpoint's RNG is training's
+            self.recipe.on_train_end(self, last_metrics)
         self.save()
         if end_training:
             # every process reaches the teardown together: a peer still inside a collective (or its store) while
@@ -820,7 +823,7 @@ class Trainer:
         return acc.autocast()
 
     def evaluate(self) -> dict[str, float]:
-        with self.autocast():
+        with training_rng_kept(), self.autocast():
             metrics = self.recipe.evaluate(self, self.step) or {}
         if metrics:
             self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.step)

@@ -92,7 +92,8 @@ def test_engine_demo_sharded_in_bf16_resumes_bit_for_bit(tmp_path):
 def test_full_sid_sharded_equals_ddp_and_exports(tmp_path):
     """Full SiD (f_psi, G and the frozen teacher each sharded; G's loss runs backward through the sharded f_psi
     and teacher) trains as the DDP launch of the same run does: after 3 steps in fp32 the weights differ by
-    less than 0.1% of what training changed (reduction order only), and the EMA student is exported."""
+    less than 0.1% of what training changed (reduction order only), the EMA student is exported, and a run
+    stopped at step 2 and resumed ends bit for bit where the uninterrupted one does."""
     teacher = tiny_edm_teacher(tmp_path / "teacher")
     args = ["--teacher", str(teacher), "--batch_size", "4", "--eval_samples", "16", "--eval_every", "0"]
     args += ["--log_with", "none", "--max_steps", "3", "--progress_bar", "false"]
@@ -111,6 +112,22 @@ def test_full_sid_sharded_equals_ddp_and_exports(tmp_path):
     ema_d, ema_f = _tensors(d, "ema_generator"), _tensors(f, "ema_generator")
     assert max((ema_d[k] - ema_f[k]).abs().max() for k in ema_d) < 1e-4
     assert (fsdp / "student" / "model_index.json").is_file()
+    # stopped after step 2 (evaluated and exported there) and resumed: step 3 equals the uninterrupted run's
+    resumed = tmp_path / "resumed"
+    _fsdp_launch(SID, [*args, "--max_steps", "2", "--output_dir", str(resumed)], "--mixed_precision", "no")
+    out = _fsdp_launch(
+        SID, [*args, "--output_dir", str(resumed), "--resume_from", "latest"], "--mixed_precision", "no"
+    )
+    assert "Resumed from" in out.stdout + out.stderr
+    r = resumed / "checkpoints" / "step_3"
+    for name in (
+        "fsdp_generator_model",
+        "fsdp_fake_score_model",
+        "fsdp_generator_optimizer",
+        "ema_generator",
+    ):
+        x, y = _tensors(f, name), _tensors(r, name)
+        assert all(torch.equal(x[k], y[k]) for k in x), name
 
 
 @pytest.mark.distributed
