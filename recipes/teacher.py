@@ -133,6 +133,8 @@ class TeacherConfig(TrainConfig):
 
 
 class TeacherRecipe(Recipe):
+    supports_fsdp = True  # one trained network; evaluation and export read its EMA
+
     def __init__(self, config: TeacherConfig) -> None:
         self.config = config
 
@@ -228,6 +230,8 @@ class TeacherRecipe(Recipe):
 
 class Text2ImageTeacherRecipe(Recipe):
     """SD-format teacher on Fashion-MNIST latents (``--mode text2image``; see the module docstring)."""
+
+    supports_fsdp = True  # one trained network; evaluation and export read its EMA
 
     def __init__(self, config: TeacherConfig) -> None:
         self.config = config

@@ -200,3 +200,23 @@ def test_sid_zero2_like_with_checkpointing_accumulation_and_a_two_step_student(t
     ema = _tensors(tmp_path / "out" / "checkpoints" / "step_3", "ema_generator")
     assert all(torch.isfinite(t).all() for t in ema.values())
     assert (tmp_path / "out" / "student" / "model_index.json").is_file()
+
+
+@pytest.mark.distributed
+def test_teacher_recipe_sharded_per_block_exports_a_loadable_teacher(tmp_path):
+    """The teacher recipe under FSDP with every UNet block its own all-gather group (fsdp_min_num_params 0):
+    more than one group per network, and the EMA teacher it exports loads with plain diffusers."""
+    from diffusers import UNet2DModel
+
+    out = tmp_path / "teacher"
+    args = ["--output_dir", str(out), "--max_steps", "2", "--batch_size", "8", "--log_with", "none"]
+    _fsdp_launch(
+        ROOT / "recipes" / "teacher.py",
+        [*args, "--eval_every", "0", "--progress_bar", "false"],
+        "--fsdp_min_num_params",
+        "0",
+    )
+    facts = _assert_sharded(out, {"teacher"}, "bf16")["fsdp"]["sharded_models"]["teacher"]
+    assert facts["groups"] > 4  # down/up blocks each, the mid block's lists, then the root
+    unet = UNet2DModel.from_pretrained(out / "teacher" / "unet")
+    assert sum(p.numel() for p in unet.parameters()) == facts["numel"]
