@@ -59,7 +59,7 @@ from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.seeding import make_generator
 from engine.trainer import Trainer
 from finetune.export import INITIAL_FILE, load_initial, save_adapter, save_initial
-from finetune.loraga import LoraGAOptions, apply_lora_ga
+from finetune.loraga import LoraGAOptions, apply_lora_ga, gathered
 from finetune.loraplus import check_loraplus_groups, create_loraplus_optimizer, loraplus_learning_rates
 from finetune.targets import UNET_TARGETS
 from finetune.tasks import FinetuneTask, TextTask
@@ -634,13 +634,18 @@ def _report_exactness(trainer: Trainer, report: dict[str, Any]) -> float:
 
 
 def _check_identical_across_processes(trainer: Trainer, model: nn.Module) -> None:
-    """Every process must start from the same adapter and base (the factors are broadcast by their owner)."""
+    """Every process must start from the same adapter and base (the factors are broadcast by their owner). A
+    ZeRO-3-partitioned parameter is gathered (one at a time) so the full tensors are compared, not the shards;
+    a bitsandbytes weight is compared in its stored (packed) form."""
     if trainer.num_processes == 1:
         return
+    total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
-        total = [p.detach().double().sum() for p in model.parameters()]
-        squares = [p.detach().double().pow(2).sum() for p in model.parameters()]
-        mine = torch.stack([torch.stack(total).sum(), torch.stack(squares).sum()]).to(trainer.device)
+        for p in model.parameters():
+            with gathered([p]):
+                values = p.detach().double()
+                total += torch.stack([values.sum(), values.pow(2).sum()]).cpu()
+    mine = total.to(trainer.device)
     every = trainer.accelerator.gather(mine[None]).reshape(-1, 2)
     if not torch.equal(every.min(0).values, every.max(0).values):
         raise RuntimeError(f"LoRA-GA left different weights on different processes: {every.tolist()}")
