@@ -234,7 +234,7 @@ def _requantised(base: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["lora_plus", "lora_ga"])
-def test_recipe_trains_on_an_nf4_base_and_exports_for_a_fresh_nf4_base(tmp_path, method):
+def test_recipe_trains_on_an_nf4_base_and_exports_for_a_fresh_nf4_base(tmp_path, caplog, method):
     """QLoRA through the recipe (``quantization: nf4``): the eval loss goes down over a few steps, and the
     adapter loaded with plain peft on a freshly quantized base reproduces the trained model: exactly with
     LoRA+, within the measured step-0 change with LoRA-GA (whose offset base was requantised)."""
@@ -256,7 +256,8 @@ def test_recipe_trains_on_an_nf4_base_and_exports_for_a_fresh_nf4_base(tmp_path,
     trainer = Trainer(config, recipe)
     fresh = load(folder, "nf4")
     before = _eval_loss(recipe, fresh)
-    metrics = trainer.fit()
+    with caplog.at_level("INFO", logger="engine"):
+        metrics = trainer.fit()
     assert metrics["eval_loss"] < before - 0.05, (before, metrics["eval_loss"])
 
     trained = trainer.accelerator.unwrap_model(trainer.trained["model"].module)
@@ -270,6 +271,11 @@ def test_recipe_trains_on_an_nf4_base_and_exports_for_a_fresh_nf4_base(tmp_path,
         assert not any(k.startswith("loraga_") for k in info)
     else:
         assert 0 < info["loraga_requantisation_error"] and info["loraga_model_output_change"] > 1e-4
+        warned = [
+            r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "LoRA-GA" in r.getMessage()
+        ]
+        assert len(warned) == 1 and "LoRA-GA on a 4-bit nf4 base: step-0 output change max|dy|=" in warned[0]
+        assert f"{info['loraga_model_output_change']:.2e}" in warned[0]
         assert error <= 2 * info["loraga_model_output_change"], (error, info)
 
 
