@@ -6,13 +6,16 @@
 
 ``--method``: ``lora`` (peft), ``lora_plus`` (B learns ``loraplus_ratio`` times faster), ``lora_ga`` (adapter
 initialised from the SVD of the full-weight gradient on ``loraga_samples`` training rows split across the
-processes, base weight offset so the output is unchanged), ``lora_ga_plus`` (both) or ``full`` (every weight trained).
+processes, base weight offset so the output is unchanged: exactly on a float32 base, up to rounding on bf16 and
+requantisation on a 4/8-bit base, measured and logged at start), ``lora_ga_plus`` (both) or ``full`` (every
+weight trained).
 
 ``model_kind`` picks the task once (:func:`make_task`); the recipe has no other per-kind code:
 
 (a) ``transformers`` -> :class:`finetune.tasks.TextTask`: a sequence classifier or causal LM on text from
     ``stdlib_docs`` (offline), a local ``.txt``/``.json``/``.jsonl``/``.csv``/``.parquet`` file, a folder or a
-    hub id. Eval: cross-entropy (and accuracy) on the validation rows (rule: :func:`finetune.data.
+    hub id; ``quantization`` nf4/fp4/int8 loads the base through bitsandbytes (QLoRA). Eval: cross-entropy (and
+    accuracy) on the validation rows (rule: :func:`finetune.data.
     train_and_eval_splits`).
 (b) ``unet`` with ``dataset=digits`` -> :class:`DenoiserTask`: a pixel-space teacher loaded as a
     :class:`distill.teachers.denoiser.Denoiser`, adapted to new images (digits rotated by 90 degrees). Loss: EDM
@@ -466,8 +469,9 @@ class LoraRecipe(Recipe):
         train_set, collate = task.load_data()
         if cfg.quantization != "none" and trainer.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ValueError(
-                f"quantization={cfg.quantization!r} under DeepSpeed: ZeRO cannot shard bitsandbytes weights; "
-                "launch with DDP (accelerate_configs/cpu_2proc.yaml / multi_gpu.yaml) or use quantization='none'"
+                f"quantization={cfg.quantization!r} under DeepSpeed: bitsandbytes bases are supported with DDP "
+                "launches only (not built or tried with ZeRO); launch with accelerate_configs/cpu_2proc.yaml / "
+                "multi_gpu.yaml, or use quantization='none'"
             )
         model = task.build_model()
         if cfg.quantization != "none":
