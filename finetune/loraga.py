@@ -20,22 +20,35 @@ module overwrites their A, B and the base weight. What it adds beyond peft 0.21'
 * bounded memory during estimation: each weight's gradient is moved to CPU (fp32) by a post-accumulate hook
   as soon as backward produces it, as the paper's code does (peft keeps every ``.grad`` on the device);
 * loud failures where peft falls back to a plain init silently: unsupported or gradient-less target layers,
-  embeddings, grouped or dilated convolutions, quantized (bitsandbytes) bases, ZeRO-3-partitioned weights.
+  embeddings, grouped or dilated convolutions, quantized layers other than bitsandbytes' 4/8-bit Linear.
 
-Quantized bases are refused: W <- W - s B0 A0 cannot be stored exactly in 4-bit, so the output would change at
-initialisation; use LoRA or LoRA+ with a quantized base, or LoRA-GA on a bf16/fp32 base.
+Quantized bases (bitsandbytes ``Linear4bit`` nf4/fp4, ``Linear8bitLt``), as the authors' code does: the gradient
+is taken with respect to the dequantised weight (computed from the layer's input and output gradient, as the
+packed weight cannot hold a float gradient), and the base becomes quantise(dequantise(W) - s B0 A0) in the same
+quant type, block size and storage (peft's merge route). That is NOT exact: the output changes at step 0 by the
+requantisation error, which :func:`apply_lora_ga` measures (``report``) and the recipe logs.
+
+DeepSpeed ZeRO-3-partitioned bases (a model loaded under a ZeRO-3 launch, where transformers builds it inside
+``deepspeed.zero.Init``): the forward and backward passes of the estimate run with DeepSpeed's own parameter
+fetching hooks (``DeepSpeedZeRoOffload``, nothing persistent, removed afterwards), so only the layers being
+computed are gathered; each adapted layer's full gradient is formed from its input and output gradient. Then,
+one layer at a time, the base weight and its adapter are gathered (``deepspeed.zero.GatheredParameters`` with
+``modifier_rank=0``), A0, B0 and W - s B0 A0 are written, and every shard is updated on leaving the block.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from peft.tuners.lora import LoraLayer
+from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -69,6 +82,41 @@ def _is_quantized(base: nn.Module) -> bool:
     )
 
 
+def bnb_kind(base: nn.Module) -> Literal["4bit", "8bit"] | None:
+    """'4bit' / '8bit' for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` base layer, else None."""
+    kind = get_bnb_param_type(getattr(base, "weight", None))
+    return kind if kind and isinstance(base, nn.Linear) else None
+
+
+def is_partitioned(weight: torch.Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 parameter: this process holds a shard, the full tensor only inside a gather."""
+    return getattr(weight, "ds_shape", None) is not None
+
+
+def weight_shape(base: nn.Module) -> torch.Size:
+    """The full (unquantised, unpartitioned) shape of the base layer's weight."""
+    if bnb_kind(base) is not None:
+        return torch.Size((base.out_features, base.in_features))
+    weight = base.weight
+    return torch.Size(weight.ds_shape) if is_partitioned(weight) else weight.shape
+
+
+def matrix_shape(base: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of the matrix the layer's LoRA factorises (see :func:`weight_matrix`)."""
+    shape = weight_shape(base)
+    if isinstance(base, Conv1D):
+        return shape[1], shape[0]
+    return shape[0], math.prod(shape[1:])
+
+
+def _needs_activation_gradients(layers: dict[str, LoraLayer]) -> bool:
+    """Quantized or ZeRO-3-partitioned bases: their weight cannot hold the full float gradient."""
+    return any(
+        bnb_kind(m.get_base_layer()) is not None or is_partitioned(m.get_base_layer().weight)
+        for m in layers.values()
+    )
+
+
 def lora_ga_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, LoraLayer]:
     """The peft LoRA layers of ``model`` holding ``adapter_name``, checked to be ones LoRA-GA can initialise."""
     layers: dict[str, LoraLayer] = {}
@@ -83,11 +131,11 @@ def lora_ga_layers(model: nn.Module, adapter_name: str = "default") -> dict[str,
         if adapter_name not in module.lora_A:
             continue
         base = module.get_base_layer()
-        if _is_quantized(base):
+        if _is_quantized(base) and bnb_kind(base) is None:
             raise LoraGAError(
-                f"LoRA-GA does not support the quantized layer {name!r} ({type(base).__name__}): subtracting "
-                "the initial adapter from a 4/8-bit weight cannot be stored exactly, so the model's output would "
-                "change at step 0. Load the base in bf16/fp32 for LoRA-GA, or use method lora / lora_plus."
+                f"LoRA-GA supports bitsandbytes' 4-bit (nf4/fp4) and 8-bit Linear among quantized layers; "
+                f"{name!r} is {type(base).__name__} with a {type(base.weight).__name__} weight: load the base "
+                "with bitsandbytes or in bf16/fp32, or use method lora / lora_plus"
             )
         if not isinstance(base, _SUPPORTED):
             raise LoraGAError(
@@ -99,13 +147,18 @@ def lora_ga_layers(model: nn.Module, adapter_name: str = "default") -> dict[str,
                 f"LoRA-GA needs groups=1 and dilation=1 convolutions (peft's conv LoRA is not a kernel "
                 f"factorisation otherwise); {name!r} has groups={base.groups}, dilation={base.dilation}"
             )
-        if getattr(base.weight, "ds_shape", None) is not None:
+        if is_partitioned(base.weight) and isinstance(base, _CONV) and not isinstance(base.padding, tuple):
             raise LoraGAError(
-                f"{name!r} is partitioned by DeepSpeed ZeRO-3: run the LoRA-GA initialisation on the full "
-                "model before accelerator.prepare (zero3_init_flag: false in the accelerate config)"
+                f"LoRA-GA on a ZeRO-3-partitioned convolution needs numeric padding; {name!r} has "
+                f"padding={base.padding!r}"
+            )
+        if isinstance(base, _CONV) and base.padding_mode != "zeros" and is_partitioned(base.weight):
+            raise LoraGAError(
+                f"LoRA-GA on a ZeRO-3-partitioned convolution needs padding_mode='zeros'; {name!r} has "
+                f"{base.padding_mode!r}"
             )
         rank = module.r[adapter_name]
-        rows, cols = weight_matrix(base).shape
+        rows, cols = matrix_shape(base)
         if 2 * rank > min(rows, cols):
             raise LoraGAError(
                 f"LoRA-GA needs 2 * rank <= min(d_out, d_in); {name!r} is {rows}x{cols} and rank is {rank}"
@@ -138,28 +191,41 @@ def estimate_gradients(
     offload_to_cpu: bool = True,
     batch_weight: Callable[[Any], float] | None = None,
     probes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    from_activations: bool | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Mean over ``batches`` of d loss / d W for the base weight of every layer (fp32, on this process only).
+    """Mean over ``batches`` of d loss / d W for the base weight of every layer (fp32, shaped like the full
+    weight, on this process only).
 
     ``batch_weight`` (e.g. the batch's number of samples) weights each batch's gradient, so batch means of
     unequal batches average to the mean over samples; None weighs every batch 1. ``probes``, if given, is filled
     with each layer's first input and (base) output on the first example, on CPU, for
-    :func:`output_change`. Adapters are disabled and only the target base weights require gradients while this runs; every gradient
-    leaves ``.grad`` (to CPU with ``offload_to_cpu``) as soon as it is complete. All flags are restored after.
+    :func:`output_change`. Adapters are disabled while this runs; every gradient leaves the device (to CPU with
+    ``offload_to_cpu``) as soon as it is complete. All flags are restored after.
+
+    ``from_activations`` (None: when a base is quantized or ZeRO-3-partitioned): no weight requires a gradient;
+    each layer's gradient is computed from its input x and output gradient dy (``dy^T x`` for a Linear,
+    ``torch.nn.grad.conv*_weight`` for a convolution), which for a quantized layer is the gradient with respect
+    to its dequantised weight. Otherwise the base weights require gradients and a post-accumulate hook takes
+    each ``.grad``.
     """
+    if from_activations is None:
+        from_activations = _needs_activation_gradients(layers)
     was_training = model.training
     flags = {p: p.requires_grad for p in model.parameters()}
     sums: dict[str, torch.Tensor] = {}
     hooks = []
 
+    def add(name: str, grad: torch.Tensor) -> None:
+        grad = grad.detach().to(torch.float32)
+        grad = grad.cpu() if offload_to_cpu else grad.clone()
+        if name in sums:
+            sums[name].add_(grad)
+        else:
+            sums[name] = grad
+
     def accumulate(name: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
-            grad = param.grad.detach().to(torch.float32)
-            grad = grad.cpu() if offload_to_cpu else grad.clone()
-            if name in sums:
-                sums[name].add_(grad)
-            else:
-                sums[name] = grad
+            add(name, param.grad)
             param.grad = None
 
         return hook
@@ -171,9 +237,12 @@ def estimate_gradients(
         for p in flags:
             p.requires_grad_(False)
         for name, layer in layers.items():
-            weight = layer.get_base_layer().weight
-            weight.requires_grad_(True)
-            hooks.append(weight.register_post_accumulate_grad_hook(accumulate(name)))
+            base = layer.get_base_layer()
+            if from_activations:
+                hooks.extend(_activation_hooks(name, base, add))
+            else:
+                base.weight.requires_grad_(True)
+                hooks.append(base.weight.register_post_accumulate_grad_hook(accumulate(name)))
             if probes is not None:
                 hooks.append(layer.register_forward_hook(_probe(name, probes)))
         model.train()
@@ -182,7 +251,9 @@ def estimate_gradients(
                 weight = 1.0 if batch_weight is None else float(batch_weight(batch))
                 if weight <= 0:
                     raise LoraGAError(f"LoRA-GA batch weight must be > 0, got {weight}")
-                (loss_fn(batch) * weight).backward()
+                loss = loss_fn(batch) * weight
+                if loss.requires_grad:  # else no target layer is on the loss's path: reported below
+                    loss.backward()
                 count += 1
                 total_weight += weight
     finally:
@@ -203,6 +274,40 @@ def estimate_gradients(
             f"({len(missing)} layers): they do not influence the loss; remove them from target_modules"
         )
     return {name: s.div_(total_weight) for name, s in sums.items()}
+
+
+def _activation_hooks(
+    name: str, base: nn.Module, add: Callable[[str, torch.Tensor], None]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks on ``base`` that add d loss / d W (from its input and its output's gradient) under ``name``. The
+    input is made a leaf that requires a gradient when it does not, so the output's gradient is computed even
+    when nothing before the layer is trained."""
+
+    def before(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0]
+        if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and not x.requires_grad:
+            return (x.detach().requires_grad_(True), *args[1:])
+        return None
+
+    def after(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            x = args[0].detach()
+            output.register_hook(lambda dy: add(name, _weight_gradient(module, x, dy)))
+
+    return [base.register_forward_pre_hook(before), base.register_forward_hook(after)]
+
+
+def _weight_gradient(base: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """d loss / d W of ``base`` (shaped like its full weight) from its input ``x`` and output gradient ``dy``."""
+    if isinstance(base, _CONV):
+        dims = base.weight.dim() - 2
+        weight_grad = getattr(torch.nn.grad, f"conv{dims}d_weight")
+        return weight_grad(
+            x.float(), weight_shape(base), dy.float(), base.stride, base.padding, base.dilation, base.groups
+        )
+    rows, cols = matrix_shape(base)
+    grad = dy.reshape(-1, rows).float().t() @ x.reshape(-1, cols).float()
+    return grad.t() if isinstance(base, Conv1D) else grad
 
 
 def _probe(
@@ -228,7 +333,8 @@ def output_change(
         was_training = layer.training
         layer.eval()
         try:
-            after = layer(x.to(layer.get_base_layer().weight.device)).float().cpu()
+            with gathered(list(layer.parameters())):
+                after = layer(x.to(layer.get_base_layer().weight.device)).float().cpu()
         finally:
             layer.train(was_training)
         scale = before.float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
@@ -263,6 +369,20 @@ def lora_ga_factors(
     return (a * scale).contiguous(), (b * scale).contiguous()
 
 
+def gathered(
+    params: list[torch.Tensor], modifier_rank: int | None = None
+) -> contextlib.AbstractContextManager:
+    """``deepspeed.zero.GatheredParameters`` over the ZeRO-3-partitioned ones among ``params`` (a collective:
+    every process enters it); a no-op when none is partitioned. With ``modifier_rank`` the values that process
+    writes inside the block are what every shard holds after it."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -276,6 +396,7 @@ def initialize_lora_ga(
     options: LoraGAOptions | None = None,
     adapter_name: str = "default",
     share: float | None = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Average the gradients over processes, set A0, B0 and W <- W - s B0 A0 in every layer.
 
@@ -284,7 +405,7 @@ def initialize_lora_ga(
     gradient is reduced to process ``i % world_size``, which computes the SVD and broadcasts the
     factors, so the processes share the work and end with identical weights. Returns ``{layer name: (A0, B0)}``
     as stored in the adapter (CPU, adapter dtype and shape), needed to convert the trained adapter for the
-    original base (:func:`finetune.export.lora_ga_to_lora`).
+    original base (:func:`finetune.export.lora_ga_to_lora`). ``report``: see :func:`set_lora_ga_weights`.
     """
     options = options or LoraGAOptions()
     world, rank = _world()
@@ -296,7 +417,7 @@ def initialize_lora_ga(
         base = layer.get_base_layer()
         weight = base.weight
         r = layer.r[adapter_name]
-        rows, cols = weight_matrix(base).shape
+        rows, cols = matrix_shape(base)
         owner = i % world
         grad = grads[name].to(weight.device, torch.float32) * share
         if world > 1:
@@ -310,7 +431,7 @@ def initialize_lora_ga(
         if world > 1:
             dist.broadcast(a, src=owner)
             dist.broadcast(b, src=owner)
-        initial[name] = set_lora_ga_weights(layer, a, b, adapter_name)
+        initial[name] = set_lora_ga_weights(layer, a, b, adapter_name, report)
     return initial
 
 
@@ -330,20 +451,71 @@ def _check_shares(share: float, world: int, device: torch.device) -> None:
 
 @torch.no_grad()
 def set_lora_ga_weights(
-    layer: LoraLayer, a: torch.Tensor, b: torch.Tensor, adapter_name: str = "default"
+    layer: LoraLayer,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    adapter_name: str = "default",
+    report: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write A0, B0 into the adapter and subtract s B0 A0 from the base weight (in fp32, then cast)."""
+    """Write A0, B0 into the adapter and subtract s B0 A0 from the base weight (in fp32, then cast; a
+    bitsandbytes base is dequantised, offset and requantised in its own format). ZeRO-3-partitioned weights are
+    gathered for the write, so every shard is updated (a collective). ``report``, if given, keeps in
+    ``requantisation_error`` the largest ``max|deq(requantised) - (deq(W) - s B0 A0)| / max|deq(W)|`` so far."""
     base = layer.get_base_layer()
     lora_a = layer.lora_A[adapter_name].weight
     lora_b = layer.lora_B[adapter_name].weight
-    lora_a.copy_(a.reshape(lora_a.shape).to(lora_a.dtype))
-    lora_b.copy_(b.reshape(lora_b.shape).to(lora_b.dtype))
-    # the offset uses the adapter's stored (possibly low-precision) values, as the forward pass will
-    product = lora_b.reshape(lora_b.shape[0], -1).float() @ lora_a.reshape(lora_a.shape[0], -1).float()
-    scaling = layer.scaling[adapter_name]
-    new = weight_matrix(base, base.weight.float()) - scaling * product
-    base.weight.copy_(_matrix_to_weight(base, new).to(base.weight.dtype))
-    return lora_a.detach().cpu().clone(), lora_b.detach().cpu().clone()
+    with gathered([base.weight, lora_a, lora_b], modifier_rank=0):
+        lora_a.copy_(a.reshape(lora_a.shape).to(lora_a.device, lora_a.dtype))
+        lora_b.copy_(b.reshape(lora_b.shape).to(lora_b.device, lora_b.dtype))
+        # the offset uses the adapter's stored (possibly low-precision) values, as the forward pass will
+        product = lora_b.reshape(lora_b.shape[0], -1).float() @ lora_a.reshape(lora_a.shape[0], -1).float()
+        offset = layer.scaling[adapter_name] * product
+        if bnb_kind(base) is not None:
+            error = _offset_quantized(base, offset)
+            if report is not None:
+                report["requantisation_error"] = max(report.get("requantisation_error", 0.0), error)
+        else:
+            new = weight_matrix(base, base.weight.float()) - offset.to(base.weight.device)
+            base.weight.copy_(_matrix_to_weight(base, new).to(base.weight.dtype))
+        return lora_a.detach().cpu().clone(), lora_b.detach().cpu().clone()
+
+
+def dequantized_weight(base: nn.Module) -> torch.Tensor:
+    """The fp32 ``d_out x d_in`` weight a bitsandbytes 4/8-bit Linear computes with (peft's dequantisation;
+    a 4-bit weight that bitsandbytes repacked for its CPU kernel is unpacked first)."""
+    weight = base.weight
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            weight.data, weight.quant_state
+        )
+    state = getattr(base, "state", None)
+    if state is not None and getattr(state, "SCB", None) is None:
+        state.SCB = getattr(weight, "SCB", None)
+    return dequantize_bnb_weight(weight, state=state if bnb_kind(base) == "8bit" else None).float()
+
+
+def _offset_quantized(base: nn.Module, offset: torch.Tensor) -> float:
+    """base.weight <- quantise(dequantise(W) - offset) in W's own format (as peft merges into a bitsandbytes
+    layer); returns the requantisation error relative to the largest dequantised weight."""
+    import bitsandbytes as bnb
+
+    weight = base.weight
+    original = dequantized_weight(base)
+    target = original - offset.to(original.device)
+    if bnb_kind(base) == "4bit":
+        kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
+        kwargs.update(bnb_quantized=False, requires_grad=False)
+        base.weight = bnb.nn.Params4bit(target.to("cpu"), **kwargs).to(weight.device)
+    else:
+        base.weight = bnb.nn.Int8Params(
+            target.to("cpu"), requires_grad=False, has_fp16_weights=weight.has_fp16_weights
+        ).to(weight.device)
+        base.state.reset_grads()
+        base.state.SCB = base.weight.SCB
+    error = (dequantized_weight(base) - target).abs().max()
+    return float(error / original.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
 
 
 def apply_lora_ga(
@@ -358,16 +530,120 @@ def apply_lora_ga(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Estimate gradients on ``batches`` and initialise every LoRA layer of ``model`` (a peft model, before
     ``accelerator.prepare``). ``batch_weight`` and ``share``: see :func:`estimate_gradients` and
-    :func:`initialize_lora_ga`. ``report``, if given, receives ``output_change`` (:func:`output_change`, on
-    this process's first example) and ``base_dtypes`` (the adapted base weights' dtypes: a bf16/fp16 base
-    stores W - s B0 A0 rounded, so the start is not exact there). Returns the initial factors for
-    :func:`finetune.export.lora_ga_to_lora`."""
+    :func:`initialize_lora_ga`. Returns the initial factors for :func:`finetune.export.lora_ga_to_lora`.
+
+    ``report``, if given, receives: ``output_change`` (:func:`output_change`, per layer, on this process's
+    first example); ``model_output_change`` / ``model_output_change_rel`` (the whole model's output on this
+    process's first batch, in eval mode, after the initialisation vs before it: max |dy| and max |dy| / max |y|);
+    ``base_dtypes`` (the adapted base weights' dtypes, ``int8``/``4bit`` for bitsandbytes: a bf16/fp16 base
+    stores W - s B0 A0 rounded, a quantized one requantised, so the start is not exact there) and, for
+    quantized bases, ``requantisation_error`` (:func:`set_lora_ga_weights`)."""
     options = options or LoraGAOptions()
     layers = lora_ga_layers(model, adapter_name)
     probes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if report is not None else None
-    grads = estimate_gradients(model, layers, batches, loss_fn, options.offload_to_cpu, batch_weight, probes)
-    initial = initialize_lora_ga(layers, grads, options, adapter_name, share)
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise LoraGAError("LoRA-GA gradient estimation got no batches")
+    with _zero3_fetching(model, layers) as release:
+        before = _model_output(model, loss_fn, first) if report is not None else None
+        grads = estimate_gradients(
+            model,
+            layers,
+            itertools.chain([first], batches),
+            loss_fn,
+            options.offload_to_cpu,
+            batch_weight,
+            probes,
+        )
+        release()  # the writes below gather one layer at a time; nothing may stay gathered from the passes
+        initial = initialize_lora_ga(layers, grads, options, adapter_name, share, report)
+        after = _model_output(model, loss_fn, first) if report is not None else None
     if report is not None:
         report["output_change"] = output_change(layers, probes or {})
-        report["base_dtypes"] = sorted({str(m.get_base_layer().weight.dtype) for m in layers.values()})
+        change = (after - before).abs().max() if before is not None and after is not None else torch.zeros(())
+        scale = before.abs().max().clamp_min(torch.finfo(torch.float32).tiny) if before is not None else 1.0
+        report["model_output_change"] = float(change)
+        report["model_output_change_rel"] = float(change / scale)
+        report["base_dtypes"] = sorted({_storage(m.get_base_layer()) for m in layers.values()})
     return initial
+
+
+def _storage(base: nn.Module) -> str:
+    kind = bnb_kind(base)
+    if kind == "4bit":
+        return f"4-bit {base.weight.quant_type}"
+    return "int8" if kind == "8bit" else str(base.weight.dtype)
+
+
+@torch.no_grad()
+def _model_output(
+    model: nn.Module, loss_fn: Callable[[Any], torch.Tensor], batch: Any
+) -> torch.Tensor | None:
+    """The model's main output tensor (``logits``, ``sample`` or the first tensor) when ``loss_fn(batch)`` runs
+    it in eval mode, fp32 on CPU; None when it returns none."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not seen:
+            tensor = _main_tensor(output)
+            if tensor is not None:
+                seen.append(tensor.detach().float().cpu())
+
+    was_training = model.training
+    handle = model.register_forward_hook(hook)
+    # bitsandbytes repacks a 4-bit weight for its CPU kernel on an eval no-grad forward (AVX512-BF16 CPUs), and
+    # a repacked weight no longer passes gradients to its input: keep the training layout
+    packing = {
+        m: m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")
+    }
+    model.eval()
+    try:
+        for m in packing:
+            m.support_avx512bf16_for_cpu = False
+        loss_fn(batch)
+    finally:
+        handle.remove()
+        model.train(was_training)
+        for m, flag in packing.items():
+            m.support_avx512bf16_for_cpu = flag
+    return seen[0] if seen else None
+
+
+def _main_tensor(output: Any) -> torch.Tensor | None:
+    for key in ("logits", "sample"):
+        value = getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return next((o for o in output if isinstance(o, torch.Tensor)), None)
+    return None
+
+
+@contextlib.contextmanager
+def _zero3_fetching(model: nn.Module, layers: dict[str, LoraLayer]) -> Iterator[Callable[[], None]]:
+    """While LoRA-GA runs on a ZeRO-3-partitioned model (not yet prepared by DeepSpeed), DeepSpeed's own
+    fetch/release hooks gather each module's parameters for its forward and backward and release them after
+    (``DeepSpeedZeRoOffload`` as ``deepspeed.initialize`` builds it for a model without optimizer, with no
+    persistent parameters); the hooks are removed and every parameter released on leaving. Yields the call that
+    releases every parameter (a no-op without ZeRO-3)."""
+    if not any(is_partitioned(m.get_base_layer().weight) for m in layers.values()):
+        yield lambda: None
+        return
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.utils.timer import NoopTimer
+
+    fetcher = DeepSpeedZeRoOffload(
+        model,
+        timers=NoopTimer(),
+        ds_config=None,
+        param_persistence_threshold=0,
+        model_persistence_threshold=0,
+    )
+    try:
+        yield fetcher.partition_all_parameters
+    finally:
+        fetcher.partition_all_parameters()
+        fetcher.destroy()

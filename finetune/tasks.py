@@ -147,6 +147,7 @@ class TextTask(FinetuneTask):
         max_length: int = 64,
         eval_batch_size: int = 16,
         dtype: str = "auto",
+        quantization_config: Any = None,
     ) -> None:
         self.model_spec, self.task, self.dataset = model, task, dataset
         self.text_column, self.label_column = text_column, label_column
@@ -156,6 +157,9 @@ class TextTask(FinetuneTask):
         self.num_labels: int | None = None
         self.eval_set: datasets.Dataset | None = None
         self.dtype = dtype  # "auto": the checkpoint's (a bf16 checkpoint loads in bf16)
+        self.quantization_config = (
+            quantization_config  # transformers' BitsAndBytesConfig for build_model only
+        )
 
     @property
     def classifies(self) -> bool:
@@ -206,6 +210,8 @@ class TextTask(FinetuneTask):
 
     def build_model(self) -> nn.Module:
         auto, kwargs = self._auto_class()
+        if self.quantization_config is not None:  # merge() loads the base unquantized
+            kwargs["quantization_config"] = self.quantization_config
         model = auto.from_pretrained(self.model_path, **kwargs)
         if self.classifies:
             model.config.pad_token_id = self.tokenizer.pad_token_id

@@ -6,13 +6,16 @@
 
 ``--method``: ``lora`` (peft), ``lora_plus`` (B learns ``loraplus_ratio`` times faster), ``lora_ga`` (adapter
 initialised from the SVD of the full-weight gradient on ``loraga_samples`` training rows split across the
-processes, base weight offset so the output is unchanged), ``lora_ga_plus`` (both) or ``full`` (every weight trained).
+processes, base weight offset so the output is unchanged: exactly on a float32 base, up to rounding on bf16 and
+requantisation on a 4/8-bit base, measured and logged at start), ``lora_ga_plus`` (both) or ``full`` (every
+weight trained).
 
 ``model_kind`` picks the task once (:func:`make_task`); the recipe has no other per-kind code:
 
 (a) ``transformers`` -> :class:`finetune.tasks.TextTask`: a sequence classifier or causal LM on text from
     ``stdlib_docs`` (offline), a local ``.txt``/``.json``/``.jsonl``/``.csv``/``.parquet`` file, a folder or a
-    hub id. Eval: cross-entropy (and accuracy) on the validation rows (rule: :func:`finetune.data.
+    hub id; ``quantization`` nf4/fp4/int8 loads the base through bitsandbytes (QLoRA). Eval: cross-entropy (and
+    accuracy) on the validation rows (rule: :func:`finetune.data.
     train_and_eval_splits`).
 (b) ``unet`` with ``dataset=digits`` -> :class:`DenoiserTask`: a pixel-space teacher loaded as a
     :class:`distill.teachers.denoiser.Denoiser`, adapted to new images (digits rotated by 90 degrees). Loss: EDM
@@ -59,7 +62,7 @@ from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.seeding import make_generator
 from engine.trainer import Trainer
 from finetune.export import INITIAL_FILE, load_initial, save_adapter, save_initial
-from finetune.loraga import LoraGAOptions, apply_lora_ga
+from finetune.loraga import LoraGAOptions, apply_lora_ga, gathered
 from finetune.loraplus import check_loraplus_groups, create_loraplus_optimizer, loraplus_learning_rates
 from finetune.targets import UNET_TARGETS
 from finetune.tasks import FinetuneTask, TextTask
@@ -135,6 +138,14 @@ class LoraRecipeConfig(TrainConfig):
             "help": "transformers: dtype the base is loaded in; auto = the checkpoint's (bf16 checkpoints load "
             "in bf16). LoRA-GA is exact only on a float32 base: on bf16/fp16 the offset base W - s B0 A0 is "
             "rounded, so the output changes at step 0 (measured and warned about at start)."
+        },
+    )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = field(
+        default="none",
+        metadata={
+            "help": "transformers: load the base quantized by bitsandbytes (QLoRA: 4-bit nf4/fp4, or 8-bit), "
+            "compute dtype model_dtype (auto: float32 on CPU, bfloat16 on a GPU); adapters stay float32. "
+            "LoRA-GA then requantises W - s B0 A0, so its start is not exact (measured and logged)."
         },
     )
     eval_examples: int = field(default=512, metadata={"help": "Evaluate on at most this many examples."})
@@ -259,6 +270,16 @@ class LoraRecipeConfig(TrainConfig):
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1]")
         if self.model_kind == "unet" and self.task != "sequence_classification":
             raise ValueError(f"task={self.task!r} applies to model_kind='transformers', not 'unet'")
+        if self.quantization != "none" and self.model_kind != "transformers":
+            raise ValueError(
+                f"quantization={self.quantization!r} loads transformers models through bitsandbytes; "
+                f"model_kind={self.model_kind!r} (diffusers) is loaded unquantized: use quantization='none'"
+            )
+        if self.quantization != "none" and self.method == "full":
+            raise ValueError(
+                f"quantization={self.quantization!r} freezes the base in 4/8 bits: method 'full' cannot train "
+                "it; use a LoRA method (lora, lora_plus, lora_ga, lora_ga_plus) or quantization='none'"
+            )
 
     @property
     def is_lora(self) -> bool:
@@ -389,7 +410,41 @@ def make_task(cfg: LoraRecipeConfig) -> FinetuneTask:
         max_length=cfg.max_length,
         eval_batch_size=cfg.batch_size,
         dtype=cfg.model_dtype,
+        quantization_config=quantization_config(cfg.quantization, cfg.model_dtype),
     )
+
+
+def quantization_config(kind: str, model_dtype: str) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``quantization`` (None for 'none'); 4-bit layers compute in
+    ``model_dtype`` (auto: float32 on CPU, bfloat16 on a GPU)."""
+    if kind == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"quantization={kind!r} needs bitsandbytes: pip install bitsandbytes") from e
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if model_dtype == "auto":
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    else:
+        compute = getattr(torch, model_dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=compute)
+
+
+def prepare_quantized(model: nn.Module) -> nn.Module:
+    """peft's ``prepare_model_for_kbit_training`` (float32 norms and head, input gradients on) without gradient
+    checkpointing, and bitsandbytes' CPU repacking of 4-bit weights turned off: an eval no-grad forward on an
+    AVX512-BF16 CPU repacks them for its inference kernel, after which they pass no gradient to their input."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- recipe
@@ -403,7 +458,7 @@ class LoraRecipe(Recipe):
         self.peft_model: PeftModel | None = None
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._checked_groups = False
-        self.loraga_output_change: float | None = None  # LoRA-GA's measured step-0 change (not on resume)
+        self.loraga_figures: dict[str, float] = {}  # LoRA-GA's measured step-0 changes (not on resume)
 
     def setup(self, trainer: Trainer) -> RecipeParts:
         """Data (first: it sizes a classifier's head) -> model -> LoRA -> LoRA-GA init -> LoRA+ optimiser
@@ -412,7 +467,15 @@ class LoraRecipe(Recipe):
         self.trainer = trainer
         task.accelerator = trainer.accelerator
         train_set, collate = task.load_data()
+        if cfg.quantization != "none" and trainer.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError(
+                f"quantization={cfg.quantization!r} under DeepSpeed: bitsandbytes bases are supported with DDP "
+                "launches only (not built or tried with ZeRO); launch with accelerate_configs/cpu_2proc.yaml / "
+                "multi_gpu.yaml, or use quantization='none'"
+            )
         model = task.build_model()
+        if cfg.quantization != "none":
+            model = prepare_quantized(model)
         if cfg.is_lora:
             model, self.peft_model = task.add_lora(model, self._lora_config())
         if cfg.is_lora_ga:
@@ -496,7 +559,7 @@ class LoraRecipe(Recipe):
             share=share,
             report=report,
         )
-        self.loraga_output_change = _report_exactness(trainer, report)
+        self.loraga_figures = _report_exactness(trainer, report)
         _check_identical_across_processes(trainer, self.peft_model)
         if trainer.is_main:
             save_initial(initial, initial_path)
@@ -570,7 +633,7 @@ class LoraRecipe(Recipe):
                 "method": cfg.method,
                 "steps": trainer.step,
                 "optimizer_lrs": loraplus_learning_rates(trainer.trained["model"].optimizer),
-                **({"loraga_output_change": self.loraga_output_change} if cfg.is_lora_ga else {}),
+                **{f"loraga_{k}": v for k, v in self.loraga_figures.items()},
                 **metrics,
             }
             (out / "metrics.json").write_text(json.dumps(info, indent=2))
@@ -610,16 +673,37 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 EXACT_OUTPUT_CHANGE = 1e-4
 
 
-def _report_exactness(trainer: Trainer, report: dict[str, Any]) -> float:
-    """Log the largest step-0 output change over the processes; warn when the base's dtype made it inexact."""
-    change = torch.tensor([report["output_change"]], dtype=torch.float64, device=trainer.device)
-    change = float(trainer.accelerator.gather(change).max())
+#: What LoRA-GA's report holds, gathered as the largest over the processes: per-layer relative change, the
+#: whole model's output change (absolute, relative) on the first estimation batch, and the requantisation error.
+REPORTED = ("output_change", "model_output_change", "model_output_change_rel", "requantisation_error")
+
+
+def _report_exactness(trainer: Trainer, report: dict[str, Any]) -> dict[str, float]:
+    """Log the largest step-0 output changes over the processes (``loraga_<name>`` for :data:`REPORTED`); warn
+    when the base's dtype or quantization made the start inexact."""
+    values = torch.tensor([float(report.get(k, 0.0)) for k in REPORTED], dtype=torch.float64)
+    gathered_values = trainer.accelerator.gather(values[None].to(trainer.device)).reshape(-1, len(REPORTED))
+    figures = dict(zip(REPORTED, gathered_values.max(0).values.cpu().tolist()))
+    change = figures["output_change"]
     if trainer.is_main:
         dtypes = report["base_dtypes"]
         low = [d for d in dtypes if d in ("torch.bfloat16", "torch.float16")]
+        quantized = [d for d in dtypes if d.startswith("4-bit") or d == "int8"]
+        model_change = (
+            f"max|dy|={figures['model_output_change']:.2e} (rel {figures['model_output_change_rel']:.2e})"
+        )
+        if quantized:
+            get_logger().warning(
+                f"LoRA-GA on a {', '.join(quantized)} base: step-0 output change {model_change} on the gradient "
+                f"batch, adapted layers' outputs up to {change:.2e} (relative); the requantised base "
+                f"quantise(W - s B0 A0) differs from W - s B0 A0 by up to {figures['requantisation_error']:.2e} "
+                "of max|W| (the authors' method: LoRA-GA does not start from the base's outputs, and the adapter "
+                "exported for the original quantized base differs from the trained model by about as much)"
+            )
+            return figures
         message = (
-            f"LoRA-GA initialised: adapted layers' outputs changed by at most {change:.2e} (relative) at step 0; "
-            f"base weights {', '.join(dtypes)}"
+            f"LoRA-GA initialised: adapted layers' outputs changed by at most {change:.2e} (relative) at step 0, "
+            f"model output {model_change}; base weights {', '.join(dtypes)}"
         )
         if low and change > EXACT_OUTPUT_CHANGE:
             get_logger().warning(
@@ -630,17 +714,22 @@ def _report_exactness(trainer: Trainer, report: dict[str, Any]) -> float:
             )
         else:
             get_logger().info(message)
-    return change
+    return figures
 
 
 def _check_identical_across_processes(trainer: Trainer, model: nn.Module) -> None:
-    """Every process must start from the same adapter and base (the factors are broadcast by their owner)."""
+    """Every process must start from the same adapter and base (the factors are broadcast by their owner). A
+    ZeRO-3-partitioned parameter is gathered (one at a time) so the full tensors are compared, not the shards;
+    a bitsandbytes weight is compared in its stored (packed) form."""
     if trainer.num_processes == 1:
         return
+    total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
-        total = [p.detach().double().sum() for p in model.parameters()]
-        squares = [p.detach().double().pow(2).sum() for p in model.parameters()]
-        mine = torch.stack([torch.stack(total).sum(), torch.stack(squares).sum()]).to(trainer.device)
+        for p in model.parameters():
+            with gathered([p]):
+                values = p.detach().double()
+                total += torch.stack([values.sum(), values.pow(2).sum()]).cpu()
+    mine = total.to(trainer.device)
     every = trainer.accelerator.gather(mine[None]).reshape(-1, 2)
     if not torch.equal(every.min(0).values, every.max(0).values):
         raise RuntimeError(f"LoRA-GA left different weights on different processes: {every.tolist()}")

@@ -137,9 +137,8 @@ def test_unet_recipe_two_processes_lora_ga_with_merge(tmp_path):
 def test_zero3_launch_on_cpu_runs_deepspeed_lora_plus(tmp_path):
     """The repository's ZeRO-3 launch file on 2 CPU processes really runs DeepSpeed ZeRO-3 (over gloo; asserted
     from run_info.json, so a silent DDP fallback fails); LoRA+ rates and the exported adapter (gathered from the
-    ZeRO-3 shards) are checked as under any launch. LoRA-GA is not run here: under a ZeRO-3 launch transformers
-    loads the model already partitioned (accelerate's DeepSpeed plugin registers the ZeRO-3 config with
-    transformers even with zero3_init_flag: false), and LoRA-GA refuses partitioned weights."""
+    ZeRO-3 shards) are checked as under any launch. LoRA-GA under ZeRO-3 (partitioned weights): tests/
+    test_lora_ga_zero3.py."""
     pytest.importorskip("deepspeed")
     tiny_bert(tmp_path / "bert")
     tiny_text_dataset(tmp_path / "data")
