@@ -11,8 +11,10 @@ the count (docs/scaling.md).
     python benchmarks/sid_activations.py                       # all networks, fp32 and bf16 weights, batch 1
     python benchmarks/sid_activations.py --nets sd15 --dtype bf16
 
-Prints ``RESULT net=.. params=.. dtype=.. sample=.. saved_mb_per_sample=..``. Gradient checkpointing is not
-counted here (its savings are measured by sid_memory.py's full_lowmem mode).
+Prints ``RESULT net=.. params=.. dtype=.. checkpointing=.. sample=.. saved_mb_per_sample=..
+block_recompute_mb_per_sample=..``: with ``checkpointing=True`` (diffusers' gradient checkpointing, as
+``gradient_checkpointing: true`` turns on) the held bytes are what is saved outside the checkpointed blocks plus
+the blocks' inputs, and the largest block's recomputation adds the second figure during backward.
 """
 
 from __future__ import annotations
@@ -141,33 +143,62 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def saved_bytes(model: torch.nn.Module, inputs: dict, dtype: torch.dtype) -> tuple[int, int]:
-    """(bytes of distinct non-parameter storages saved for backward, parameter count) of one forward."""
-    params = {_storage_key(p) for p in model.parameters()}
-    seen: dict[int, int] = {}
+def _cast(value, dtype: torch.dtype):
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value.to("meta", dtype if value.is_floating_point() else value.dtype)
 
+
+def _counter(params: set[int], into: dict[int, int]):
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
         if key not in params:
-            seen[key] = t.untyped_storage().nbytes()
+            into[key] = t.untyped_storage().nbytes()
         return t
 
-    def cast(value):
-        if isinstance(value, dict):
-            return {k: cast(v) for k, v in value.items()}
-        return value.to("meta", dtype if value.is_floating_point() else value.dtype)
+    return pack
 
+
+def saved_bytes(
+    model: torch.nn.Module, inputs: dict, dtype: torch.dtype, checkpointing: bool = False
+) -> tuple[int, int, int]:
+    """(bytes held from the forward until its backward, bytes one checkpointed block adds while it is recomputed
+    (0 without checkpointing), parameter count) of one forward of ``model`` on ``inputs``.
+
+    Without checkpointing: the distinct non-parameter storages autograd saves. With diffusers' gradient
+    checkpointing: what is saved outside the checkpointed blocks, plus the blocks' inputs (a non-reentrant
+    checkpoint keeps them for the recomputation); the largest block's own saved bytes are returned apart, as
+    backward recomputes one block at a time.
+    """
+    params = {_storage_key(p) for p in model.parameters()}
+    seen: dict[int, int] = {}
+    block_max = [0]
+
+    def counted_checkpoint(block, *args):
+        for a in args:
+            if isinstance(a, torch.Tensor) and _storage_key(a) not in params:
+                seen[_storage_key(a)] = a.untyped_storage().nbytes()
+        inner: dict[int, int] = {}
+        with torch.autograd.graph.saved_tensors_hooks(_counter(params, inner), lambda t: t):
+            block(*args)  # the recomputation's saved tensors (free on meta)
+        block_max[0] = max(block_max[0], sum(inner.values()))
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    if checkpointing:
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=counted_checkpoint)
     first = next(iter(inputs))
-    inputs = cast(inputs)
+    inputs = _cast(inputs, dtype)
     inputs[first].requires_grad_(True)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = flash_like_sdpa
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(**inputs)
+        with torch.autograd.graph.saved_tensors_hooks(_counter(params, seen), lambda t: t):
+            model.train()(**inputs)
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
-    return sum(seen.values()), sum(p.numel() for p in model.parameters())
+        if checkpointing:
+            model.disable_gradient_checkpointing()
+    return sum(seen.values()), block_max[0], sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
@@ -184,14 +215,17 @@ def main() -> None:
         for d in args.dtype:
             dtype = torch.float32 if d == "fp32" else torch.bfloat16
             model.to(dtype)
-            nbytes, n_params = saved_bytes(model, make_inputs(args.batch_size), dtype)
-            print_result(
-                net=name,
-                params=n_params,
-                dtype=d,
-                sample=SAMPLE[name],
-                saved_mb_per_sample=nbytes / args.batch_size / 2**20,
-            )
+            for ckpt in (False, True):
+                held, block, n_params = saved_bytes(model, make_inputs(args.batch_size), dtype, ckpt)
+                print_result(
+                    net=name,
+                    params=n_params,
+                    dtype=d,
+                    checkpointing=ckpt,
+                    sample=SAMPLE[name],
+                    saved_mb_per_sample=held / args.batch_size / 2**20,
+                    block_recompute_mb_per_sample=block / args.batch_size / 2**20,
+                )
 
 
 if __name__ == "__main__":

@@ -22,13 +22,15 @@ def test_checks_launch_the_recipes_under_their_configs(tmp_path):
         "sid_zero2": ("sid", "deepspeed_zero2.yaml", 8),
         "sid_fsdp": ("sid", "fsdp.yaml", 8),
         "lora_ga": ("lora", "single_gpu.yaml", 1),
+        "lora_ga_bf16": ("lora", "single_gpu.yaml", 1),
     }
     for name, (recipe, config, processes) in want.items():
         check = checks[name]
         assert (check.recipe, check.config, check.processes) == (recipe, config, processes)
         assert (ROOT / "accelerate_configs" / config).is_file()
         args = check.args
-        assert args[args.index("--mixed_precision") + 1] == "bf16"
+        precision = [args[i + 1] for i, a in enumerate(args) if a == "--mixed_precision"][-1]  # the last wins
+        assert precision == ("no" if name == "lora_ga" else "bf16"), name
         assert args[args.index("--output_dir") + 1] == str(tmp_path / name)
     sid = checks["sid_1proc"].args
     assert sid[sid.index("--student") + 1] == "full" and sid[sid.index("--teacher") + 1] == str(
@@ -120,6 +122,7 @@ def test_without_cuda_the_script_fails_loudly_and_dry_run_prints(tmp_path, monke
         "reflow_zero2",
         "sid_fsdp",
         "lora_ga",
+        "lora_ga_bf16",
     ]
     assert "--num_processes 8" in lines[1] and "--batch_size 64" in lines[0]
     script = subprocess.run(
