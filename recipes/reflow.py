@@ -71,10 +71,13 @@ from distill.teachers.latents import LatentCodec
 from distill.teachers.loading import check_teacher, load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
 from engine.launch import run_main
+from engine.optim import optimizer_class
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer
 
 Stage = Literal["all", "pairs", "reflow", "distill"]
+#: --optimizer's choices (the training stages' Adam, full or 8-bit state)
+REFLOW_OPTIMIZERS = ("adam", "adam8bit")
 
 
 @dataclass
@@ -162,6 +165,12 @@ class ReflowConfig(TrainConfig, TeacherInputSettings):
     )
     adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 of both training stages."})
     adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 of both training stages."})
+    optimizer: Literal["adam", "adam8bit"] = field(
+        default="adam",
+        metadata={
+            "help": "adam: torch Adam; adam8bit: bitsandbytes Adam8bit (8-bit moments), both training stages."
+        },
+    )
     ema_halflife_images: float = field(
         default=20_000.0, metadata={"help": "EMA half-life in pairs seen; 0 = export the raw model."}
     )
@@ -187,6 +196,8 @@ class ReflowConfig(TrainConfig, TeacherInputSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_adam_betas(self, ("adam_beta1", "adam_beta2"))
+        if self.stage != "pairs":  # a missing bitsandbytes fails before the pairs are made
+            optimizer_class(self.optimizer, REFLOW_OPTIMIZERS)
         if self.rectified_k < 1:
             raise ValueError(f"rectified_k={self.rectified_k} must be >= 1 (1 = distil the teacher directly)")
         if not 1 <= self.round <= max(self.rectified_k - 1, 1):
@@ -259,7 +270,9 @@ class ReflowRecipe(Recipe):
         )
         lr = cfg.reflow_lr if self.mode == "reflow" else cfg.distill_lr
         betas = (float(cfg.adam_beta1), float(cfg.adam_beta2))
-        optimizer = torch.optim.Adam(student.parameters(), lr=lr, betas=betas)
+        optimizer = optimizer_class(cfg.optimizer, REFLOW_OPTIMIZERS)(
+            student.parameters(), lr=lr, betas=betas
+        )
         decode = None if self.codec is None else self.codec.to(trainer.device).decode
         fixed = None if self.prompts is None else (lambda i: self.prompts.fixed(i)[0])
         self.trackers = {
