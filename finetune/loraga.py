@@ -321,6 +321,16 @@ def _probe(
 
 
 @torch.no_grad()
+def _recorded_precision(x: torch.Tensor, weight: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The autocast a probe's input was recorded under (bf16/fp16 inputs to a layer with other float weights):
+    replaying it without would mix dtypes ("Input type BFloat16 and bias type float"), and replaying it in fp32
+    would count autocast's own rounding as LoRA-GA's change."""
+    low = (torch.bfloat16, torch.float16)
+    if x.dtype in low and weight.is_floating_point() and weight.dtype != x.dtype:
+        return torch.autocast(x.device.type, dtype=x.dtype)
+    return contextlib.nullcontext()
+
+
 def output_change(
     layers: dict[str, LoraLayer], probes: dict[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> float:
@@ -334,7 +344,10 @@ def output_change(
         layer.eval()
         try:
             with gathered(list(layer.parameters())):
-                after = layer(x.to(layer.get_base_layer().weight.device)).float().cpu()
+                weight = layer.get_base_layer().weight
+                x = x.to(weight.device)
+                with _recorded_precision(x, weight):
+                    after = layer(x).float().cpu()
         finally:
             layer.train(was_training)
         scale = before.float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)

@@ -58,6 +58,7 @@ from engine.checkpoint import resolve_resume
 from engine.config import TrainConfig, parse_config
 from engine.launch import run_main
 from engine.log import get_logger
+from engine.optim import optimizer_class
 from engine.recipe import Recipe, RecipeParts, TrainedModel
 from engine.seeding import make_generator
 from engine.trainer import Trainer
@@ -660,13 +661,7 @@ def loraga_batches(
 
 
 def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError as e:
-            raise ImportError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
-        return bitsandbytes.optim.AdamW8bit
-    return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+    return optimizer_class(name, ("adamw", "adam", "sgd", "adamw8bit"))
 
 
 #: Relative step-0 change of an adapted layer's output above which LoRA-GA's start counts as inexact.

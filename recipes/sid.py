@@ -90,6 +90,7 @@ from distill.teachers.loading import check_teacher, load_teacher
 from engine.config import TrainConfig, check_adam_betas, parse_config
 from engine.launch import run_main
 from engine.log import get_logger
+from engine.optim import optimizer_class
 from engine.recipe import LossOutput, Recipe, RecipeParts, TrainedModel
 from engine.trainer import Trainer
 
@@ -943,18 +944,7 @@ TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 def sid_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """The optimiser class of ``--optimizer``: torch Adam, or bitsandbytes' Adam8bit (8-bit moments for
     tensors of >= 4096 values, 32-bit for smaller ones, as bitsandbytes does by default)."""
-    if name == "adam":
-        return torch.optim.Adam
-    if name != "adam8bit":
-        raise ValueError(f"optimizer={name!r}; expected 'adam' or 'adam8bit'")
-    try:
-        import bitsandbytes
-    except ImportError as e:
-        raise ImportError(
-            "optimizer=adam8bit needs bitsandbytes: pip install bitsandbytes (or this toolkit's "
-            "'bitsandbytes' extra: pip install -e '.[bitsandbytes]'); or use optimizer=adam"
-        ) from e
-    return bitsandbytes.optim.Adam8bit
+    return optimizer_class(name, ("adam", "adam8bit"))
 
 
 def enable_checkpointing(denoiser: Denoiser) -> None:

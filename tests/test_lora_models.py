@@ -296,3 +296,21 @@ def test_lora_ga_reports_its_step0_output_change_exact_only_on_a_float32_base(dt
         assert report["output_change"] < 1e-4 and change < 1e-5
     else:
         assert report["output_change"] > 1e-2 and change > 1e-3
+
+
+def test_output_change_replays_a_probe_recorded_under_bf16_autocast():
+    """LoRA-GA's exactness probe recorded under bf16 mixed precision (bf16 input, fp32 layer) is replayed under the
+    same autocast: no dtype error ("Input type BFloat16 and bias type float"), and an unchanged layer reads ~0."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.loraga import lora_ga_layers, output_change
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 8)), LoraConfig(r=2, target_modules=["0"]))
+    layers = lora_ga_layers(model)
+    (name, layer) = next(iter(layers.items()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.randn(4, 16).to(torch.bfloat16)
+        before = layer(x)
+    assert before.dtype == torch.bfloat16
+    assert output_change(layers, {name: (x, before)}) == 0.0
