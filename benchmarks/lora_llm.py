@@ -14,6 +14,8 @@ figures do not mix), one torch thread, same seed, so the same batches in the sam
 * full, lora, lora_plus, lora_ga, lora_ga_plus: the recipe's methods;
 * peft_lora_ga: peft 0.21's own LoRA-GA (``preprocess_loraga`` on the same gradient batches as ours, then
   ``LoraConfig(init_lora_weights="lora_ga")``), trained like lora_ga (plain optimiser, LoRA-GA's lr);
+* lora_ga_rsvd (only when named): lora_ga with randomized SVD (``torch.svd_lowrank``, q = 4r) for every layer
+  instead of the exact SVD :mod:`finetune.loraga` uses up to :data:`finetune.loraga.EXACT_SVD_MAX_DIM`;
 * qlora_plus, qlora_ga: lora_plus and lora_ga on a 4-bit NF4 base (``quantization="nf4"``), when the recipe
   has that option (skipped with a printed reason otherwise).
 
@@ -23,7 +25,8 @@ Prints per method
 
 ``steps_to_lora_final``: the first evaluated step at which the eval loss is at or below plain LoRA's final eval
 loss (``never`` if not reached). ``init_s``: wall time from the loaded base model to the ready optimiser
-(adapter injection, LoRA-GA's gradient estimate and SVDs). ``peak_mb``: the child process's peak resident set
+(adapter injection, LoRA-GA's gradient estimate and SVDs); ``est_s``: the gradient estimate's share of it
+(ours: :func:`finetune.loraga.estimate_gradients`; peft's: ``preprocess_loraga``). ``peak_mb``: the child process's peak resident set
 size (``ru_maxrss`` from ``os.wait4``: the whole process -- Python, torch, data, model, optimiser -- not only
 tensors); ``init_peak_mb``: the highest RSS sampled (every 20 ms) during the init window. Writes a plot of eval
 loss vs. step (``--plot``) and the curves beside it as JSON.
@@ -49,8 +52,16 @@ from typing import Any
 from common import plot_curves, print_result
 
 METHODS = ("full", "lora", "lora_plus", "lora_ga", "lora_ga_plus", "peft_lora_ga", "qlora_plus", "qlora_ga")
-#: The recipe method each benchmark row trains (peft_lora_ga: plain optimiser; its init is swapped for peft's).
-RECIPE_METHOD = {"peft_lora_ga": "lora", "qlora_plus": "lora_plus", "qlora_ga": "lora_ga"}
+#: Rows that run only when named in --methods.
+OPTIONAL_METHODS = ("lora_ga_rsvd",)
+#: The recipe method each benchmark row trains (peft_lora_ga: plain optimiser; its init is swapped for peft's;
+#: lora_ga_rsvd: our LoRA-GA with randomized SVD for every layer, as the authors' code and peft do).
+RECIPE_METHOD = {
+    "peft_lora_ga": "lora",
+    "qlora_plus": "lora_plus",
+    "qlora_ga": "lora_ga",
+    "lora_ga_rsvd": "lora_ga",
+}
 QUANTIZED = {"qlora_plus", "qlora_ga"}
 #: LoRA on every linear layer of the Llama blocks (attention and MLP); named, since peft's LoRA-GA refuses
 #: "all-linear".
@@ -76,9 +87,11 @@ def recipe_config(method: str, args: argparse.Namespace, output_dir: str) -> Any
     extra: dict[str, Any] = {}
     if method in QUANTIZED:
         extra["quantization"] = "nf4"
-    lr = args.full_lr if method == "full" else args.lr
+    # per-method learning rates: LoRA+ rows at plus_lr (A's), LoRA-GA rows at lr x loraga_lr_scale (the recipe
+    # applies the scale), peft's LoRA-GA (recipe method lora) at that same LoRA-GA lr
+    lr = {"full": args.full_lr, "lora_plus": args.plus_lr, "qlora_plus": args.plus_lr}.get(method, args.lr)
     if method == "peft_lora_ga":
-        lr = args.lr * args.loraga_lr_scale  # trained as LoRA-GA is: at LoRA-GA's learning rate
+        lr = args.lr * args.loraga_lr_scale
     return LoraRecipeConfig(
         output_dir=output_dir,
         model_kind="transformers",
@@ -137,7 +150,9 @@ def use_peft_lora_ga(recipe: Any, args: argparse.Namespace) -> None:
             for _, rows in batches:
                 model(**collate([train[i] for i in rows])).loss.backward()
 
+        started = time.perf_counter()
         preprocess_loraga(model, config, train_step)
+        recipe.est_s = time.perf_counter() - started
         return add_lora(model, config)
 
     task.load_data, task.add_lora = loading, adding
@@ -164,11 +179,25 @@ def run_child(method: str, args: argparse.Namespace, out: Path) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    import finetune.loraga
     from engine.trainer import Trainer
     from recipes.lora import LoraRecipe
 
     sampler = RssSampler()
     marks: dict[str, float] = {}
+    if method == "lora_ga_rsvd":
+        finetune.loraga.EXACT_SVD_MAX_DIM = 0  # read at call time by lora_ga_factors
+    estimate = finetune.loraga.estimate_gradients
+    timed: dict[str, float] = {"est_s": 0.0}
+
+    def estimating(*a: Any, **k: Any) -> Any:  # apply_lora_ga looks it up in the module at call time
+        started = time.perf_counter()
+        try:
+            return estimate(*a, **k)
+        finally:
+            timed["est_s"] += time.perf_counter() - started
+
+    finetune.loraga.estimate_gradients = estimating
     with tempfile.TemporaryDirectory() as tmp:
         cfg = recipe_config(method, args, tmp)
         recipe = LoraRecipe(cfg)
@@ -202,6 +231,7 @@ def run_child(method: str, args: argparse.Namespace, out: Path) -> None:
                 "curve": curve,
                 "init_s": marks["ready"] - marks["built"],
                 "init_peak_mb": sampler.peak_mb,
+                "est_s": getattr(recipe, "est_s", timed["est_s"]),
                 "load_s": marks["built"] - started,
                 "train_s": done - trained,
             }
@@ -212,7 +242,7 @@ def run_child(method: str, args: argparse.Namespace, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------- parent side
 def child_argv(args: argparse.Namespace) -> list[str]:
     keys = (
-        "seed steps batch max_length eval_every eval_examples lr full_lr loraga_lr_scale loraga_samples "
+        "seed steps batch max_length eval_every eval_examples lr plus_lr full_lr loraga_lr_scale loraga_samples "
         "lora_rank lora_alpha loraplus_ratio threads"
     ).split()
     return [a for k in keys for a in (f"--{k}", str(getattr(args, k)))]
@@ -252,15 +282,16 @@ def main() -> None:
     )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=32, help="tokens of prompt + definition")
     parser.add_argument("--eval_every", type=int, default=10)
     parser.add_argument(
         "--eval_examples", type=int, default=32, help="held-out words (same for every method)"
     )
-    parser.add_argument("--lr", type=float, default=3e-4, help="LoRA lr (of A with LoRA+)")
-    parser.add_argument("--loraga_lr_scale", type=float, default=1.0, help="LoRA-GA lr = lr x this")
+    parser.add_argument("--lr", type=float, default=3e-3, help="LoRA's lr (best of the sweep)")
+    parser.add_argument("--loraga_lr_scale", type=float, default=0.1, help="LoRA-GA lr = lr x this (sweep)")
+    parser.add_argument("--plus_lr", type=float, default=3e-4, help="LoRA+'s lr of A (B: x loraplus_ratio)")
     parser.add_argument("--full_lr", type=float, default=3e-5)
     parser.add_argument("--loraga_samples", type=int, default=64, help="rows of the gradient estimate")
     parser.add_argument("--lora_rank", type=int, default=8)
@@ -281,9 +312,11 @@ def main() -> None:
         return
     check_prerequisites()
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(METHODS) - set(OPTIONAL_METHODS))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; expected some of {','.join(METHODS)}")
+        raise SystemExit(
+            f"unknown methods {unknown}; expected some of {','.join(METHODS + OPTIONAL_METHODS)}"
+        )
     if not args.sweep and "lora" not in methods:
         methods.insert(0, "lora")  # the reference of steps_to_lora_final
     if methods and set(methods) & QUANTIZED and not has_quantization():
@@ -302,7 +335,7 @@ def main() -> None:
             results[method] = run_method(method, args, Path(tmp))
             r = results[method]
             print(
-                f"# {method}: load {r['load_s']:.0f}s init {r['init_s']:.1f}s train+eval {r['train_s']:.0f}s "
+                f"# {method}: load {r['load_s']:.0f}s init {r['init_s']:.1f}s (estimate {r['est_s']:.1f}s) train+eval {r['train_s']:.0f}s "
                 f"curve {[(s, round(v, 3)) for s, v in r['curve']]}",
                 flush=True,
             )
@@ -314,6 +347,7 @@ def main() -> None:
             final_eval_loss=f"{r['curve'][-1][1]:.4f}",
             steps_to_lora_final=steps_to_reach(r["curve"], target),
             init_s=f"{r['init_s']:.1f}",
+            est_s=f"{r['est_s']:.1f}",
             peak_mb=f"{r['peak_mb']:.0f}",
             init_peak_mb=f"{r['init_peak_mb']:.0f}",
         )
@@ -336,7 +370,9 @@ def sweep(methods: list[str], lrs: list[float], args: argparse.Namespace, workdi
     lr given is LoRA-GA's own)."""
     for method in methods:
         for lr in lrs:
-            run_args = argparse.Namespace(**{**vars(args), "lr": lr, "full_lr": lr, "loraga_lr_scale": 1.0})
+            run_args = argparse.Namespace(
+                **{**vars(args), "lr": lr, "plus_lr": lr, "full_lr": lr, "loraga_lr_scale": 1.0}
+            )
             curve = run_method(method, run_args, workdir)["curve"]
             print_result(
                 "SWEEP",
