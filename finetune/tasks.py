@@ -131,9 +131,16 @@ def resolve_transformers_model(spec: str) -> str:
 def load_pretrained(auto: Any, path: str, **kwargs: Any) -> Any:
     """``auto.from_pretrained(path)``; a ``.gguf`` file is read from its folder with ``gguf_file=`` (transformers
     de-quantises it to a float32 model)."""
-    if path.endswith(".gguf"):
-        return auto.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, **kwargs)
-    return auto.from_pretrained(path, **kwargs)
+    if not path.endswith(".gguf"):
+        return auto.from_pretrained(path, **kwargs)
+    loaded = auto.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, **kwargs)
+    quantizer = getattr(loaded, "hf_quantizer", None)
+    if quantizer is not None:
+        # the weights are plain floats now, but transformers keeps a GGUF "quantizer" on the model, which makes
+        # save_pretrained refuse (no fully fine-tuned or merged model) and would write a quantization_config
+        # that a reload misreads: transformers' own clean-up makes it an ordinary model
+        quantizer.remove_quantization_config(loaded)
+    return loaded
 
 
 def tokenize_prompt_completion(
