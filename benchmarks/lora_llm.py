@@ -317,8 +317,6 @@ def main() -> None:
         raise SystemExit(
             f"unknown methods {unknown}; expected some of {','.join(METHODS + OPTIONAL_METHODS)}"
         )
-    if not args.sweep and "lora" not in methods:
-        methods.insert(0, "lora")  # the reference of steps_to_lora_final
     if methods and set(methods) & QUANTIZED and not has_quantization():
         for m in sorted(set(methods) & QUANTIZED):
             print(
@@ -339,13 +337,13 @@ def main() -> None:
                 f"curve {[(s, round(v, 3)) for s, v in r['curve']]}",
                 flush=True,
             )
-    target = results["lora"]["curve"][-1][1]
+    target = results["lora"]["curve"][-1][1] if "lora" in results else None  # steps_to_lora_final's reference
     for method, r in results.items():
         print_result(
             method=method,
             steps=r["curve"][-1][0],
             final_eval_loss=f"{r['curve'][-1][1]:.4f}",
-            steps_to_lora_final=steps_to_reach(r["curve"], target),
+            steps_to_lora_final="n/a" if target is None else steps_to_reach(r["curve"], target),
             init_s=f"{r['init_s']:.1f}",
             est_s=f"{r['est_s']:.1f}",
             peak_mb=f"{r['peak_mb']:.0f}",
