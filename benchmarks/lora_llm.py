@@ -31,7 +31,7 @@ size (``ru_maxrss`` from ``os.wait4``: the whole process -- Python, torch, data,
 tensors); ``init_peak_mb``: the highest RSS sampled (every 20 ms) during the init window. Writes a plot of eval
 loss vs. step (``--plot``) and the curves beside it as JSON.
 
-    python benchmarks/lora_llm.py                                   # all methods (~35 min on one thread)
+    python benchmarks/lora_llm.py                                   # all methods (~27 min on one thread)
     python benchmarks/lora_llm.py --methods lora,lora_ga --steps 20  # a quick look
     python benchmarks/lora_llm.py --sweep 1e-4,3e-4,1e-3 --methods lora,lora_ga --steps 40   # lr sweep
 """
