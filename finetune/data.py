@@ -5,7 +5,11 @@
   text goes to ``train`` or ``validation`` by a hash of the text, so the split never depends on import order.
   The texts (about 1,600; about 1,300 train) change a little between Python versions, so compare runs on one
   version.
-* :func:`load_text_splits`: ``stdlib_docs``, a single local data file (``.txt``/``.json``/``.jsonl``/``.csv``/
+* :func:`wordnet_definitions`: an instruction-style causal-LM task -- "Define the word X." -> the WordNet 3.0
+  gloss of the word's most frequent sense, from Debian's ``wordnet-base`` package (offline); ``prompt`` /
+  ``completion`` columns (trained on the completion only, see :class:`finetune.tasks.TextTask`), split by a hash
+  of the word, so a held-out word never occurs in ``train``.
+* :func:`load_text_splits`: ``stdlib_docs``, ``wordnet``, a single local data file (``.txt``/``.json``/``.jsonl``/``.csv``/
   ``.parquet``, read with the matching ``datasets`` builder), a folder (``save_to_disk`` output or data files),
   or a hub id; a local path that does not exist is a ``FileNotFoundError``, never a hub lookup.
 * :func:`train_and_eval_splits`: the rule for which rows evaluate a run (see its docstring).
@@ -13,10 +17,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
 import pkgutil
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,6 +117,84 @@ def stdlib_docstrings(
     )
 
 
+#: Where Debian's ``wordnet-base`` puts the WordNet 3.0 database (``index.<pos>``, ``data.<pos>``).
+WORDNET_DIR = "/usr/share/wordnet"
+#: Parts of speech in the order a word's sense is taken from (a word listed as noun and verb gets the noun's).
+WORDNET_POS = ("noun", "verb", "adj", "adv")
+#: Words kept: lower-case letters, joined by single '_' (a space in the phrase) or '-'.
+_WORDNET_WORD = re.compile(r"[a-z]+(?:[_-][a-z]+)*")
+WORDNET_PROMPT = "Define the word {word}."
+
+
+def _wordnet_glosses(path: Path) -> dict[str, tuple[str, set[str]]]:
+    """``{synset offset: (definition, the synset's words as written)}`` of one ``data.<pos>`` file; the
+    definition is the gloss before its quoted examples."""
+    glosses = {}
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if line.startswith("  "):  # the licence header
+                continue
+            head, sep, gloss = line.partition(" | ")
+            definition = gloss.strip().split('; "')[0].strip().rstrip(";").strip()
+            if not sep or not definition:
+                continue
+            fields = head.split()
+            count = int(fields[3], 16)  # offset lex_filenum ss_type w_cnt (hex) word lex_id word lex_id ...
+            words = {w.split("(")[0] for w in fields[4 : 4 + 2 * count : 2]}  # adjectives may carry "(a)"
+            glosses[fields[0]] = (definition, words)
+    return glosses
+
+
+@functools.lru_cache(maxsize=4)
+def wordnet_definitions(root: str = WORDNET_DIR, eval_fraction: float = 0.1) -> datasets.DatasetDict:
+    """``train`` / ``validation`` splits with columns ``prompt`` ("Define the word X."), ``completion`` (the
+    gloss of X's first-listed, i.e. most frequent, sense), ``word`` and ``pos``; one row per lower-case word
+    (proper nouns left out), rows sorted by
+    word, the split by a hash of the word (so no held-out word is trained on). Cached per process.
+
+    Raises ``FileNotFoundError`` naming the Debian package when the WordNet files are missing."""
+    folder = Path(root)
+    missing = [
+        f"{kind}.{pos}"
+        for pos in WORDNET_POS
+        for kind in ("index", "data")
+        if not (folder / f"{kind}.{pos}").is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"dataset 'wordnet' needs the WordNet 3.0 database in {folder} (missing {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}): it comes from Debian's wordnet-base package, "
+            "apt-get install -y wordnet-base (as root; scripts/bootstrap.sh does it when it can)"
+        )
+    rows: dict[str, tuple[str, str]] = {}
+    for pos in WORDNET_POS:
+        glosses = _wordnet_glosses(folder / f"data.{pos}")
+        with (folder / f"index.{pos}").open(encoding="utf-8") as lines:
+            for line in lines:
+                if line.startswith("  "):
+                    continue
+                fields = line.split()
+                lemma, synsets = fields[0], int(fields[2])
+                if lemma in rows or not _WORDNET_WORD.fullmatch(lemma) or synsets < 1:
+                    continue
+                first = fields[-synsets]  # index lines end with the synset offsets, most frequent sense first
+                definition, written = glosses.get(first, ("", set()))
+                if lemma in written:  # not a proper noun (those are written capitalised, indexed lower-case)
+                    rows[lemma] = (pos, definition)
+    splits: dict[str, dict[str, list[str]]] = {
+        name: {"prompt": [], "completion": [], "word": [], "pos": []} for name in ("train", "validation")
+    }
+    for lemma in sorted(rows):
+        pos, gloss = rows[lemma]
+        word = lemma.replace("_", " ")
+        split = splits["validation" if _in_eval(word, eval_fraction) else "train"]
+        split["prompt"].append(WORDNET_PROMPT.format(word=word))
+        split["completion"].append(gloss)
+        split["word"].append(word)
+        split["pos"].append(pos)
+    return datasets.DatasetDict({name: datasets.Dataset.from_dict(cols) for name, cols in splits.items()})
+
+
 #: ``datasets`` builder for a single local data file, by suffix (``.json`` holds JSON lines or one JSON array).
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 #: Files ``Dataset(Dict).save_to_disk`` writes: a folder holding one is read with ``load_from_disk``.
@@ -136,6 +220,8 @@ def load_text_splits(spec: str) -> datasets.DatasetDict:
     """
     if spec == "stdlib_docs":
         return stdlib_docstrings()
+    if spec == "wordnet":
+        return wordnet_definitions()
     path = Path(spec).expanduser()
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())

@@ -315,7 +315,11 @@ def _probe(
 ) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
         if name not in probes and args and isinstance(args[0], torch.Tensor):
-            probes[name] = (args[0][:1].detach().cpu(), output[:1].detach().cpu())
+            # copies: a slice (and .cpu() of a CPU tensor) would keep the whole batch's activations alive
+            probes[name] = (
+                args[0][:1].detach().to("cpu", copy=True),
+                output[:1].detach().to("cpu", copy=True),
+            )
 
     return hook
 

