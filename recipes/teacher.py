@@ -67,6 +67,7 @@ from distill.text2image.pipeline import (
     build_sd_pipeline,
     encode_captions,
     encode_flow_captions,
+    pipeline_call_defaults,
     sampling_scheduler,
 )
 from engine.config import TrainConfig, changed_settings_argv, parse_config
@@ -408,15 +409,7 @@ class Text2ImageTeacherRecipe(Recipe):
         pipe = self.pipeline(net).to(self.vae.device)
         prompts = class_prompts() * per_class
         gen = torch.Generator().manual_seed(0)
-        extra = (
-            {
-                "use_resolution_binning": False,
-                "max_sequence_length": MINILM_MAX_LENGTH,
-                "clean_caption": False,
-            }
-            if self.flow
-            else {}
-        )
+        extra = {"clean_caption": False, **pipeline_call_defaults(pipe)} if self.flow else {}
         out = pipe(
             prompts,
             num_inference_steps=self.config.sample_steps,

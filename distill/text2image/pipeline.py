@@ -14,6 +14,7 @@ does not fit: ``use_resolution_binning=True`` knows only 256..2048-px models, so
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +37,8 @@ SHIPPED_VAE = SHIPPED_SD_TEACHER / "vae"
 #: the shipped flow-matching transformer teacher (transformer/, scheduler/, model_index.json; no VAE, no text
 #: encoder: both are added by :func:`fashion_flow_teacher`)
 SHIPPED_FLOW_TEACHER = SHIPPED_SD_TEACHER.parent / "text2image_flow"
+#: latent sample sizes PixArt's / Sana's resolution binning has tables for (1024 px = 128 latents, ...)
+_BINNED_SAMPLE_SIZES = (16, 32, 64, 128, 256)
 
 
 def build_sd_pipeline(
@@ -120,6 +123,26 @@ def fashion_sd_teacher(target_dir: str | Path | None = None) -> Path:
             "accelerate launch recipes/teacher.py --config recipes/configs/teacher_fashion_sd.yaml"
         )
     return assemble_teacher_folder(SHIPPED_SD_TEACHER, target_dir)
+
+
+def pipeline_call_defaults(pipe) -> dict[str, object]:
+    """Call keywords a small PixArt/Sana-format pipeline needs on top of ``pipe(prompt=...)``: resolution
+    binning off when its transformer's ``sample_size`` is not one of the 256..2048-px sizes the binning knows
+    (it would raise "Invalid sample size"), and ``max_sequence_length`` = the tokenizer's ``model_max_length``
+    when that is shorter than the pipeline's default (300: MiniLM would encode 300 tokens, 276 of them padding
+    that the transformer masks anyway). ``{}`` for other pipelines."""
+    params = inspect.signature(pipe.__call__).parameters
+    out: dict[str, object] = {}
+    transformer = getattr(pipe, "transformer", None)
+    if "use_resolution_binning" in params and transformer is not None:
+        if transformer.config.get("sample_size") not in _BINNED_SAMPLE_SIZES:
+            out["use_resolution_binning"] = False
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if "max_sequence_length" in params and tokenizer is not None:
+        default = params["max_sequence_length"].default
+        if isinstance(default, int) and tokenizer.model_max_length < default:
+            out["max_sequence_length"] = int(tokenizer.model_max_length)
+    return out
 
 
 def fashion_flow_teacher(target_dir: str | Path | None = None) -> Path:
