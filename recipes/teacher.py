@@ -470,9 +470,9 @@ class Text2ImageTeacherRecipe(Recipe):
             usage = (
                 "from distill.text2image.pipeline import fashion_flow_teacher\n"
                 "from diffusers import DiffusionPipeline\n"
-                "pipe = DiffusionPipeline.from_pretrained(fashion_flow_teacher())\n"
-                'image = pipe("a photo of a sneaker", num_inference_steps=25, guidance_scale=3,\n'
-                "             use_resolution_binning=False, max_sequence_length=24).images[0]"
+                "\npipe = DiffusionPipeline.from_pretrained(fashion_flow_teacher())\n"
+                'image = pipe(\n    "a photo of a sneaker",\n    num_inference_steps=25,\n    guidance_scale=3,\n'
+                "    use_resolution_binning=False,\n    max_sequence_length=24,\n).images[0]"
             )
         else:
             arch_facts = {
