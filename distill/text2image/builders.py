@@ -1,11 +1,18 @@
 """Small diffusers models for the embedded text-to-image teacher: a KL autoencoder (32x32 -> 8x8x4), a
-cross-attention UNet over its latents, and Stable Diffusion's discrete VP noise schedule."""
+cross-attention UNet over its latents with Stable Diffusion's discrete VP noise schedule, and a PixArt-format
+flow-matching transformer with its flow scheduler."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+)
 
 MINILM_DIM = 384
 
@@ -71,4 +78,47 @@ def sd_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
         prediction_type="epsilon",
         clip_sample=False,
         steps_offset=1,
+    )
+
+
+def build_text2image_transformer(
+    sample_size: int = 8,
+    latent_channels: int = 4,
+    patch_size: int = 1,
+    num_layers: int = 6,
+    num_attention_heads: int = 4,
+    attention_head_dim: int = 32,
+    caption_channels: int = MINILM_DIM,
+) -> PixArtTransformer2DModel:
+    """A small ``PixArtTransformer2DModel`` (adaLN-single DiT blocks with cross-attention to the text tokens) that
+    predicts the flow velocity: ``out_channels == in_channels``, so PixArt's pipeline reads no learned sigma."""
+    width = num_attention_heads * attention_head_dim
+    return PixArtTransformer2DModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        patch_size=patch_size,
+        num_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        cross_attention_dim=width,
+        caption_channels=caption_channels,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        interpolation_scale=1,
+    )
+
+
+def flow_scheduler(num_train_timesteps: int = 1000, flow_shift: float = 1.0) -> DPMSolverMultistepScheduler:
+    """Rectified flow ``x_t = (1 - t) x0 + t n``, timestep ``1000 t``, velocity ``n - x0`` ("flow_prediction"),
+    sampled by DPM-Solver++ on flow sigmas: SANA's scheduler. PixArt's pipeline calls ``scale_model_input``,
+    which ``FlowMatchEulerDiscreteScheduler`` lacks, so that one cannot drive a PixArt pipeline."""
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=num_train_timesteps,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=flow_shift,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
     )

