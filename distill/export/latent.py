@@ -146,6 +146,13 @@ def check_latent_export(family: TeacherFamily, num_steps: int, deterministic: bo
             f"export_latent_student: teacher {family.source!r} has pipeline {family.pipeline_class!r} "
             f"({family.family}); latent students export for {list(SUPPORTED)} only"
         )
+    flow = family.pipeline_class in FLOW_PIPELINES
+    if (family.parameterization == "flow") != flow:
+        raise NotImplementedError(
+            f"export_latent_student: teacher {family.source!r} is a {family.parameterization} "
+            f"{family.pipeline_class}; its students export as {'flow' if flow else 'vp'} only (no exported "
+            f"pipeline samples a {family.parameterization} {family.pipeline_class} student yet)"
+        )
     return family
 
 
