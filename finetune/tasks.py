@@ -306,6 +306,12 @@ class TextTask(FinetuneTask):
     def build_model(self) -> nn.Module:
         auto, kwargs = self._auto_class()
         if self.quantization_config is not None:  # merge() loads the base unquantized
+            if self.model_path.endswith(".gguf"):
+                raise ValueError(
+                    f"quantization with the GGUF base {self.model_path!r}: transformers cannot quantize a model it "
+                    "de-quantises from GGUF; save it once as a plain folder (AutoModelForCausalLM.from_pretrained("
+                    "folder, gguf_file=...).save_pretrained(OUT)) and pass OUT as the model"
+                )
             kwargs["quantization_config"] = self.quantization_config
         model = load_pretrained(auto, self.model_path, **kwargs)
         if self.classifies:
