@@ -81,12 +81,31 @@ def check_prerequisites() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ child side
+def plain_smollm2(folder: Path) -> Path:
+    """SmolLM2 de-quantised from its GGUF once and saved as a plain transformers folder (with its tokenizer):
+    the QLoRA rows load that folder quantized to NF4, since transformers refuses to quantize a GGUF load."""
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.tasks import load_pretrained, smollm2_gguf
+
+    gguf = str(smollm2_gguf())
+    load_pretrained(AutoModelForCausalLM, gguf).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name).save_pretrained(folder)
+    return folder
+
+
 def recipe_config(method: str, args: argparse.Namespace, output_dir: str) -> Any:
     from recipes.lora import LoraRecipeConfig
 
     extra: dict[str, Any] = {}
+    model = "smollm2"
     if method in QUANTIZED:
         extra["quantization"] = "nf4"
+        model = str(
+            plain_smollm2(Path(args.plain_dir))
+        )  # transformers cannot quantize a GGUF it de-quantises
     # per-method learning rates: LoRA+ rows at plus_lr (A's), LoRA-GA rows at lr x loraga_lr_scale (the recipe
     # applies the scale), peft's LoRA-GA (recipe method lora) at that same LoRA-GA lr
     lr = {"full": args.full_lr, "lora_plus": args.plus_lr, "qlora_plus": args.plus_lr}.get(method, args.lr)
@@ -95,7 +114,7 @@ def recipe_config(method: str, args: argparse.Namespace, output_dir: str) -> Any
     return LoraRecipeConfig(
         output_dir=output_dir,
         model_kind="transformers",
-        model="smollm2",
+        model=model,
         task="causal_lm",
         dataset="wordnet",
         model_dtype="float32",
@@ -304,6 +323,11 @@ def main() -> None:
         help="comma-separated lrs: run --methods at each (LoRA-GA scale 1), print SWEEP",
     )
     parser.add_argument("--plot", default="outputs/lora_llm.png")
+    parser.add_argument(
+        "--plain_dir",
+        default="outputs/smollm2_plain",
+        help="QLoRA rows: SmolLM2 saved as a plain folder here",
+    )
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child_out", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
