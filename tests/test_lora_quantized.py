@@ -36,24 +36,9 @@ LORA = dict(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linea
 def llama64(folder: Path) -> Path:
     """A 2-layer Llama with hidden size 64 (bitsandbytes' 4-bit block size; the tests' hidden-32 Llama is below
     what its CPU inference kernel accepts), saved with the tests' tokenizer."""
-    from tiny_models import tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=4,
-        bos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tiny_tokenizer(folder)
+    tiny_llama(folder, hidden_size=64)
     return folder
 
 

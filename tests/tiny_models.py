@@ -91,15 +91,15 @@ def tiny_bert_headless(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def tiny_llama(folder: Path | None = None, seed: int = 0):
-    """LlamaForCausalLM, hidden 32, 2 layers."""
+def tiny_llama(folder: Path | None = None, seed: int = 0, hidden_size: int = 32):
+    """LlamaForCausalLM, hidden 32 (or ``hidden_size``, MLP twice that), 2 layers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
