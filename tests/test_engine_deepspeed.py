@@ -105,37 +105,3 @@ def test_sharded_launch_variables_and_the_cpu_flag():
         accelerator_device_kwargs(
             TrainConfig(output_dir="unused", cpu=True), {"ACCELERATE_USE_DEEPSPEED": "true"}
         )
-
-
-@pytest.mark.distributed
-def test_zero2_launch_runs_the_lora_recipe_with_lora_ga_plus(tmp_path):
-    """The repository's ZeRO-2 file on 2 CPU processes runs the LoRA recipe with LoRA-GA + LoRA+ under real
-    DeepSpeed ZeRO-2 (asserted), and the exported adapter on the original base reproduces the trained model."""
-    from test_lora_recipe import COMMON, RECIPE, _check_text_export
-    from tiny_models import tiny_bert, tiny_text_dataset
-
-    tiny_bert(tmp_path / "bert")
-    tiny_text_dataset(tmp_path / "data")
-    run = tmp_path / "run"
-    args = ["--model", str(tmp_path / "bert"), "--dataset", str(tmp_path / "data"), "--batch_size", "4"]
-    args += [
-        "--method",
-        "lora_ga_plus",
-        "--max_steps",
-        "2",
-        "--lr",
-        "1e-3",
-        "--output_dir",
-        str(run),
-        *COMMON,
-    ]
-    accelerate_launch(
-        RECIPE,
-        args,
-        config=CONFIGS / "deepspeed_zero2.yaml",
-        launch_args=["--num_processes", "2", "--mixed_precision", "no"],
-    )
-    info = json.loads((run / "run_info.json").read_text())
-    assert (info["distributed_type"], info["num_processes"]) == ("DEEPSPEED", 2)
-    assert info["deepspeed"]["zero_stage"] == 2
-    _check_text_export(run, tmp_path / "bert", tmp_path / "data", ratio=16)

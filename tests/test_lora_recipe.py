@@ -134,34 +134,29 @@ def test_unet_recipe_two_processes_lora_ga_with_merge(tmp_path):
 
 
 @pytest.mark.distributed
-def test_zero3_launch_on_cpu_runs_deepspeed_lora_plus(tmp_path):
-    """The repository's ZeRO-3 launch file on 2 CPU processes really runs DeepSpeed ZeRO-3 (over gloo; asserted
-    from run_info.json, so a silent DDP fallback fails); LoRA+ rates and the exported adapter (gathered from the
-    ZeRO-3 shards) are checked as under any launch. LoRA-GA under ZeRO-3 (partitioned weights): tests/
-    test_lora_ga_zero3.py."""
+@pytest.mark.parametrize(
+    ("stage", "method"),
+    [(3, "lora_plus"), (2, "lora_ga_plus")],
+    ids=["zero3_lora_plus", "zero2_lora_ga_plus"],
+)
+def test_deepspeed_launch_on_cpu_runs_the_lora_recipe(tmp_path, stage, method):
+    """The repository's ZeRO-2 / ZeRO-3 launch files on 2 CPU processes really run DeepSpeed at that stage (over
+    gloo; asserted from run_info.json, so a silent DDP fallback fails); LoRA+ rates and the exported adapter
+    (gathered from the shards; LoRA-GA + LoRA+ under ZeRO-2) are checked as under any launch. LoRA-GA under ZeRO-3
+    (partitioned weights): tests/test_lora_ga_zero3.py."""
     pytest.importorskip("deepspeed")
     tiny_bert(tmp_path / "bert")
     tiny_text_dataset(tmp_path / "data")
     run = tmp_path / "run"
     args = ["--model", str(tmp_path / "bert"), "--dataset", str(tmp_path / "data"), "--batch_size", "4"]
-    args += [
-        "--method",
-        "lora_plus",
-        "--max_steps",
-        "2",
-        "--lr",
-        "1e-3",
-        "--output_dir",
-        str(run),
-        *COMMON,
-    ]
-    config = ROOT / "accelerate_configs" / "deepspeed_zero3.yaml"
+    args += ["--method", method, "--max_steps", "2", "--lr", "1e-3", "--output_dir", str(run), *COMMON]
+    config = ROOT / "accelerate_configs" / f"deepspeed_zero{stage}.yaml"
     accelerate_launch(
         RECIPE, args, config=config, launch_args=["--num_processes", "2", "--mixed_precision", "no"]
     )
     info = json.loads((run / "run_info.json").read_text())
     assert (info["distributed_type"], info["num_processes"]) == ("DEEPSPEED", 2)
-    assert info["deepspeed"]["zero_stage"] == 3
+    assert info["deepspeed"]["zero_stage"] == stage
     _check_text_export(run, tmp_path / "bert", tmp_path / "data", ratio=16)
 
 
