@@ -217,3 +217,44 @@ def reset_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+# ------------------------------------------------------------------------------------------ reflow benchmarks
+#: how reflow benchmarks split ``--minutes`` of wall time: pairs, 2-RF training, distillation (the rest: evaluation)
+REFLOW_SPLIT = {"pairs": 0.35, "reflow": 0.35, "distill": 0.15}
+
+
+def reflow_time_budget(minutes: float) -> dict[str, object]:
+    """The ReflowConfig settings that hold each stage to its share of ``minutes`` (printed), with step and pair
+    counts high enough that time is what stops them."""
+    import json
+
+    budget = {k: v * minutes for k, v in REFLOW_SPLIT.items()}
+    print(f"time split (minutes): {json.dumps({k: round(v, 2) for k, v in budget.items()})}", flush=True)
+    return {
+        "num_pairs": 1_000_000,
+        "pairs_minutes": budget["pairs"],
+        "reflow_steps": 10**9,
+        "reflow_minutes": budget["reflow"],
+        "distill_steps": 10**9,
+        "distill_minutes": budget["distill"],
+    }
+
+
+def run_reflow_stages(cfg: object) -> dict[str, dict]:
+    """Every planned reflow stage in order, each timed (``[bench] <stage> round <r>: M min``); returns each stage's
+    facts under ``pairs_r<r>``, ``reflow`` and ``distill``."""
+    import time
+
+    from distill.reflow.stages import plan, run_pairs, run_training
+    from recipes.reflow import ReflowRecipe
+
+    results: dict[str, dict] = {}
+    for stage, round_ in plan(cfg):
+        t0 = time.perf_counter()
+        if stage == "pairs":
+            results[f"pairs_r{round_}"] = run_pairs(cfg, round_)
+        else:
+            results[stage] = run_training(cfg, stage, round_, ReflowRecipe)  # type: ignore[arg-type]
+        print(f"[bench] {stage} round {round_}: {(time.perf_counter() - t0) / 60:.2f} min", flush=True)
+    return results

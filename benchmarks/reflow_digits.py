@@ -18,7 +18,6 @@ against the held-out digits. Prints per-point lines, writes ``fd_vs_nfe.png`` an
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -30,18 +29,19 @@ from common import (
     parse_overrides,
     plot_curves,
     print_result,
+    reflow_time_budget,
+    run_reflow_stages,
     settings_argv,
     teacher_metrics,
 )
 
 from distill.evaluation.quality import digits_evaluator, metrics_for
 from distill.reflow.flow import euler_on_sigmas, flow_sigmas
-from distill.reflow.stages import distill_source, plan, run_pairs, run_training
+from distill.reflow.stages import distill_source
 from distill.teachers.loading import load_teacher
 from engine.config import parse_config
-from recipes.reflow import ReflowConfig, ReflowRecipe
+from recipes.reflow import ReflowConfig
 
-SPLIT = {"pairs": 0.35, "reflow": 0.35, "distill": 0.15}
 TEACHER_NFES = [(1, "euler"), (3, "heun"), (5, "heun"), (9, "heun"), (17, "heun"), (35, "heun")]
 FLOW_NFES = [1, 2, 4, 8, 16]
 
@@ -91,20 +91,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     eval_samples = args.eval_samples or (5000 if args.minutes >= 10 else 1000)
     start = time.perf_counter()
-    budget = {k: v * args.minutes for k, v in SPLIT.items()}
-    print(f"time split (minutes): {json.dumps({k: round(v, 2) for k, v in budget.items()})}", flush=True)
 
     if Path(args.output_dir).exists() and not args.resume:
         shutil.rmtree(args.output_dir)  # a benchmark times every stage: start from nothing
     settings = {
         "output_dir": args.output_dir,
         "teacher": args.teacher,
-        "num_pairs": 1_000_000,
-        "pairs_minutes": budget["pairs"],
-        "reflow_steps": 10**9,
-        "reflow_minutes": budget["reflow"],
-        "distill_steps": 10**9,
-        "distill_minutes": budget["distill"],
+        **reflow_time_budget(args.minutes),
         "eval_samples": min(eval_samples, 2000),
         "eval_nfes": 1,
         "log_every": 100,
@@ -113,14 +106,7 @@ def main() -> None:
     }
     # the user's key=value overrides last, so they win; bad keys or values fail here, before any work
     cfg = parse_config(ReflowConfig, settings_argv(settings) + parse_overrides(args.overrides))
-    results: dict[str, dict] = {}
-    for stage, round_ in plan(cfg):
-        t0 = time.perf_counter()
-        if stage == "pairs":
-            results[f"pairs_r{round_}"] = run_pairs(cfg, round_)
-        else:
-            results[stage] = run_training(cfg, stage, round_, ReflowRecipe)  # type: ignore[arg-type]
-        print(f"[bench] {stage} round {round_}: {(time.perf_counter() - t0) / 60:.2f} min", flush=True)
+    results = run_reflow_stages(cfg)
 
     pairs = results["pairs_r1"]["pairs"]
     sigma_max = results["distill"]["sigma_max"]

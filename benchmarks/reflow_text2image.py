@@ -3,7 +3,7 @@
 1. writes the training captions (``sid_text2image.write_prompts``) as the prompts of reflow's pairs;
 2. runs ``recipes/reflow.py``'s stages (pairs made by the guided teacher at ``--guidance_scale`` -> 2-rectified
    flow trained on each pair's prompt -> one-step student distilled from it), the wall time split as
-   ``SPLIT`` (pairs 35 %, reflow 35 %, distillation 15 %; the rest is evaluation);
+   ``common.REFLOW_SPLIT`` (pairs 35 %, reflow 35 %, distillation 15 %; the rest is evaluation);
 3. measures the teacher pipeline (its own DDIM scheduler at ``--teacher_steps``, CFG ``--guidance_scale``), the
    exported 2-rectified flow at one Euler step and the exported student at one step (both without CFG: the
    guidance is in the pairs), with ``evaluate_pipeline`` on the same prompts and seeds: FD in the Fashion-MNIST
@@ -21,22 +21,20 @@ Target (issue 19): distill_fd_1step <= 2x teacher_fd.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from common import parse_overrides, print_result, settings_argv
+from common import parse_overrides, print_result, reflow_time_budget, run_reflow_stages, settings_argv
 from sid_text2image import measure, write_prompts
 
-from distill.reflow.stages import distill_source, plan, run_pairs, run_training
+from distill.reflow.stages import distill_source
 from distill.teachers.loading import resolve_teacher_path
 from engine.config import parse_config
 from engine.images import save_grid
-from recipes.reflow import ReflowConfig, ReflowRecipe
+from recipes.reflow import ReflowConfig
 
-SPLIT = {"pairs": 0.35, "reflow": 0.35, "distill": 0.15}
 TEACHER = "fashion-sd"
 #: a small-model setting for the 2.7M-parameter teacher (the rest are the recipe's defaults)
 SMALL_MODEL = {
@@ -67,20 +65,13 @@ def main() -> None:
     out = Path(args.output_dir)
     if out.exists() and not args.resume:
         shutil.rmtree(out)  # a benchmark times every stage: start from nothing
-    budget = {k: v * args.minutes for k, v in SPLIT.items()}
-    print(f"time split (minutes): {json.dumps({k: round(v, 2) for k, v in budget.items()})}", flush=True)
     settings = dict(
         SMALL_MODEL,
         output_dir=out,
         teacher=TEACHER,
         prompts=write_prompts(out / "prompts.txt"),
         guidance_scale=args.guidance_scale,
-        num_pairs=1_000_000,
-        pairs_minutes=budget["pairs"],
-        reflow_steps=10**9,
-        reflow_minutes=budget["reflow"],
-        distill_steps=10**9,
-        distill_minutes=budget["distill"],
+        **reflow_time_budget(args.minutes),
         eval_samples=min(args.eval_samples, 500),
         eval_nfes=1,
     )
@@ -88,14 +79,7 @@ def main() -> None:
     cfg = parse_config(ReflowConfig, settings_argv(settings) + parse_overrides(args.overrides))
 
     start = time.perf_counter()
-    results: dict[str, dict] = {}
-    for stage, round_ in plan(cfg):
-        t0 = time.perf_counter()
-        if stage == "pairs":
-            results[f"pairs_r{round_}"] = run_pairs(cfg, round_)
-        else:
-            results[stage] = run_training(cfg, stage, round_, ReflowRecipe)  # type: ignore[arg-type]
-        print(f"[bench] {stage} round {round_}: {(time.perf_counter() - t0) / 60:.2f} min", flush=True)
+    results = run_reflow_stages(cfg)
     train_minutes = (time.perf_counter() - start) / 60
 
     teacher, teacher_images = measure(
