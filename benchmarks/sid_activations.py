@@ -28,17 +28,9 @@ from common import print_result
 
 def cifar_unet(width: int = 128) -> tuple[torch.nn.Module, Callable[[int], dict]]:
     """benchmarks/sid_memory.py's teacher (35.7M parameters at width 128), 32x32x3."""
-    from diffusers import UNet2DModel
+    from sid_memory import cifar_unet as build
 
-    unet = UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(width, 2 * width, 2 * width, 2 * width),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    )
+    unet = build(width)
     return unet, lambda n: {"sample": torch.randn(n, 3, 32, 32), "timestep": torch.ones(n)}
 
 

@@ -75,15 +75,12 @@ MODES: dict[str, dict[str, object]] = {
 DEFAULT_MODES = ["full_fp32", "full_lowmem", "lora_r16_ckpt"]
 
 
-def build_teacher(folder: Path, width: int) -> int:
-    import torch
+def cifar_unet(width: int):
+    """The benchmark teacher's network: a DDPM-CIFAR-10-layout ``UNet2DModel`` (32x32x3, attention at 16x16;
+    35.7M parameters at width 128), random weights."""
     from diffusers import UNet2DModel
 
-    from distill.teachers.builders import edm_scheduler
-    from distill.teachers.denoiser import Denoiser
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
+    return UNet2DModel(
         sample_size=32,
         in_channels=3,
         out_channels=3,
@@ -92,6 +89,16 @@ def build_teacher(folder: Path, width: int) -> int:
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     )
+
+
+def build_teacher(folder: Path, width: int) -> int:
+    import torch
+
+    from distill.teachers.builders import edm_scheduler
+    from distill.teachers.denoiser import Denoiser
+
+    torch.manual_seed(0)
+    unet = cifar_unet(width)
     Denoiser(unet, edm_scheduler()).save_pretrained(folder)
     return sum(p.numel() for p in unet.parameters())
 
