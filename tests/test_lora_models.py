@@ -13,7 +13,8 @@ from tiny_models import UNET_TARGETS, tiny_bert, tiny_unet
 from torch import nn
 
 from finetune.export import save_adapter
-from finetune.loraga import LoraGAError, LoraGAOptions, apply_lora_ga, lora_ga_layers
+import finetune.loraga
+from finetune.loraga import LoraGAError, LoraGAOptions, apply_lora_ga, lora_ga_factors, lora_ga_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,6 +81,29 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """In float64 without an epsilon (torch's cosine_similarity clamps norms below 1e-8: these are ~1e-9)."""
     a, b = a.double().flatten(), b.double().flatten()
     return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_randomized_svd_above_the_exact_size_gives_the_exact_factors_subspaces(monkeypatch):
+    """Above EXACT_SVD_MAX_DIM the factors come from the authors' randomized SVD (q = 4r, 4 power iterations);
+    on a gradient-like matrix (a power-law spectrum, as the sum over tokens of dy^T x gives) each factor spans
+    what the exact SVD's does: A0 the top r right singular vectors, B0 the next r left ones."""
+    rank, rows, cols = 8, 384, 1024
+    assert min(rows, cols) > finetune.loraga.EXACT_SVD_MAX_DIM
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(cols, rows, generator=g))
+    spectrum = torch.arange(1, rows + 1, dtype=torch.float32) ** -1.5
+    grad = (u * spectrum) @ v.t()
+    a_fast, b_fast = lora_ga_factors(grad, rank)
+    monkeypatch.setattr(finetune.loraga, "EXACT_SVD_MAX_DIM", 10**9)
+    a_exact, b_exact = lora_ga_factors(grad, rank)
+    assert a_fast.shape == a_exact.shape == (rank, cols) and b_fast.shape == b_exact.shape == (rows, rank)
+    assert torch.allclose(a_fast.norm(dim=1), a_exact.norm(dim=1), rtol=1e-5)  # the paper's scale, unit vectors
+    for fast, exact in ((a_fast, a_exact), (b_fast.t(), b_exact.t())):
+        overlap = torch.linalg.svdvals(fast @ exact.t() / exact.norm(dim=1).square()[0])  # cosines of the angles
+        assert overlap.min() > 0.999, overlap
+    wrong = torch.linalg.svdvals(a_fast @ v[:, rank : 2 * rank] / a_fast.norm(dim=1)[0])
+    assert wrong.max() < 1e-2  # and the check can fail: A0 is not the next r right vectors
 
 
 def _first_step_alignment(build, loss_of, targets, rank: int = 2, init: str = "lora_ga"):
