@@ -318,8 +318,11 @@ def test_lora_ga_reports_its_step0_output_change_exact_only_on_a_float32_base(dt
     assert report["base_dtypes"] == [str(dtype)]
     if dtype == torch.float32:
         assert report["output_change"] < 1e-4 and change < 1e-5
+        assert "model_output_change" not in report  # the two whole-model forwards are spent only where needed
     else:
         assert report["output_change"] > 1e-2 and change > 1e-3
+        assert report["model_output_change"] > 1e-3  # the first gradient batch, in eval mode
+    assert report["output_change"] > 0  # each layer's probe (a few rows of the first example) re-ran
 
 
 def test_output_change_replays_a_probe_recorded_under_bf16_autocast():
