@@ -448,7 +448,9 @@ def initialize_lora_ga(
         r = layer.r[adapter_name]
         rows, cols = matrix_shape(base)
         owner = i % world
-        grad = grads[name].to(weight.device, torch.float32) * share
+        grad = grads[name].to(weight.device, torch.float32)
+        if world > 1 or share != 1.0:  # a copy: reduce() below works in place (one process: no copy)
+            grad = grad * share
         if world > 1:
             dist.reduce(grad, dst=owner, op=dist.ReduceOp.SUM)
         if rank == owner:
