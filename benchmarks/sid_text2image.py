@@ -150,6 +150,7 @@ def main() -> None:
     extra = {f"teacher_fd_{s}steps": teacher[s][0]["fd"] for s in teacher_steps[1:]}
     print_result(
         teacher=args.teacher,
+        student=args.student,
         teacher_fd=ref["fd"],
         teacher_align=ref["align"],
         teacher_align_heldout=ref["align_heldout"],

@@ -580,7 +580,9 @@ def apply_lora_ga(
         raise LoraGAError("LoRA-GA gradient estimation got no batches")
     # the whole model's output before and after (two eval forwards of the first batch) only where rounding or
     # requantising the base can move it; on fp32 bases the per-layer change (~1e-7) is the evidence
-    whole_model = report is not None and not all(_storage(m.get_base_layer()) in EXACT_DTYPES for m in layers.values())
+    whole_model = report is not None and not all(
+        _storage(m.get_base_layer()) in EXACT_DTYPES for m in layers.values()
+    )
     with _zero3_fetching(model, layers) as release:
         before = _model_output(model, loss_fn, first) if whole_model else None
         grads = estimate_gradients(
@@ -598,8 +600,12 @@ def apply_lora_ga(
     if report is not None:
         report["output_change"] = output_change(layers, probes or {})
         if whole_model:
-            change = (after - before).abs().max() if before is not None and after is not None else torch.zeros(())
-            scale = before.abs().max().clamp_min(torch.finfo(torch.float32).tiny) if before is not None else 1.0
+            change = (
+                (after - before).abs().max() if before is not None and after is not None else torch.zeros(())
+            )
+            scale = (
+                before.abs().max().clamp_min(torch.finfo(torch.float32).tiny) if before is not None else 1.0
+            )
             report["model_output_change"] = float(change)
             report["model_output_change_rel"] = float(change / scale)
         report["base_dtypes"] = sorted({_storage(m.get_base_layer()) for m in layers.values()})

@@ -12,8 +12,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import UNET_TARGETS, tiny_bert, tiny_unet
 from torch import nn
 
-from finetune.export import save_adapter
 import finetune.loraga
+from finetune.export import save_adapter
 from finetune.loraga import LoraGAError, LoraGAOptions, apply_lora_ga, lora_ga_factors, lora_ga_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,9 +98,13 @@ def test_randomized_svd_above_the_exact_size_gives_the_exact_factors_subspaces(m
     monkeypatch.setattr(finetune.loraga, "EXACT_SVD_MAX_DIM", 10**9)
     a_exact, b_exact = lora_ga_factors(grad, rank)
     assert a_fast.shape == a_exact.shape == (rank, cols) and b_fast.shape == b_exact.shape == (rows, rank)
-    assert torch.allclose(a_fast.norm(dim=1), a_exact.norm(dim=1), rtol=1e-5)  # the paper's scale, unit vectors
+    assert torch.allclose(
+        a_fast.norm(dim=1), a_exact.norm(dim=1), rtol=1e-5
+    )  # the paper's scale, unit vectors
     for fast, exact in ((a_fast, a_exact), (b_fast.t(), b_exact.t())):
-        overlap = torch.linalg.svdvals(fast @ exact.t() / exact.norm(dim=1).square()[0])  # cosines of the angles
+        overlap = torch.linalg.svdvals(
+            fast @ exact.t() / exact.norm(dim=1).square()[0]
+        )  # cosines of the angles
         assert overlap.min() > 0.999, overlap
     wrong = torch.linalg.svdvals(a_fast @ v[:, rank : 2 * rank] / a_fast.norm(dim=1)[0])
     assert wrong.max() < 1e-2  # and the check can fail: A0 is not the next r right vectors

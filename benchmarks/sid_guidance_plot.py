@@ -1,0 +1,89 @@
+"""SiD-LSG's guidance trade-off from ``benchmarks/sid_text2image.py`` runs: FD vs. prompt alignment per scale.
+
+SiD-LSG reports its students at several guidance scales (low kappa: best FID, high: best CLIP score); this reads
+the ``RESULT`` lines of any number of ``sid_text2image.py`` logs (one run per scale and student kind), prints
+them as one table sorted by student kind and scale, and plots FD against alignment with the teacher (25-step
+DDIM at the same CFG) and the one-step student of each run, a line from the one to the other.
+
+    python benchmarks/sid_guidance_plot.py run_g1.5.log run_g2.log run_g3.log --plot docs/figures/sid_text2image_guidance.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+
+def read_results(paths: list[Path]) -> list[dict[str, str]]:
+    """Every ``RESULT teacher=..`` line of the logs as a dict (key=value pairs), with the log's name."""
+    rows = []
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"log {str(path)!r} does not exist")
+        for line in path.read_text().splitlines():
+            if line.startswith("RESULT ") and " teacher_fd=" in line:
+                pairs = dict(item.split("=", 1) for item in shlex.split(line)[1:] if "=" in item)
+                rows.append({**pairs, "log": path.name})
+    if not rows:
+        raise SystemExit(f"no 'RESULT teacher=...' line in {[str(p) for p in paths]}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("logs", nargs="+", type=Path)
+    parser.add_argument("--plot", default="outputs/sid_text2image_guidance.png")
+    args = parser.parse_args()
+    rows = read_results(args.logs)
+    rows.sort(key=lambda r: (r.get("student", "full"), float(r["guidance_scale"])))
+    print(
+        "student guidance minutes images eval_samples teacher_fd teacher_align student_fd student_align ratio"
+    )
+    for r in rows:
+        print(
+            f"{r.get('student', 'full'):7} {float(r['guidance_scale']):8g} {float(r['minutes']):7g} "
+            f"{r['images']:>6} {r['eval_samples']:>12} {float(r['teacher_fd']):10.2f} "
+            f"{float(r['teacher_align']):13.3f} {float(r['student_fd']):10.2f} "
+            f"{float(r['student_align']):13.3f} {float(r['ratio']):5.2f}"
+        )
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in rows:
+        student = r.get("student", "full")
+        teacher = (float(r["teacher_align"]), float(r["teacher_fd"]))
+        one_step = (float(r["student_align"]), float(r["student_fd"]))
+        ax.plot(*zip(teacher, one_step), color="0.7", lw=1, zorder=1)
+        ax.scatter(*teacher, marker="o", color="tab:blue", zorder=2)
+        ax.scatter(*one_step, marker="s" if student == "full" else "^", color="tab:red", zorder=2)
+        label = f"{student} CFG {float(r['guidance_scale']):g}, {float(r['minutes']):g} min"
+        ax.annotate(label, one_step, textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(
+            f"CFG {float(r['guidance_scale']):g}",
+            teacher,
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=7,
+        )
+    ax.scatter([], [], marker="o", color="tab:blue", label="teacher, DDIM 25 steps")
+    ax.scatter([], [], marker="s", color="tab:red", label="one-step student (full)")
+    ax.scatter([], [], marker="^", color="tab:red", label="one-step student (LoRA)")
+    ax.set_xlabel("prompt alignment (classifier agrees with the prompt)")
+    ax.set_ylabel("FD (Fashion-MNIST classifier features, lower is better)")
+    ax.legend(fontsize=7)
+    ax.set_title("SiD-LSG on the Fashion-MNIST SD teacher: guidance trade-off", fontsize=9)
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
