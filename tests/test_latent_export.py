@@ -29,7 +29,7 @@ from distill.teachers.latents import LatentCodec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ("sd", "sd_v", "sdxl", "pixart", "ldm_vq", "dit", "sd3", "flux", "sana")
+FAMILIES = ("sd", "sd_v", "sdxl", "pixart", "pixart_flow", "ldm_vq", "dit", "sd3", "flux", "sana")
 SIGMA0 = {"flow": 3.0, "vp": 2.5}  # not table sigmas: the timestep is fractional
 #: families whose pipeline draws its own noise from a generator (no latents argument)
 GENERATOR_ONLY = ("ldm_vq", "dit")
@@ -163,10 +163,11 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "flux", "pixart_flow"])
 def test_folder_is_the_teachers_with_the_students_denoiser_and_a_card(family, exports):
     teacher, g, sigmas, _, folder = exports[family]
     denoiser = "unet" if family == "sdxl" else "transformer"
+    shipped = {"flux": "OneStepFluxPipeline", "pixart_flow": "OneStepPixArtSigmaPipeline"}
     index = json.loads((folder / "model_index.json").read_text())
     for name, value in json.loads((teacher / "model_index.json").read_text()).items():
         if isinstance(value, list) and value[0] is not None and name not in (denoiser, "scheduler"):
@@ -184,7 +185,8 @@ def test_folder_is_the_teachers_with_the_students_denoiser_and_a_card(family, ex
         assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
         assert not (folder / "onestep_latent_pipeline.py").exists()
     else:
-        assert index["_class_name"] == ["onestep_latent_pipeline", "OneStepFluxPipeline"]
+        assert index["_class_name"] == ["onestep_latent_pipeline", shipped[family]]
+        assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
         assert "trust_remote_code=True" in card
         assert "import distill" not in (folder / "onestep_latent_pipeline.py").read_text()
 
@@ -206,4 +208,7 @@ def test_refusals_are_named_before_writing(exports, tiny_pipeline_dir, tmp_path)
         ValueError, match="StableDiffusion3Pipeline students need a flow denoiser, got 'vp-eps"
     ):
         export_latent_student(g, tmp_path / "c", [2.5], str(tiny_pipeline_dir("sd3")), "SiD", {})
+    # a PixArt teacher's kind (read from its scheduler) decides: a flow-trained one needs a flow student
+    with pytest.raises(ValueError, match="PixArtSigmaPipeline students need a flow denoiser, got 'vp-eps"):
+        export_latent_student(g, tmp_path / "d", [2.5], str(tiny_pipeline_dir("pixart_flow")), "SiD", {})
     assert not any(tmp_path.iterdir())

@@ -14,6 +14,10 @@ cannot, so each class below subclasses the teacher's own pipeline and changes on
   student's flow times as the pipeline's own ``sigmas`` argument (the scheduler is an unshifted
   ``FlowMatchEulerDiscreteScheduler``; its config keeps the student's noise levels under
   :data:`STEP_SIGMAS_KEY`).
+* PixArt-alpha/-sigma trained with the flow objective (VP PixArt needs no code): the same, through PixArt's own
+  loop, which also reads the scheduler's ``init_noise_sigma`` and calls its ``scale_model_input``; the flow
+  Euler scheduler has neither, so during ``__call__`` the pipeline sees it behind :class:`FlowSteps`
+  (noise scale 1, identity input scaling: flow models take ``x_t`` and the flow time as they are).
 
 It may import only torch, diffusers and the standard library: plain diffusers runs it with
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
@@ -24,7 +28,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import DiTPipeline, FluxPipeline, LDMPipeline, SanaPipeline, StableDiffusion3Pipeline
+from diffusers import (
+    DiTPipeline,
+    FluxPipeline,
+    LDMPipeline,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    SanaPipeline,
+    StableDiffusion3Pipeline,
+)
 
 #: this file's name (without .py) inside an exported folder: model_index.json's ``_class_name[0]``
 PIPELINE_MODULE = "onestep_latent_pipeline"
@@ -107,7 +119,8 @@ class OneStepDiTPipeline(_StudentLoop, DiTPipeline):
 
 
 class _FlowStudent:
-    """SD3 / Flux / Sana: noise scaled to the student's first flow time, the student's flow times as sigmas."""
+    """SD3 / Flux / Sana / flow PixArt: noise scaled to the student's first flow time, the student's flow
+    times as sigmas."""
 
     def _student_sigmas(self) -> list[float]:
         sigmas = self.scheduler.config.get(STEP_SIGMAS_KEY)
@@ -144,6 +157,46 @@ class OneStepSanaPipeline(_FlowStudent, SanaPipeline):
     """SanaPipeline sampling the one-step student."""
 
 
+class FlowSteps:
+    """The flow Euler scheduler as a VP-style loop (PixArt's) reads it: the noise is not rescaled here
+    (``init_noise_sigma = 1``; :meth:`_FlowStudent.prepare_latents` scales it to the student's first flow time)
+    and the model input is the sample itself; everything else is the wrapped scheduler's."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.scheduler, name)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+
+class _FlowPixArt(_FlowStudent):
+    """PixArt with a flow-trained transformer: :class:`_FlowStudent` inside PixArt's loop with
+    :class:`FlowSteps` in place of the scheduler for the duration of the call."""
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        scheduler = self.scheduler
+        # object.__setattr__: a temporary stand-in, not a new pipeline component (see _StudentLoop)
+        object.__setattr__(self, "scheduler", FlowSteps(scheduler))
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            object.__setattr__(self, "scheduler", scheduler)
+
+
+class OneStepPixArtAlphaPipeline(_FlowPixArt, PixArtAlphaPipeline):
+    """PixArtAlphaPipeline sampling the one-step student of a flow-trained PixArt-alpha."""
+
+
+class OneStepPixArtSigmaPipeline(_FlowPixArt, PixArtSigmaPipeline):
+    """PixArtSigmaPipeline sampling the one-step student of a flow-trained PixArt-sigma."""
+
+
 #: teacher pipeline class -> the class here that samples its student
 STUDENT_PIPELINES = {
     "LDMPipeline": OneStepLDMPipeline,
@@ -151,4 +204,9 @@ STUDENT_PIPELINES = {
     "StableDiffusion3Pipeline": OneStepStableDiffusion3Pipeline,
     "FluxPipeline": OneStepFluxPipeline,
     "SanaPipeline": OneStepSanaPipeline,
+}
+#: pipelines whose teacher may be VP (no code ships) or flow-trained: the class here that samples a flow student
+FLOW_STUDENT_PIPELINES = {
+    "PixArtAlphaPipeline": OneStepPixArtAlphaPipeline,
+    "PixArtSigmaPipeline": OneStepPixArtSigmaPipeline,
 }
