@@ -9,6 +9,7 @@ compares each with ``decode(student_sample(G, z, step_sigmas, cond))`` mapped to
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -21,6 +22,8 @@ from diffusers import DiffusionPipeline
 from test_family_denoisers import _text_conditions
 from tiny_pipelines import call_kwargs
 
+from distill.evaluation.text2image import load_prompt_pipeline
+from distill.export import latent_pipeline
 from distill.export.latent import export_latent_student
 from distill.sampling.student import student_sample
 from distill.teachers.calls import flux_pack
@@ -189,6 +192,23 @@ def test_folder_is_the_teachers_with_the_students_denoiser_and_a_card(family, ex
         assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
         assert "trust_remote_code=True" in card
         assert "import distill" not in (folder / "onestep_latent_pipeline.py").read_text()
+
+
+@pytest.mark.parametrize("family", ["pixart_flow", "sd3"])
+def test_toolkit_loads_a_shipped_folder_with_its_own_class(family, exports, pipeline_images):
+    """The evaluation's loader builds the toolkit's copy of the shipped class (no code from the folder runs, no
+    trust_remote_code); its ``__call__`` shows the teacher pipeline's parameters and samples what plain
+    diffusers sampled."""
+    _, _, _, z, folder = exports[family]
+    pipe = load_prompt_pipeline(folder)
+    assert type(pipe) is getattr(latent_pipeline, pipeline_images[family]["pipeline"])
+    params = inspect.signature(pipe.__call__).parameters
+    assert {"prompt", "sigmas", "max_sequence_length"} <= set(params)
+    with torch.no_grad():
+        images = pipe(
+            **call_kwargs(family), latents=z, num_inference_steps=1, guidance_scale=1.0, output_type="pt"
+        )
+    torch.testing.assert_close(images.images, pipeline_images[family]["images"], atol=1e-6, rtol=0)
 
 
 def test_shipped_pipeline_refuses_another_step_count(exports):

@@ -25,6 +25,7 @@ It may import only torch, diffusers and the standard library: plain diffusers ru
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -42,6 +43,21 @@ from diffusers import (
 PIPELINE_MODULE = "onestep_latent_pipeline"
 #: the scheduler config key holding the student's EDM noise levels (flow families; LDM/DiT k-step students)
 STEP_SIGMAS_KEY = "_onestep_step_sigmas"
+
+
+def _calls_like_its_pipeline(cls: type) -> type:
+    """Give ``cls`` a ``__call__`` with its diffusers pipeline's signature (the mixins' take ``*args,
+    **kwargs``), so code that inspects ``pipe.__call__`` (for ``prompt``, ``use_resolution_binning``,
+    ``max_sequence_length``, ...) sees the teacher pipeline's parameters."""
+    pipeline = next(c for c in cls.__mro__ if c.__module__.startswith("diffusers."))
+    call = cls.__call__
+
+    @functools.wraps(pipeline.__call__)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return call(self, *args, **kwargs)
+
+    cls.__call__ = __call__
+    return cls
 
 
 def _one_step(kwargs: dict[str, Any], steps: int) -> None:
@@ -90,7 +106,22 @@ class StudentSteps:
         return out
 
 
-class _StudentLoop:
+class _Shipped:
+    """What every class here shares: ``ThisClass.from_pretrained(folder)`` builds this class (the toolkit's
+    copy, no code from the folder runs) although model_index.json names ``[module, class]``."""
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """The folder's config with ``_class_name`` as a plain name (a ``[module, class]`` pair makes diffusers
+        import the folder's file, and refuse it without ``trust_remote_code``)."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][-1]
+        return out
+
+
+class _StudentLoop(_Shipped):
     """LDM / DiT: run the pipeline's own ``__call__`` with :class:`StudentSteps` in place of its scheduler."""
 
     _scale_first = False
@@ -108,17 +139,19 @@ class _StudentLoop:
             object.__setattr__(self, "scheduler", scheduler)
 
 
+@_calls_like_its_pipeline
 class OneStepLDMPipeline(_StudentLoop, LDMPipeline):
     """LDMPipeline sampling the one-step student (``pipe(generator=..., num_inference_steps=1)``)."""
 
 
+@_calls_like_its_pipeline
 class OneStepDiTPipeline(_StudentLoop, DiTPipeline):
     """DiTPipeline sampling the one-step student (``pipe(class_labels, guidance_scale=1.0, ...)``)."""
 
     _scale_first = True
 
 
-class _FlowStudent:
+class _FlowStudent(_Shipped):
     """SD3 / Flux / Sana / flow PixArt: noise scaled to the student's first flow time, the student's flow
     times as sigmas."""
 
@@ -145,14 +178,17 @@ class _FlowStudent:
         return super().__call__(*args, **kwargs)
 
 
+@_calls_like_its_pipeline
 class OneStepStableDiffusion3Pipeline(_FlowStudent, StableDiffusion3Pipeline):
     """StableDiffusion3Pipeline sampling the one-step student."""
 
 
+@_calls_like_its_pipeline
 class OneStepFluxPipeline(_FlowStudent, FluxPipeline):
     """FluxPipeline sampling the one-step student."""
 
 
+@_calls_like_its_pipeline
 class OneStepSanaPipeline(_FlowStudent, SanaPipeline):
     """SanaPipeline sampling the one-step student."""
 
@@ -189,10 +225,12 @@ class _FlowPixArt(_FlowStudent):
             object.__setattr__(self, "scheduler", scheduler)
 
 
+@_calls_like_its_pipeline
 class OneStepPixArtAlphaPipeline(_FlowPixArt, PixArtAlphaPipeline):
     """PixArtAlphaPipeline sampling the one-step student of a flow-trained PixArt-alpha."""
 
 
+@_calls_like_its_pipeline
 class OneStepPixArtSigmaPipeline(_FlowPixArt, PixArtSigmaPipeline):
     """PixArtSigmaPipeline sampling the one-step student of a flow-trained PixArt-sigma."""
 
