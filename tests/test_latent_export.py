@@ -20,7 +20,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from test_family_denoisers import _text_conditions
-from tiny_pipelines import call_kwargs
+from tiny_pipelines import _update_json, call_kwargs, tiny_pixart
 
 from distill.evaluation.text2image import load_prompt_pipeline
 from distill.export import latent_pipeline
@@ -209,6 +209,30 @@ def test_toolkit_loads_a_shipped_folder_with_its_own_class(family, exports, pipe
             **call_kwargs(family), latents=z, num_inference_steps=1, guidance_scale=1.0, output_type="pt"
         )
     torch.testing.assert_close(images.images, pipeline_images[family]["images"], atol=1e-6, rtol=0)
+
+
+def test_flow_pixart_alpha_k_step_student(tmp_path):
+    """A flow-trained PixArt-alpha teacher's 2-step deterministic student exports as OneStepPixArtAlphaPipeline
+    (in-process, through the toolkit's copy of the class) and samples ``student_sample(..., deterministic=True)``."""
+    teacher = tiny_pixart(tmp_path / "teacher", legacy_class_name=False, flow=True)
+    _update_json(teacher / "model_index.json", _class_name="PixArtAlphaPipeline")  # same components as sigma
+    g = _student(teacher)
+    sigmas = [3.0, 0.5]
+    folder = export_latent_student(
+        g, tmp_path / "student", sigmas, str(teacher), "reflow", {}, deterministic=True
+    )
+    pipe = load_prompt_pipeline(folder)
+    assert type(pipe) is latent_pipeline.OneStepPixArtAlphaPipeline
+    z = _noise(g)
+    with torch.no_grad():
+        got = pipe(
+            **call_kwargs("pixart"), latents=z, num_inference_steps=2, guidance_scale=1.0, output_type="pt"
+        )
+        cond = _text_conditions(DiffusionPipeline.from_pretrained(teacher), "pixart")[0]
+        x0 = student_sample(g, z, sigmas, cond, deterministic=True)
+        want = (LatentCodec.from_teacher(str(teacher)).decode(x0) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(got.images, want, atol=1e-4, rtol=0)
+    assert "num_inference_steps=2, guidance_scale=1.0" in (folder / "README.md").read_text()
 
 
 def test_shipped_pipeline_refuses_another_step_count(exports):
