@@ -2,8 +2,8 @@
 copied into an exported student folder as ``onestep_latent_pipeline.py`` (see ``distill.export.latent``).
 
 A one-step student ``G`` maps ``x = sigma0 * z`` (``z ~ N(0, I)``) to ``x0 = G(x, sigma0, cond)`` in EDM terms.
-Stable Diffusion, SDXL and PixArt get there with a standard ``EulerDiscreteScheduler`` alone; these pipelines
-cannot, so each class below subclasses the teacher's own pipeline and changes only what differs:
+Stable Diffusion, SDXL and VP-trained PixArt get there with a standard ``EulerDiscreteScheduler`` alone; these
+pipelines cannot, so each class below subclasses the teacher's own pipeline and changes only what differs:
 
 * ``LDMPipeline`` reads ``scheduler.init_noise_sigma`` before ``set_timesteps`` (the table's largest sigma, not
   sigma0); ``DiTPipeline`` never scales its noise and steps the *scaled* model input. Both run their own loop
@@ -18,6 +18,10 @@ cannot, so each class below subclasses the teacher's own pipeline and changes on
   loop, which also reads the scheduler's ``init_noise_sigma`` and calls its ``scale_model_input``; the flow
   Euler scheduler has neither, so during ``__call__`` the pipeline sees it behind :class:`FlowSteps`
   (noise scale 1, identity input scaling: flow models take ``x_t`` and the flow time as they are).
+
+Every class keeps its pipeline's ``__call__`` signature (callers inspect it for ``prompt`` and the like), and
+``OneStep...Pipeline.from_pretrained(folder)`` builds that class itself, running no code from the folder (the
+toolkit's evaluation loads folders so).
 
 It may import only torch, diffusers and the standard library: plain diffusers runs it with
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
