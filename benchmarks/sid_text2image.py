@@ -1,17 +1,19 @@
-"""Distil the shipped Fashion-MNIST text-to-image teacher (SD format) with SiD-LSG for M minutes and compare.
+"""Distil a shipped Fashion-MNIST text-to-image teacher with SiD-LSG for M minutes and compare: ``--teacher sd``
+(the SD-format UNet, VP) or ``--teacher flow`` (the PixArt-format flow-matching transformer, ``fashion-flow``).
 
 1. writes the training captions (every template x class name, ``all_captions``) as SiD's prompts file;
-2. measures the teacher pipeline with ``evaluate_pipeline`` (its own scheduler, DDIM, at ``--teacher_steps``
-   steps, CFG = the student's ``--guidance_scale``): FD in a Fashion-MNIST classifier's features, prompt
+2. measures the teacher pipeline with ``evaluate_pipeline`` (its own scheduler: DDIM for sd, DPM-Solver on flow
+   sigmas for flow; at ``--teacher_steps`` steps, CFG = the student's ``--guidance_scale``): FD in a Fashion-MNIST classifier's features, prompt
    alignment (training and held-out wording), precision / recall;
 3. trains SiD for ``--minutes`` of wall time (guidance folded into the student, SiD-LSG);
-4. measures the exported one-step student folder (plain diffusers) the same way: 1 step, CFG 1, same prompts
-   and seeds;
+4. measures the exported one-step student folder the same way: 1 step, CFG 1, same prompts and seeds (sd: the
+   plain StableDiffusionPipeline; flow: the folder's OneStepPixArtSigmaPipeline, as the toolkit's own class);
 5. prints ``RESULT teacher=sd teacher_fd=.. teacher_align=.. student_fd=.. student_align=..
    student_align_heldout=.. ratio=.. images=.. guidance_scale=..`` (ratio = student_fd / teacher_fd at the
    first of ``--teacher_steps``) and writes a grid of teacher (top) vs. student (bottom) samples.
 
     python benchmarks/sid_text2image.py --teacher sd --minutes 30
+    python benchmarks/sid_text2image.py --teacher flow --minutes 30
     python benchmarks/sid_text2image.py --teacher sd --minutes 8 --eval_samples 500 --guidance_scale 2
     python benchmarks/sid_text2image.py --teacher sd --minutes 30 --student lora lr_generator=3e-4
 """
@@ -34,8 +36,8 @@ from engine.trainer import Trainer
 from recipes.sid import SiDConfig, SiDRecipe
 
 #: --teacher NAME -> the recipes' teacher spec
-TEACHERS = {"sd": "fashion-sd"}
-#: a small-model SiD setting for the 2.7M-parameter teacher (the rest are SiD-LSG's defaults)
+TEACHERS = {"sd": "fashion-sd", "flow": "fashion-flow"}
+#: a small-model SiD setting for the few-million-parameter teachers (the rest are SiD-LSG's defaults)
 SMALL_MODEL = dict(
     batch_size=32,
     lr_generator=1e-4,

@@ -57,11 +57,11 @@ def _text_conditions(pipe, family: str) -> tuple[Condition, Condition]:
             Condition(encoder_hidden_states=pe, model_kwargs={"pooled_projections": pp}),
             Condition(encoder_hidden_states=ne, model_kwargs={"pooled_projections": npp}),
         )
-    if family in ("pixart", "sana"):
+    if family in ("pixart", "pixart_flow", "sana"):
         # the text options the pipeline's __call__ passes by default (Sana's complex_human_instruction)
         defaults = inspect.signature(type(pipe).__call__).parameters
         options = {k: defaults[k].default for k in ("complex_human_instruction",) if k in defaults}
-        options |= {"clean_caption": False} if family == "pixart" else {}
+        options |= {"clean_caption": False} if family.startswith("pixart") else {}
         pe, pm, ne, nm = pipe.encode_prompt(prompt, True, device="cpu", **options)
         return (
             Condition(encoder_hidden_states=pe, model_kwargs={"encoder_attention_mask": pm}),

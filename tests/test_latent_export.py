@@ -9,6 +9,7 @@ compares each with ``decode(student_sample(G, z, step_sigmas, cond))`` mapped to
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -19,8 +20,10 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from test_family_denoisers import _text_conditions
-from tiny_pipelines import call_kwargs
+from tiny_pipelines import _update_json, call_kwargs, tiny_pixart
 
+from distill.evaluation.text2image import load_prompt_pipeline
+from distill.export import latent_pipeline
 from distill.export.latent import export_latent_student
 from distill.sampling.student import student_sample
 from distill.teachers.calls import flux_pack
@@ -29,7 +32,7 @@ from distill.teachers.latents import LatentCodec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ("sd", "sd_v", "sdxl", "pixart", "ldm_vq", "dit", "sd3", "flux", "sana")
+FAMILIES = ("sd", "sd_v", "sdxl", "pixart", "pixart_flow", "ldm_vq", "dit", "sd3", "flux", "sana")
 SIGMA0 = {"flow": 3.0, "vp": 2.5}  # not table sigmas: the timestep is fractional
 #: families whose pipeline draws its own noise from a generator (no latents argument)
 GENERATOR_ONLY = ("ldm_vq", "dit")
@@ -163,10 +166,11 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "flux", "pixart_flow"])
 def test_folder_is_the_teachers_with_the_students_denoiser_and_a_card(family, exports):
     teacher, g, sigmas, _, folder = exports[family]
     denoiser = "unet" if family == "sdxl" else "transformer"
+    shipped = {"flux": "OneStepFluxPipeline", "pixart_flow": "OneStepPixArtSigmaPipeline"}
     index = json.loads((folder / "model_index.json").read_text())
     for name, value in json.loads((teacher / "model_index.json").read_text()).items():
         if isinstance(value, list) and value[0] is not None and name not in (denoiser, "scheduler"):
@@ -184,9 +188,51 @@ def test_folder_is_the_teachers_with_the_students_denoiser_and_a_card(family, ex
         assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
         assert not (folder / "onestep_latent_pipeline.py").exists()
     else:
-        assert index["_class_name"] == ["onestep_latent_pipeline", "OneStepFluxPipeline"]
+        assert index["_class_name"] == ["onestep_latent_pipeline", shipped[family]]
+        assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
         assert "trust_remote_code=True" in card
         assert "import distill" not in (folder / "onestep_latent_pipeline.py").read_text()
+
+
+@pytest.mark.parametrize("family", ["pixart_flow", "sd3"])
+def test_toolkit_loads_a_shipped_folder_with_its_own_class(family, exports, pipeline_images):
+    """The evaluation's loader builds the toolkit's copy of the shipped class (no code from the folder runs, no
+    trust_remote_code); its ``__call__`` shows the teacher pipeline's parameters and samples what plain
+    diffusers sampled."""
+    _, _, _, z, folder = exports[family]
+    pipe = load_prompt_pipeline(folder)
+    assert type(pipe) is getattr(latent_pipeline, pipeline_images[family]["pipeline"])
+    params = inspect.signature(pipe.__call__).parameters
+    assert {"prompt", "sigmas", "max_sequence_length"} <= set(params)
+    with torch.no_grad():
+        images = pipe(
+            **call_kwargs(family), latents=z, num_inference_steps=1, guidance_scale=1.0, output_type="pt"
+        )
+    torch.testing.assert_close(images.images, pipeline_images[family]["images"], atol=1e-6, rtol=0)
+
+
+def test_flow_pixart_alpha_k_step_student(tmp_path):
+    """A flow-trained PixArt-alpha teacher's 2-step deterministic student exports as OneStepPixArtAlphaPipeline
+    (in-process, through the toolkit's copy of the class) and samples ``student_sample(..., deterministic=True)``."""
+    teacher = tiny_pixart(tmp_path / "teacher", legacy_class_name=False, flow=True)
+    _update_json(teacher / "model_index.json", _class_name="PixArtAlphaPipeline")  # same components as sigma
+    g = _student(teacher)
+    sigmas = [3.0, 0.5]
+    folder = export_latent_student(
+        g, tmp_path / "student", sigmas, str(teacher), "reflow", {}, deterministic=True
+    )
+    pipe = load_prompt_pipeline(folder)
+    assert type(pipe) is latent_pipeline.OneStepPixArtAlphaPipeline
+    z = _noise(g)
+    with torch.no_grad():
+        got = pipe(
+            **call_kwargs("pixart"), latents=z, num_inference_steps=2, guidance_scale=1.0, output_type="pt"
+        )
+        cond = _text_conditions(DiffusionPipeline.from_pretrained(teacher), "pixart")[0]
+        x0 = student_sample(g, z, sigmas, cond, deterministic=True)
+        want = (LatentCodec.from_teacher(str(teacher)).decode(x0) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(got.images, want, atol=1e-4, rtol=0)
+    assert "num_inference_steps=2, guidance_scale=1.0" in (folder / "README.md").read_text()
 
 
 def test_shipped_pipeline_refuses_another_step_count(exports):
@@ -206,4 +252,7 @@ def test_refusals_are_named_before_writing(exports, tiny_pipeline_dir, tmp_path)
         ValueError, match="StableDiffusion3Pipeline students need a flow denoiser, got 'vp-eps"
     ):
         export_latent_student(g, tmp_path / "c", [2.5], str(tiny_pipeline_dir("sd3")), "SiD", {})
+    # a PixArt teacher's kind (read from its scheduler) decides: a flow-trained one needs a flow student
+    with pytest.raises(ValueError, match="PixArtSigmaPipeline students need a flow denoiser, got 'vp-eps"):
+        export_latent_student(g, tmp_path / "d", [2.5], str(tiny_pipeline_dir("pixart_flow")), "SiD", {})
     assert not any(tmp_path.iterdir())

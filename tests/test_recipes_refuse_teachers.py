@@ -19,6 +19,7 @@ LATENT_FAMILIES = {
     "sdxl": "StableDiffusionXLPipeline (sdxl)",
     "sd3": "StableDiffusion3Pipeline (sd3)",
     "pixart": "PixArtAlphaPipeline (pixart)",
+    "pixart_flow": "PixArtSigmaPipeline (pixart)",
     "sana": "SanaPipeline (sana)",
     "flux": "FluxPipeline (flux)",
     "dit": "DiTPipeline (dit)",

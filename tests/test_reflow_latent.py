@@ -32,8 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["a photo of a cat", "a red car in the city", "a dog sitting on the grass"]
 GUIDANCE = 2.0
-#: the distilled students' steps: DiT's exports as a 2-step deterministic student
-NUM_STEPS = {"dit": 2, "sd": 1}
+#: the distilled students' steps: DiT's exports as a 2-step deterministic student; the flow-trained PixArt's
+#: one-step student exports through the shipped OneStepPixArtSigmaPipeline
+NUM_STEPS = {"dit": 2, "sd": 1, "pixart_flow": 1}
 FAST = [
     "--num_pairs", "4", "--pairs_shard_size", "4", "--pairs_batch_size", "4", "--pairs_nfe", "3",
     "--batch_size", "2", "--reflow_steps", "2", "--distill_steps", "2", "--eval_samples", "4",
@@ -61,7 +62,7 @@ def runs(tiny_pipeline_dir, prompt_file, tmp_path_factory):
     """family -> (teacher, output folder, summary, image shapes logged) of a ``--stage all`` run."""
     root = tmp_path_factory.mktemp("reflow_latent")
     out = {}
-    for family in ("dit", "sd"):
+    for family in NUM_STEPS:
         shapes: list[tuple[int, ...]] = []
         original = Trainer.log_images
 
@@ -72,7 +73,7 @@ def runs(tiny_pipeline_dir, prompt_file, tmp_path_factory):
         Trainer.log_images = spy
         try:
             teacher = tiny_pipeline_dir(family)
-            args = _args(teacher, root / family, prompt_file if family == "sd" else None, root / "cache")
+            args = _args(teacher, root / family, None if family == "dit" else prompt_file, root / "cache")
             summary = reflow_recipe.main(args + ["--num_steps", str(NUM_STEPS[family])])
         finally:
             Trainer.log_images = original
@@ -159,9 +160,9 @@ def test_training_conditions_are_the_pairs_prompt_embeddings(runs, prompt_file, 
     torch.testing.assert_close(got, (v - (z - x)).square().mean())
 
 
-#: k-step deterministic exports: a standard pipeline (levels passed as sigmas), LDM/DiT's and a flow family's
-#: shipped subclass
-MULTI_STEP = ("sd", "dit", "sd3")
+#: k-step deterministic exports: a standard pipeline (levels passed as sigmas), LDM/DiT's and the flow families'
+#: shipped subclasses (SD3's; a flow-trained PixArt's, whose own loop also scales the model input)
+MULTI_STEP = ("sd", "dit", "sd3", "pixart_flow")
 STEPS = 3
 
 
@@ -245,13 +246,15 @@ def _noise(channels: int = 4) -> torch.Tensor:
     )  # = DiT's draw from seed 0
 
 
-@pytest.mark.parametrize("family", ["dit", "sd"])
+@pytest.mark.parametrize("family", list(NUM_STEPS))
 def test_plain_diffusers_samples_the_reflow_student(family, runs, plain_images):
     teacher, folder, summary, _ = runs[family]
     student = Denoiser.from_pretrained(folder / "distill" / "student").eval()
     if family == "sd":
         pipe = DiffusionPipeline.from_pretrained(teacher).to(torch.float32)
         cond = Condition(encoder_hidden_states=pipe.encode_prompt(PROMPTS[0], "cpu", 1, False)[0])
+    elif family == "pixart_flow":
+        cond = _text_conditions(DiffusionPipeline.from_pretrained(teacher).to(torch.float32), family)[0]
     else:
         cond = Condition(class_labels=torch.tensor(call_kwargs("dit")["class_labels"]))
     sigmas = flow_sigmas(NUM_STEPS[family], summary["distill"]["sigma_max"])

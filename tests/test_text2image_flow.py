@@ -297,11 +297,10 @@ def test_shipped_fashion_flow_teacher_generates_its_prompted_class(tmp_path, mon
 @pytest.mark.slow
 def test_sid_trains_two_steps_on_the_shipped_flow_teacher(tmp_path, monkeypatch):
     """``--teacher fashion-flow --prompts FILE``: SiD trains on the transformer teacher (flow objective, PixArt's
-    own prompt encoding, samples decoded by the borrowed VAE) with ``student: lora`` (an adapter, no pipeline
-    export). The full student's export is not there yet: distill/export/latent.py exports PixArt students as VP
-    only (FLOW_PIPELINES has no PixArt), and PixArt's loop needs a flow scheduler with ``scale_model_input`` and
-    the student's start noise; the full student is refused at start-up, before the teacher loads (pinned here,
-    so that the export's fix updates this test)."""
+    own prompt encoding, samples decoded by the borrowed VAE). The full student exports as the teacher's folder
+    with ``OneStepPixArtSigmaPipeline`` (distill/export/latent_pipeline.py), which plain diffusers loads and
+    calls as PixArt is called; ``student: lora`` writes an adapter (no pipeline export)."""
+    from distill.evaluation.text2image import load_prompt_pipeline
     from distill.fashion_mnist import all_captions
     from recipes.sid import main
 
@@ -310,12 +309,32 @@ def test_sid_trains_two_steps_on_the_shipped_flow_teacher(tmp_path, monkeypatch)
     monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(c for k in range(10) for c in all_captions(k)[:2]) + "\n")
-    out = tmp_path / "sid"
     args = ["--teacher", "fashion-flow", "--prompts", str(prompts), "--max_steps", "2", "--batch_size", "2",
             "--progress_bar", "false", "--eval_every", "0"]  # fmt: skip
-    with pytest.raises(NotImplementedError, match="flow PixArtSigmaPipeline; its students export as vp only"):
-        main([*args, "--output_dir", str(tmp_path / "refused")])
-    assert not (tmp_path / "refused" / "samples").exists()  # refused before any training
-    main([*args, "--output_dir", str(out), "--student", "lora"])
-    assert (out / "samples").is_dir() and any((out / "samples").iterdir())  # the 2 steps ran and sampled
-    assert (out / "student" / "adapter_config.json").is_file()
+    full = tmp_path / "full"
+    main([*args, "--output_dir", str(full)])
+    assert (full / "samples").is_dir() and any((full / "samples").iterdir())  # the 2 steps ran and sampled
+    student = full / "student"
+    index = json.loads((student / "model_index.json").read_text())
+    assert index["_class_name"] == ["onestep_latent_pipeline", "OneStepPixArtSigmaPipeline"]
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    pipe = DiffusionPipeline.from_pretrained(student, trust_remote_code=True)
+    assert type(pipe).__name__ == "OneStepPixArtSigmaPipeline"
+    assert (
+        pipeline.pipeline_call_defaults(pipe) == NO_BINNING
+    )  # PixArt's parameters, seen through the subclass
+    pipe.set_progress_bar_config(disable=True)
+    prompts4 = ["a photo of a trouser", "a photo of a bag", "a photo of a sneaker", "a photo of a dress"]
+    out = pipe(prompts4, num_inference_steps=1, guidance_scale=1.0, output_type="pt",
+               generator=[torch.Generator().manual_seed(i) for i in range(4)], **NO_BINNING).images  # fmt: skip
+    assert out.shape == (4, 1, 32, 32) and torch.isfinite(out).all() and out.std() > 0
+    # the evaluation loads the same folder with the toolkit's copy of the class (no code from the folder)
+    evaluated = load_prompt_pipeline(student)
+    again = evaluated(prompts4, num_inference_steps=1, guidance_scale=1.0, output_type="pt",
+                      generator=[torch.Generator().manual_seed(i) for i in range(4)], **NO_BINNING).images  # fmt: skip
+    torch.testing.assert_close(again, out)
+
+    lora = tmp_path / "lora"
+    main([*args, "--output_dir", str(lora), "--student", "lora"])
+    assert (lora / "samples").is_dir() and any((lora / "samples").iterdir())
+    assert (lora / "student" / "adapter_config.json").is_file()

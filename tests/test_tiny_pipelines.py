@@ -54,6 +54,11 @@ LAYOUT = {
         {"transformer": "PixArtTransformer2DModel", "text_encoder": "T5EncoderModel"},
         {("transformer", "in_channels"): 4, ("transformer", "out_channels"): 8},
     ),
+    "pixart_flow": (  # flow-trained, as fashion-flow: no learned sigma, DPM-Solver on flow sigmas
+        "PixArtSigmaPipeline",
+        {"transformer": "PixArtTransformer2DModel", "scheduler": "DPMSolverMultistepScheduler"},
+        {("transformer", "out_channels"): 4, ("scheduler", "prediction_type"): "flow_prediction"},
+    ),
     "sana": (
         "SanaPipeline",
         {"text_encoder": "Gemma2Model", "tokenizer": "GemmaTokenizer", "vae": "AutoencoderDC"},

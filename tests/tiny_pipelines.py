@@ -38,6 +38,7 @@ from diffusers import (
     FluxTransformer2DModel,
     LDMPipeline,
     PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     PNDMScheduler,
     SanaPipeline,
@@ -399,10 +400,13 @@ def tiny_sd3(folder: Path | str, seed: int = 0) -> Path:
     return _save(pipe, folder)
 
 
-def tiny_pixart(folder: Path | str, legacy_class_name: bool = True, seed: int = 0) -> Path:
+def tiny_pixart(
+    folder: Path | str, legacy_class_name: bool = True, seed: int = 0, flow: bool = False
+) -> Path:
     """PixArtAlphaPipeline: PixArtTransformer2DModel (ada_norm_single) with learned sigma (8 = 2 x 4 output
     channels), a T5 encoder, DPM-Solver++ as PixArt-alpha/PixArt-XL-2-1024-MS; ``legacy_class_name`` writes
-    the hub's ``Transformer2DModel`` class name."""
+    the hub's ``Transformer2DModel`` class name. ``flow``: a flow-matching PixArtSigmaPipeline instead, as the
+    shipped ``fashion-flow`` teacher (4 output channels, DPM-Solver on flow sigmas with ``flow_prediction``)."""
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
         sample_size=IMAGE_SIZE // 2,
@@ -412,7 +416,7 @@ def tiny_pixart(folder: Path | str, legacy_class_name: bool = True, seed: int = 
         num_attention_heads=3,
         caption_channels=TEXT_DIM,
         in_channels=4,
-        out_channels=8,
+        out_channels=4 if flow else 8,
         cross_attention_dim=24,
         attention_bias=True,
         activation_fn="gelu-approximate",
@@ -422,12 +426,17 @@ def tiny_pixart(folder: Path | str, legacy_class_name: bool = True, seed: int = 
         norm_eps=1e-6,
     ).eval()
     tokenizer = t5_tokenizer()
-    pipe = PixArtAlphaPipeline(
+    scheduler = (
+        DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=2.0)
+        if flow
+        else DPMSolverMultistepScheduler()
+    )
+    pipe = (PixArtSigmaPipeline if flow else PixArtAlphaPipeline)(
         tokenizer=tokenizer,
         text_encoder=t5_text_encoder(tokenizer, seed=seed),
         vae=kl_vae(seed=seed),
         transformer=transformer,
-        scheduler=DPMSolverMultistepScheduler(),
+        scheduler=scheduler,
     )
     folder = _save(pipe, folder)
     if legacy_class_name:
@@ -592,6 +601,7 @@ FAMILIES: dict[str, Callable[[Path | str], Path]] = {
     "sdxl": tiny_sdxl,
     "sd3": tiny_sd3,
     "pixart": tiny_pixart,
+    "pixart_flow": partial(tiny_pixart, legacy_class_name=False, flow=True),
     "sana": tiny_sana,
     "flux": tiny_flux,
     "dit": tiny_dit,
@@ -606,7 +616,7 @@ IMAGE_SIZES: dict[str, int] = {
     "sana": SANA_IMAGE_SIZE,
     "ddpm": PIXEL_SIZE,
 }
-PROMPT_FAMILIES = ("sd", "sd_v", "sdxl", "sd3", "pixart", "sana", "flux")
+PROMPT_FAMILIES = ("sd", "sd_v", "sdxl", "sd3", "pixart", "pixart_flow", "sana", "flux")
 
 
 def call_kwargs(family: str, condition: str | int | None = None) -> dict:
@@ -621,8 +631,8 @@ def call_kwargs(family: str, condition: str | int | None = None) -> dict:
     if family not in PROMPT_FAMILIES:
         return {}
     kwargs: dict = {"prompt": "a photo of a cat" if condition is None else str(condition)}
-    if family in ("pixart", "sana", "flux"):
+    if family in ("pixart", "pixart_flow", "sana", "flux"):
         kwargs.update(height=IMAGE_SIZES[family], width=IMAGE_SIZES[family])
-    if family in ("pixart", "sana"):
+    if family in ("pixart", "pixart_flow", "sana"):
         kwargs["use_resolution_binning"] = False
     return kwargs

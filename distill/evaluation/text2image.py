@@ -424,12 +424,25 @@ def tracker_kwargs(
 
 
 def load_prompt_pipeline(folder: str | Path, device: str | torch.device = "cpu"):
-    """Any ``DiffusionPipeline`` folder whose ``__call__`` takes ``prompt`` (``ValueError`` otherwise)."""
+    """Any ``DiffusionPipeline`` folder whose ``__call__`` takes ``prompt`` (``ValueError`` otherwise). A latent
+    student folder that ships the toolkit's pipeline file (``onestep_latent_pipeline.py``: flow PixArt, SD3,
+    Sana, ...) loads with the toolkit's own copy of that class, so no code from the folder runs."""
     from diffusers import DiffusionPipeline
 
-    if not (Path(folder) / "model_index.json").is_file():
+    from distill.export import latent_pipeline
+
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = DiffusionPipeline.from_pretrained(str(folder)).to(device)
+    name = json.loads(index.read_text()).get("_class_name")
+    cls = DiffusionPipeline
+    if isinstance(name, list) and name[0] == latent_pipeline.PIPELINE_MODULE:
+        cls = getattr(latent_pipeline, name[1], None)
+        if cls is None:
+            raise ValueError(
+                f"{str(folder)!r} names {name}; {latent_pipeline.PIPELINE_MODULE} has no such class"
+            )
+    pipe = cls.from_pretrained(str(folder)).to(device)
     if "prompt" not in inspect.signature(pipe.__call__).parameters:
         raise ValueError(
             f"{type(pipe).__name__} in {str(folder)!r} takes no `prompt`: text-to-image metrics need a "

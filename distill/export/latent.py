@@ -5,22 +5,25 @@ denoiser (``unet/`` or ``transformer/``: the student's weights) and the schedule
 the teacher's pipeline, called as usual with ``num_inference_steps=1`` and ``guidance_scale=1`` (the student was
 distilled with guidance), computes exactly ``student_sample(G, z, step_sigmas, cond)`` from its noise ``z``:
 
-* Stable Diffusion (1.x/2.x), SDXL, PixArt: ``EulerDiscreteScheduler`` from the teacher's config with
-  ``timestep_spacing="trailing"``, ``use_karras_sigmas=True`` and ``sigma_min = sigma_max = sigma0``. One step has
-  sigmas ``[sigma0, 0]``, ``init_noise_sigma = sigma0``, the fractional timestep of sigma0 by the log-sigma
-  interpolation the Denoiser uses, model input ``x / sqrt(1 + sigma0^2)`` and an Euler step to sigma 0, i.e. x0.
-  No code ships: ``DiffusionPipeline.from_pretrained(folder)``.
-* LDM, DiT (same scheduler) and SD3, Flux, Sana (unshifted ``FlowMatchEulerDiscreteScheduler`` at the student's
-  flow time ``t0 = sigma0 / (1 + sigma0)``): their pipelines start from noise the student does not, so a subclass
-  of the teacher's pipeline ships in the folder (:mod:`distill.export.latent_pipeline`, as
-  ``onestep_latent_pipeline.py``); load with ``trust_remote_code=True``.
+* Stable Diffusion (1.x/2.x), SDXL, VP-trained PixArt: ``EulerDiscreteScheduler`` from the teacher's config
+  with ``timestep_spacing="trailing"``, ``use_karras_sigmas=True`` and ``sigma_min = sigma_max = sigma0``. One
+  step has sigmas ``[sigma0, 0]``, ``init_noise_sigma = sigma0``, the fractional timestep of sigma0 by the
+  log-sigma interpolation the Denoiser uses, model input ``x / sqrt(1 + sigma0^2)`` and an Euler step to sigma 0,
+  i.e. x0. No code ships: ``DiffusionPipeline.from_pretrained(folder)``.
+* LDM, DiT (same scheduler) and SD3, Flux, Sana and flow-trained PixArt (unshifted
+  ``FlowMatchEulerDiscreteScheduler`` at the student's flow time ``t0 = sigma0 / (1 + sigma0)``): their
+  pipelines start from noise the student does not (PixArt's loop also expects a VP scheduler's
+  ``init_noise_sigma`` and ``scale_model_input``), so a subclass of the teacher's pipeline ships in the folder
+  (:mod:`distill.export.latent_pipeline`, as ``onestep_latent_pipeline.py``); load with
+  ``trust_remote_code=True``. Whether a PixArt teacher is flow or VP is read from its scheduler config
+  (``TeacherFamily.parameterization``), as the Denoiser reads it.
 
 A k-step student exports this way only when it steps *deterministically* (``deterministic=True``: rectified
 flow's Euler ``x' = x0 + s' (x - x0) / s``, which is exactly what both Euler schedulers do between the given
-noise levels): SD3/Flux/Sana and LDM/DiT through the shipped subclass (the levels in the scheduler config),
-SD/SDXL/PixArt by passing the levels as the pipeline's own ``sigmas`` argument (shown in the card's usage:
-``sigmas=[s0, ..., s_{k-1}, 0.0]``). A k-step SiD student re-noises with fresh noise between steps, which no
-diffusers scheduler does: refused.
+noise levels): SD3/Flux/Sana/flow PixArt and LDM/DiT through the shipped subclass (the levels in the
+scheduler config), SD/SDXL/VP PixArt by passing the levels as the pipeline's own ``sigmas`` argument (shown in
+the card's usage: ``sigmas=[s0, ..., s_{k-1}, 0.0]``). A k-step SiD student re-noises with fresh noise between
+steps, which no diffusers scheduler does: refused.
 """
 
 from __future__ import annotations
@@ -40,13 +43,15 @@ from distill.teachers.denoiser import Denoiser
 from distill.teachers.families import MODEL_INDEX, TeacherFamily, describe_teacher_source
 from distill.teachers.loading import resolve_teacher_path
 
-#: teacher pipelines whose own class samples the student with the exported Euler scheduler alone
+#: teacher pipelines whose own class samples the student with the exported Euler scheduler alone (VP teachers;
+#: a flow-trained PixArt's student needs latent_pipeline.FLOW_STUDENT_PIPELINES)
 STANDARD_PIPELINES = (
     "StableDiffusionPipeline",
     "StableDiffusionXLPipeline",
     "PixArtAlphaPipeline",
     "PixArtSigmaPipeline",
 )
+#: pipelines whose teachers are always flow-trained
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline", "SanaPipeline")
 SUPPORTED = STANDARD_PIPELINES + tuple(latent_pipeline.STUDENT_PIPELINES)
 
@@ -86,6 +91,23 @@ def flow_student_scheduler(
     return scheduler
 
 
+def student_kinds(pipeline_class: str) -> tuple[str, ...]:
+    """The Denoiser kinds (``vp``/``flow``) of the teachers of ``pipeline_class`` whose students export."""
+    if pipeline_class in FLOW_PIPELINES:
+        return ("flow",)
+    if pipeline_class in latent_pipeline.FLOW_STUDENT_PIPELINES:
+        return ("vp", "flow")
+    return ("vp",)
+
+
+def shipped_pipeline(pipeline_class: str, flow: bool) -> type | None:
+    """The :mod:`~distill.export.latent_pipeline` class an export of a (``flow``) ``pipeline_class`` teacher's
+    student ships, or None where the teacher's own class samples it (VP SD, SDXL, PixArt)."""
+    if flow and pipeline_class in latent_pipeline.FLOW_STUDENT_PIPELINES:
+        return latent_pipeline.FLOW_STUDENT_PIPELINES[pipeline_class]
+    return latent_pipeline.STUDENT_PIPELINES.get(pipeline_class)
+
+
 def _usage(pipeline_class: str, trust: bool, steps: list[float] | None = None) -> str:
     """The card's call; ``steps``: a k-step student's noise levels (k > 1), passed as ``sigmas`` where the
     standard pipelines need them."""
@@ -94,7 +116,7 @@ def _usage(pipeline_class: str, trust: bool, steps: list[float] | None = None) -
         call = f"image = pipe(class_labels=[207], num_inference_steps={n}, guidance_scale=1.0).images[0]"
     elif pipeline_class == "LDMPipeline":
         call = f"image = pipe(num_inference_steps={n}).images[0]"
-    elif n > 1 and pipeline_class in STANDARD_PIPELINES:
+    elif n > 1 and not trust:
         sigmas = ", ".join(f"{s!r}" for s in [*steps, 0.0])
         call = (
             f"# the student's {n} noise levels, then 0 (deterministic Euler between them)\n"
@@ -146,11 +168,11 @@ def check_latent_export(family: TeacherFamily, num_steps: int, deterministic: bo
             f"export_latent_student: teacher {family.source!r} has pipeline {family.pipeline_class!r} "
             f"({family.family}); latent students export for {list(SUPPORTED)} only"
         )
-    flow = family.pipeline_class in FLOW_PIPELINES
-    if (family.parameterization == "flow") != flow:
+    kinds = student_kinds(family.pipeline_class)
+    if str(family.parameterization).split("-")[0] not in kinds:  # vp-epsilon -> vp
         raise NotImplementedError(
             f"export_latent_student: teacher {family.source!r} is a {family.parameterization} "
-            f"{family.pipeline_class}; its students export as {'flow' if flow else 'vp'} only (no exported "
+            f"{family.pipeline_class}; its students export as {' or '.join(kinds)} only (no exported "
             f"pipeline samples a {family.parameterization} {family.pipeline_class} student yet)"
         )
     return family
@@ -169,8 +191,8 @@ def export_latent_student(
     deterministic: bool = False,
 ) -> Path:
     """Write ``folder``: the teacher's pipeline folder with the student as its denoiser and a scheduler (plus,
-    for LDM/DiT/SD3/Flux/Sana, ``onestep_latent_pipeline.py``) under which the teacher's pipeline samples
-    ``student_sample(generator, z, step_sigmas, cond)``; README.md is the model card (+ samples.png).
+    for LDM/DiT/SD3/Flux/Sana/flow PixArt, ``onestep_latent_pipeline.py``) under which the teacher's pipeline
+    samples ``student_sample(generator, z, step_sigmas, cond)``; README.md is the model card (+ samples.png).
 
     ``teacher`` is the teacher as the recipe got it (a local pipeline folder or a Hub id); ``generator`` is the
     student, a copy of the teacher's denoiser. Raises ``NotImplementedError`` for a multi-step student or a
@@ -188,7 +210,8 @@ def export_latent_student(
         describe_teacher_source(resolve_teacher_path(teacher)).require(), len(steps), deterministic
     )
     pipeline_class = family.pipeline_class
-    flow = pipeline_class in FLOW_PIPELINES
+    flow = family.parameterization == "flow"
+    shipped = shipped_pipeline(pipeline_class, flow)
     if generator.kind != ("flow" if flow else "vp"):
         raise ValueError(
             f"export_latent_student: {pipeline_class} students need a {'flow' if flow else 'vp'} denoiser, got "
@@ -215,22 +238,20 @@ def export_latent_student(
         scheduler = flow_student_scheduler(generator.num_train_timesteps, steps)
     else:
         scheduler = vp_student_scheduler(dict(generator.scheduler_config), steps[0], steps[-1])
-        if (
-            len(steps) > 1 and pipeline_class not in STANDARD_PIPELINES
-        ):  # LDM/DiT: the shipped loop reads them
+        if len(steps) > 1 and shipped is not None:  # LDM/DiT: the shipped loop reads them
             scheduler.register_to_config(**{latent_pipeline.STEP_SIGMAS_KEY: steps})
     if (folder / "scheduler").exists():
         shutil.rmtree(folder / "scheduler")
     scheduler.save_pretrained(str(folder / "scheduler"))
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
 
-    trust = pipeline_class not in STANDARD_PIPELINES
+    trust = shipped is not None
     code = folder / f"{latent_pipeline.PIPELINE_MODULE}.py"
     if trust:
         shutil.copyfile(latent_pipeline.__file__, code)
         index["_class_name"] = [
             latent_pipeline.PIPELINE_MODULE,
-            latent_pipeline.STUDENT_PIPELINES[pipeline_class].__name__,
+            shipped.__name__,
         ]
     else:
         code.unlink(missing_ok=True)

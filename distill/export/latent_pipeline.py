@@ -2,8 +2,8 @@
 copied into an exported student folder as ``onestep_latent_pipeline.py`` (see ``distill.export.latent``).
 
 A one-step student ``G`` maps ``x = sigma0 * z`` (``z ~ N(0, I)``) to ``x0 = G(x, sigma0, cond)`` in EDM terms.
-Stable Diffusion, SDXL and PixArt get there with a standard ``EulerDiscreteScheduler`` alone; these pipelines
-cannot, so each class below subclasses the teacher's own pipeline and changes only what differs:
+Stable Diffusion, SDXL and VP-trained PixArt get there with a standard ``EulerDiscreteScheduler`` alone; these
+pipelines cannot, so each class below subclasses the teacher's own pipeline and changes only what differs:
 
 * ``LDMPipeline`` reads ``scheduler.init_noise_sigma`` before ``set_timesteps`` (the table's largest sigma, not
   sigma0); ``DiTPipeline`` never scales its noise and steps the *scaled* model input. Both run their own loop
@@ -14,6 +14,14 @@ cannot, so each class below subclasses the teacher's own pipeline and changes on
   student's flow times as the pipeline's own ``sigmas`` argument (the scheduler is an unshifted
   ``FlowMatchEulerDiscreteScheduler``; its config keeps the student's noise levels under
   :data:`STEP_SIGMAS_KEY`).
+* PixArt-alpha/-sigma trained with the flow objective (VP PixArt needs no code): the same, through PixArt's own
+  loop, which also reads the scheduler's ``init_noise_sigma`` and calls its ``scale_model_input``; the flow
+  Euler scheduler has neither, so during ``__call__`` the pipeline sees it behind :class:`FlowSteps`
+  (noise scale 1, identity input scaling: flow models take ``x_t`` and the flow time as they are).
+
+Every class keeps its pipeline's ``__call__`` signature (callers inspect it for ``prompt`` and the like), and
+``OneStep...Pipeline.from_pretrained(folder)`` builds that class itself, running no code from the folder (the
+toolkit's evaluation loads folders so).
 
 It may import only torch, diffusers and the standard library: plain diffusers runs it with
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
@@ -21,15 +29,39 @@ It may import only torch, diffusers and the standard library: plain diffusers ru
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
-from diffusers import DiTPipeline, FluxPipeline, LDMPipeline, SanaPipeline, StableDiffusion3Pipeline
+from diffusers import (
+    DiTPipeline,
+    FluxPipeline,
+    LDMPipeline,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    SanaPipeline,
+    StableDiffusion3Pipeline,
+)
 
 #: this file's name (without .py) inside an exported folder: model_index.json's ``_class_name[0]``
 PIPELINE_MODULE = "onestep_latent_pipeline"
 #: the scheduler config key holding the student's EDM noise levels (flow families; LDM/DiT k-step students)
 STEP_SIGMAS_KEY = "_onestep_step_sigmas"
+
+
+def _calls_like_its_pipeline(cls: type) -> type:
+    """Give ``cls`` a ``__call__`` with its diffusers pipeline's signature (the mixins' take ``*args,
+    **kwargs``), so code that inspects ``pipe.__call__`` (for ``prompt``, ``use_resolution_binning``,
+    ``max_sequence_length``, ...) sees the teacher pipeline's parameters."""
+    pipeline = next(c for c in cls.__mro__ if c.__module__.startswith("diffusers."))
+    call = cls.__call__
+
+    @functools.wraps(pipeline.__call__)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return call(self, *args, **kwargs)
+
+    cls.__call__ = __call__
+    return cls
 
 
 def _one_step(kwargs: dict[str, Any], steps: int) -> None:
@@ -78,7 +110,22 @@ class StudentSteps:
         return out
 
 
-class _StudentLoop:
+class _Shipped:
+    """What every class here shares: ``ThisClass.from_pretrained(folder)`` builds this class (the toolkit's
+    copy, no code from the folder runs) although model_index.json names ``[module, class]``."""
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """The folder's config with ``_class_name`` as a plain name (a ``[module, class]`` pair makes diffusers
+        import the folder's file, and refuse it without ``trust_remote_code``)."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][-1]
+        return out
+
+
+class _StudentLoop(_Shipped):
     """LDM / DiT: run the pipeline's own ``__call__`` with :class:`StudentSteps` in place of its scheduler."""
 
     _scale_first = False
@@ -96,18 +143,21 @@ class _StudentLoop:
             object.__setattr__(self, "scheduler", scheduler)
 
 
+@_calls_like_its_pipeline
 class OneStepLDMPipeline(_StudentLoop, LDMPipeline):
     """LDMPipeline sampling the one-step student (``pipe(generator=..., num_inference_steps=1)``)."""
 
 
+@_calls_like_its_pipeline
 class OneStepDiTPipeline(_StudentLoop, DiTPipeline):
     """DiTPipeline sampling the one-step student (``pipe(class_labels, guidance_scale=1.0, ...)``)."""
 
     _scale_first = True
 
 
-class _FlowStudent:
-    """SD3 / Flux / Sana: noise scaled to the student's first flow time, the student's flow times as sigmas."""
+class _FlowStudent(_Shipped):
+    """SD3 / Flux / Sana / flow PixArt: noise scaled to the student's first flow time, the student's flow
+    times as sigmas."""
 
     def _student_sigmas(self) -> list[float]:
         sigmas = self.scheduler.config.get(STEP_SIGMAS_KEY)
@@ -132,16 +182,61 @@ class _FlowStudent:
         return super().__call__(*args, **kwargs)
 
 
+@_calls_like_its_pipeline
 class OneStepStableDiffusion3Pipeline(_FlowStudent, StableDiffusion3Pipeline):
     """StableDiffusion3Pipeline sampling the one-step student."""
 
 
+@_calls_like_its_pipeline
 class OneStepFluxPipeline(_FlowStudent, FluxPipeline):
     """FluxPipeline sampling the one-step student."""
 
 
+@_calls_like_its_pipeline
 class OneStepSanaPipeline(_FlowStudent, SanaPipeline):
     """SanaPipeline sampling the one-step student."""
+
+
+class FlowSteps:
+    """The flow Euler scheduler as a VP-style loop (PixArt's) reads it: the noise is not rescaled here
+    (``init_noise_sigma = 1``; :meth:`_FlowStudent.prepare_latents` scales it to the student's first flow time)
+    and the model input is the sample itself; everything else is the wrapped scheduler's."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.scheduler, name)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+
+class _FlowPixArt(_FlowStudent):
+    """PixArt with a flow-trained transformer: :class:`_FlowStudent` inside PixArt's loop with
+    :class:`FlowSteps` in place of the scheduler for the duration of the call."""
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        scheduler = self.scheduler
+        # object.__setattr__: a temporary stand-in, not a new pipeline component (see _StudentLoop)
+        object.__setattr__(self, "scheduler", FlowSteps(scheduler))
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            object.__setattr__(self, "scheduler", scheduler)
+
+
+@_calls_like_its_pipeline
+class OneStepPixArtAlphaPipeline(_FlowPixArt, PixArtAlphaPipeline):
+    """PixArtAlphaPipeline sampling the one-step student of a flow-trained PixArt-alpha."""
+
+
+@_calls_like_its_pipeline
+class OneStepPixArtSigmaPipeline(_FlowPixArt, PixArtSigmaPipeline):
+    """PixArtSigmaPipeline sampling the one-step student of a flow-trained PixArt-sigma."""
 
 
 #: teacher pipeline class -> the class here that samples its student
@@ -151,4 +246,9 @@ STUDENT_PIPELINES = {
     "StableDiffusion3Pipeline": OneStepStableDiffusion3Pipeline,
     "FluxPipeline": OneStepFluxPipeline,
     "SanaPipeline": OneStepSanaPipeline,
+}
+#: pipelines whose teacher may be VP (no code ships) or flow-trained: the class here that samples a flow student
+FLOW_STUDENT_PIPELINES = {
+    "PixArtAlphaPipeline": OneStepPixArtAlphaPipeline,
+    "PixArtSigmaPipeline": OneStepPixArtSigmaPipeline,
 }
