@@ -128,6 +128,7 @@ def recipe_config(method: str, args: argparse.Namespace, output_dir: str) -> Any
         lr=lr,
         loraga_lr_scale=args.loraga_lr_scale,
         loraga_samples=args.loraga_samples,
+        loraga_gamma=args.loraga_gamma,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         loraplus_ratio=args.loraplus_ratio,
@@ -262,7 +263,7 @@ def run_child(method: str, args: argparse.Namespace, out: Path) -> None:
 def child_argv(args: argparse.Namespace) -> list[str]:
     keys = (
         "seed steps batch max_length eval_every eval_examples lr plus_lr full_lr loraga_lr_scale loraga_samples "
-        "lora_rank lora_alpha loraplus_ratio threads"
+        "loraga_gamma lora_rank lora_alpha loraplus_ratio threads"
     ).split()
     return [a for k in keys for a in (f"--{k}", str(getattr(args, k)))]
 
@@ -313,6 +314,12 @@ def main() -> None:
     parser.add_argument("--plus_lr", type=float, default=3e-4, help="LoRA+'s lr of A (B: x loraplus_ratio)")
     parser.add_argument("--full_lr", type=float, default=3e-5)
     parser.add_argument("--loraga_samples", type=int, default=64, help="rows of the gradient estimate")
+    parser.add_argument(
+        "--loraga_gamma",
+        type=float,
+        default=16.0,
+        help="LoRA-GA's stable scale d_out^(1/4)/sqrt(gamma), ours and peft's",
+    )
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_alpha", type=float, default=16.0)
     parser.add_argument("--loraplus_ratio", type=float, default=16.0)

@@ -64,7 +64,15 @@ def main() -> None:
         ax.scatter(*teacher, marker="o", color="tab:blue", zorder=2)
         ax.scatter(*one_step, marker="s" if student == "full" else "^", color="tab:red", zorder=2)
         label = f"{student} CFG {float(r['guidance_scale']):g}, {float(r['minutes']):g} min"
-        ax.annotate(label, one_step, textcoords="offset points", xytext=(4, 4), fontsize=7)
+        offset = (4, 4) if student == "full" else (-8, 8)  # LoRA rows sit on the full ones' scale
+        ax.annotate(
+            label,
+            one_step,
+            textcoords="offset points",
+            xytext=offset,
+            fontsize=7,
+            ha="right" if student != "full" else "left",
+        )
         ax.annotate(
             f"CFG {float(r['guidance_scale']):g}",
             teacher,
