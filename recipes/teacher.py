@@ -413,7 +413,7 @@ class Text2ImageTeacherRecipe(Recipe):
         pipe = self.pipeline(net).to(self.vae.device)
         prompts = class_prompts() * per_class
         gen = torch.Generator().manual_seed(0)
-        extra = {"clean_caption": False, **pipeline_call_defaults(pipe)} if self.flow else {}
+        extra = pipeline_call_defaults(pipe) if self.flow else {}
         out = pipe(
             prompts,
             num_inference_steps=self.config.sample_steps,

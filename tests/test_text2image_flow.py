@@ -22,7 +22,11 @@ from distill.text2image import minilm, pipeline  # noqa: E402
 from distill.text2image.builders import build_text2image_transformer, build_vae, flow_scheduler  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-NO_BINNING = {"use_resolution_binning": False, "max_sequence_length": minilm.MINILM_MAX_LENGTH}
+NO_BINNING = {
+    "use_resolution_binning": False,
+    "clean_caption": False,
+    "max_sequence_length": minilm.MINILM_MAX_LENGTH,
+}
 
 
 @pytest.fixture(scope="module")

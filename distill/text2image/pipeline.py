@@ -130,13 +130,17 @@ def pipeline_call_defaults(pipe) -> dict[str, object]:
     binning off when its transformer's ``sample_size`` is not one of the 256..2048-px sizes the binning knows
     (it would raise "Invalid sample size"), and ``max_sequence_length`` = the tokenizer's ``model_max_length``
     when that is shorter than the pipeline's default (300: MiniLM would encode 300 tokens, 276 of them padding
-    that the transformer masks anyway). ``{}`` for other pipelines."""
+    that the transformer masks anyway), and ``clean_caption=False`` (PixArt's T5 caption cleaning: it warns and
+    skips without beautifulsoup4/ftfy but rewrites captions with them, so results would depend on what is
+    installed). ``{}`` for other pipelines."""
     params = inspect.signature(pipe.__call__).parameters
     out: dict[str, object] = {}
     transformer = getattr(pipe, "transformer", None)
     if "use_resolution_binning" in params and transformer is not None:
         if transformer.config.get("sample_size") not in _BINNED_SAMPLE_SIZES:
             out["use_resolution_binning"] = False
+    if "clean_caption" in params:
+        out["clean_caption"] = False
     tokenizer = getattr(pipe, "tokenizer", None)
     if "max_sequence_length" in params and tokenizer is not None:
         default = params["max_sequence_length"].default
