@@ -13,7 +13,8 @@ figures do not mix), one torch thread, same seed, so the same batches in the sam
 
 * full, lora, lora_plus, lora_ga, lora_ga_plus: the recipe's methods;
 * peft_lora_ga: peft 0.21's own LoRA-GA (``preprocess_loraga`` on the same gradient batches as ours, then
-  ``LoraConfig(init_lora_weights="lora_ga")``), trained like lora_ga (plain optimiser, LoRA-GA's lr);
+  ``LoraConfig(init_lora_weights="lora_ga")`` with peft's defaults: stable scale, gamma 16), trained like lora_ga
+  (plain optimiser, LoRA-GA's lr);
 * lora_ga_exact (only when named): lora_ga with the exact SVD for every layer instead of the randomized SVD
   (``torch.svd_lowrank``, q = 4r) :mod:`finetune.loraga` uses above :data:`finetune.loraga.EXACT_SVD_MAX_DIM`;
 * qlora_plus, qlora_ga: lora_plus and lora_ga on a 4-bit NF4 base (``quantization="nf4"``), when the recipe
@@ -163,7 +164,9 @@ def use_peft_lora_ga(recipe: Any, args: argparse.Namespace) -> None:
         batches = loraga_batches(len(train), cfg.loraga_samples, cfg.batch_size, 1, cfg.seed)
         config.init_lora_weights = "lora_ga"
         config.lora_ga_config = LoraGAConfig(
-            direction="ArB2r", scale="stable", stable_gamma=int(cfg.loraga_gamma)
+            direction="ArB2r",
+            scale="stable",
+            stable_gamma=16,  # peft's default, as a user gets it
         )
 
         def train_step() -> None:  # peft averages the gradient over these backward passes
@@ -317,8 +320,8 @@ def main() -> None:
     parser.add_argument(
         "--loraga_gamma",
         type=float,
-        default=16.0,
-        help="LoRA-GA's stable scale d_out^(1/4)/sqrt(gamma), ours and peft's",
+        default=64.0,
+        help="our LoRA-GA's stable scale d_out^(1/4)/sqrt(gamma) (lora_smollm2.yaml's; peft's row keeps its 16)",
     )
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_alpha", type=float, default=16.0)
