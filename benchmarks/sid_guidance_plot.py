@@ -2,8 +2,9 @@
 
 SiD-LSG reports its students at several guidance scales (low kappa: best FID, high: best CLIP score); this reads
 the ``RESULT`` lines of any number of ``sid_text2image.py`` logs (one run per scale and student kind), prints
-them as one table sorted by student kind and scale, and plots FD against alignment with the teacher (25-step
-DDIM at the same CFG) and the one-step student of each run, a line from the one to the other.
+them as one table sorted by teacher, student kind and scale, and plots FD against alignment with the teacher
+(25 steps of its own sampler at the same CFG) and the one-step student of each run, a line from the one to the
+other, a colour per teacher (SD-format UNet, flow PixArt).
 
     python benchmarks/sid_guidance_plot.py run_g1.5.log run_g2.log run_g3.log --plot docs/figures/sid_text2image_guidance.png
 """
@@ -38,13 +39,14 @@ def main() -> None:
     parser.add_argument("--plot", default="outputs/sid_text2image_guidance.png")
     args = parser.parse_args()
     rows = read_results(args.logs)
-    rows.sort(key=lambda r: (r.get("student", "full"), float(r["guidance_scale"])))
+    rows.sort(key=lambda r: (r["teacher"], r.get("student", "full"), float(r["guidance_scale"])))
     print(
-        "student guidance minutes images eval_samples teacher_fd teacher_align student_fd student_align ratio"
+        "teacher student guidance minutes images eval_samples teacher_fd teacher_align student_fd "
+        "student_align ratio"
     )
     for r in rows:
         print(
-            f"{r.get('student', 'full'):7} {float(r['guidance_scale']):8g} {float(r['minutes']):7g} "
+            f"{r['teacher']:7} {r.get('student', 'full'):7} {float(r['guidance_scale']):8g} {float(r['minutes']):7g} "
             f"{r['images']:>6} {r['eval_samples']:>12} {float(r['teacher_fd']):10.2f} "
             f"{float(r['teacher_align']):13.3f} {float(r['student_fd']):10.2f} "
             f"{float(r['student_align']):13.3f} {float(r['ratio']):5.2f}"
@@ -55,15 +57,17 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = {"sd": ("tab:blue", "tab:red"), "flow": ("tab:green", "tab:purple")}
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in rows:
+        teacher_colour, student_colour = colours.get(r["teacher"], ("0.3", "0.5"))
         student = r.get("student", "full")
         teacher = (float(r["teacher_align"]), float(r["teacher_fd"]))
         one_step = (float(r["student_align"]), float(r["student_fd"]))
         ax.plot(*zip(teacher, one_step), color="0.7", lw=1, zorder=1)
-        ax.scatter(*teacher, marker="o", color="tab:blue", zorder=2)
-        ax.scatter(*one_step, marker="s" if student == "full" else "^", color="tab:red", zorder=2)
-        label = f"{student} CFG {float(r['guidance_scale']):g}, {float(r['minutes']):g} min"
+        ax.scatter(*teacher, marker="o", color=teacher_colour, zorder=2)
+        ax.scatter(*one_step, marker="s" if student == "full" else "^", color=student_colour, zorder=2)
+        label = f"{r['teacher']} {student} CFG {float(r['guidance_scale']):g}, {float(r['minutes']):g} min"
         offset = (4, 4) if student == "full" else (-8, 8)  # LoRA rows sit on the full ones' scale
         ax.annotate(
             label,
@@ -80,13 +84,15 @@ def main() -> None:
             xytext=(4, -10),
             fontsize=7,
         )
-    ax.scatter([], [], marker="o", color="tab:blue", label="teacher, DDIM 25 steps")
-    ax.scatter([], [], marker="s", color="tab:red", label="one-step student (full)")
-    ax.scatter([], [], marker="^", color="tab:red", label="one-step student (LoRA)")
+    for name in sorted({r["teacher"] for r in rows}):
+        teacher_colour, student_colour = colours.get(name, ("0.3", "0.5"))
+        ax.scatter([], [], marker="o", color=teacher_colour, label=f"{name} teacher, 25 steps")
+        ax.scatter([], [], marker="s", color=student_colour, label=f"{name} one-step student (full)")
+    ax.scatter([], [], marker="^", color="tab:red", label="sd one-step student (LoRA)")
     ax.set_xlabel("prompt alignment (classifier agrees with the prompt)")
     ax.set_ylabel("FD (Fashion-MNIST classifier features, lower is better)")
     ax.legend(fontsize=7)
-    ax.set_title("SiD-LSG on the Fashion-MNIST SD teacher: guidance trade-off", fontsize=9)
+    ax.set_title("SiD-LSG on the Fashion-MNIST teachers: guidance trade-off", fontsize=9)
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
