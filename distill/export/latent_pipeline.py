@@ -29,7 +29,9 @@ It may import only torch, diffusers and the standard library: plain diffusers ru
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -62,6 +64,19 @@ def _calls_like_its_pipeline(cls: type) -> type:
 
     cls.__call__ = __call__
     return cls
+
+
+@contextlib.contextmanager
+def _scheduler_stand_in(pipe: Any, stand_in: Any) -> Iterator[None]:
+    """``pipe.scheduler`` is ``stand_in`` inside the block, the real one again after it. ``object.__setattr__``:
+    a temporary stand-in, not a new pipeline component (``DiffusionPipeline.__setattr__`` would record it in the
+    config)."""
+    scheduler = pipe.scheduler
+    object.__setattr__(pipe, "scheduler", stand_in)
+    try:
+        yield
+    finally:
+        object.__setattr__(pipe, "scheduler", scheduler)
 
 
 def _one_step(kwargs: dict[str, Any], steps: int) -> None:
@@ -133,14 +148,8 @@ class _StudentLoop(_Shipped):
     @torch.no_grad()
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         _one_step(kwargs, len(self.scheduler.config.get(STEP_SIGMAS_KEY) or [None]))
-        scheduler = self.scheduler
-        # object.__setattr__: a temporary stand-in, not a new pipeline component (DiffusionPipeline.__setattr__
-        # would record it in the config)
-        object.__setattr__(self, "scheduler", StudentSteps(scheduler, self._scale_first))
-        try:
+        with _scheduler_stand_in(self, StudentSteps(self.scheduler, self._scale_first)):
             return super().__call__(*args, **kwargs)
-        finally:
-            object.__setattr__(self, "scheduler", scheduler)
 
 
 @_calls_like_its_pipeline
@@ -220,13 +229,8 @@ class _FlowPixArt(_FlowStudent):
 
     @torch.no_grad()
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        scheduler = self.scheduler
-        # object.__setattr__: a temporary stand-in, not a new pipeline component (see _StudentLoop)
-        object.__setattr__(self, "scheduler", FlowSteps(scheduler))
-        try:
+        with _scheduler_stand_in(self, FlowSteps(self.scheduler)):
             return super().__call__(*args, **kwargs)
-        finally:
-            object.__setattr__(self, "scheduler", scheduler)
 
 
 @_calls_like_its_pipeline
