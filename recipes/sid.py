@@ -215,6 +215,13 @@ class SiDConfig(TrainConfig, TeacherInputSettings):
     max_steps: int = field(default=2000, metadata={"help": "Iterations (each: f_psi step(s), then G's)."})
     eval_every: int = field(default=250, metadata={"help": "Evaluate G's EMA every N steps; 0 = at the end."})
     eval_samples: int = field(default=5000, metadata={"help": "Samples per evaluation (FD on fixed noise)."})
+    eval_raw_generator: bool = field(
+        default=False,
+        metadata={
+            "help": "Also evaluate G's raw weights at each evaluation (logged as raw_fd etc.): shows what the "
+            "EMA costs or gains, e.g. when its half-life is long for the budget."
+        },
+    )
     eval_seed: int = field(default=12345, metadata={"help": "Seed of the fixed evaluation noise."})
     fp16_initial_scale: float = field(
         default=128.0, metadata={"help": "SiD's fp16 runs use small fixed scales (1 for f_psi, 100 for G)."}
@@ -838,10 +845,25 @@ class SiDRecipe(Recipe):
             yield view
 
     def evaluate(self, trainer: Trainer, step: int) -> dict[str, float]:
-        """FD etc. of G's EMA with all k steps (the exported sampler), on fixed noise."""
+        """FD etc. of G's EMA with all k steps (the exported sampler), on fixed noise; with
+        ``eval_raw_generator`` also of G's raw weights (``raw_`` keys; not tracked as the best)."""
         sigmas = self.config.step_sigmas
         with self.ema_generator(trainer) as ema:
-            return self.quality.evaluate(lambda z, c: student_sample(ema, z, sigmas, c), tag="generator_ema")
+            metrics = self.quality.evaluate(
+                lambda z, c: student_sample(ema, z, sigmas, c), tag="generator_ema"
+            )
+        if self.config.eval_raw_generator:
+            raw = trainer.accelerator.unwrap_model(trainer.trained["generator"].module)
+            was_training = raw.training
+            raw.eval()
+            try:
+                side = self.quality.evaluate(
+                    lambda z, c: student_sample(raw, z, sigmas, c), tag="generator", track=False
+                )
+            finally:
+                raw.train(was_training)
+            metrics.update({f"raw_{k}": v for k, v in side.items()})
+        return metrics
 
     def card_facts(self, trainer: Trainer, metrics: dict[str, float]) -> dict[str, Any]:
         """The exported model card's facts: the settings that define the student and how far it trained."""

@@ -19,6 +19,7 @@ from distill import fashion_mnist as fm
 from distill.evaluation import quality, text2image
 from distill.evaluation.classifier import FASHION_WEIGHTS, load_digits_classifier
 from distill.evaluation.commands import main as eval_main
+from distill.evaluation.commands import sample_main
 from distill.evaluation.metrics import feature_statistics, frechet_distance_from_statistics
 from distill.evaluation.quality import QualityTracker, metrics_for
 from distill.evaluation.text2image import (
@@ -229,14 +230,27 @@ def test_eval_command_on_a_tiny_sd_pipeline(sd_folder, evaluator, capsys) -> Non
         progress_bar=False,
     )
     assert loaded["fd"] == out["fd"] and loaded["align_heldout"] == out["align_heldout"]
-    # a folder that declares its metrics is evaluated as text-to-image without the flag
-    text2image.declare_metrics(sd_folder)
+    # undeclared, the digits path refuses a prompt pipeline by name instead of failing inside the model
+    plain = ["--model", str(sd_folder), "--num-samples", "20", "--batch-size", "8", "--seed", "3"]
+    with pytest.raises(ValueError, match="text-to-image pipeline .*--metrics fashion"):
+        eval_main([*plain, "--no-progress"])
+    with pytest.raises(ValueError, match="text-to-image pipeline .*pipe\\(prompt="):
+        sample_main([*plain, "--no-progress", "--out", str(sd_folder.parent / "grid.png")])
+    # a folder that declares its metrics and sampler (as exported students do) is evaluated as text-to-image
+    # without flags, at its declared steps and CFG
+    text2image.declare_metrics(sd_folder, num_inference_steps=2, guidance_scale=3.0)
     try:
-        assert eval_main([*args, "--no-heldout", "--no-progress"]) == 0
+        assert text2image.declared_call_defaults(sd_folder) == {
+            "num_inference_steps": 2,
+            "guidance_scale": 3.0,
+        }
+        assert eval_main([*plain, "--no-heldout", "--no-progress"]) == 0
     finally:
         (sd_folder / text2image.EVAL_INFO_FILE).unlink()
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["fd"] == out["fd"] and "align_heldout" not in again
+    with pytest.raises(ValueError, match="unknown call defaults \\['eta'\\]"):
+        text2image.declare_metrics(sd_folder, eta=0.0)
 
 
 def test_a_pipeline_without_prompt_is_refused(tmp_path) -> None:

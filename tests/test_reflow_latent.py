@@ -313,7 +313,7 @@ def test_reflow_runs_two_steps_on_each_shipped_teacher(teacher, tmp_path, monkey
     """InstaFlow's case on the shipped text-to-image teachers (issue 19): pairs from the guided teacher, 2 reflow
     and 2 distillation steps, and the exported one-step student generates from a prompt through the toolkit's
     prompt-pipeline loader (a plain StableDiffusionPipeline / the shipped OneStepPixArtSigmaPipeline)."""
-    from distill.evaluation.text2image import load_prompt_pipeline
+    from distill.evaluation.text2image import declared_call_defaults, declared_metrics, load_prompt_pipeline
     from distill.fashion_mnist import all_captions
     from distill.teachers.loading import resolve_teacher_path
 
@@ -328,7 +328,11 @@ def test_reflow_runs_two_steps_on_each_shipped_teacher(teacher, tmp_path, monkey
     args = ["--teacher", teacher, "--output_dir", str(out), *FAST, "--prompts", str(prompts)]
     summary = reflow_recipe.main([*args, "--prompt_cache_dir", str(tmp_path / "prompt_cache")])
     assert summary["distill"]["num_steps"] == 1
-    pipe = load_prompt_pipeline(out / "distill" / "student")
+    student = out / "distill" / "student"
+    # the student declares the Fashion-MNIST metrics and its own sampler, for a flag-free `onestep eval`
+    assert declared_metrics(student) == "fashion"
+    assert declared_call_defaults(student) == {"num_inference_steps": 1, "guidance_scale": 1.0}
+    pipe = load_prompt_pipeline(student)
     kwargs = {"use_resolution_binning": False} if teacher == "fashion-flow" else {}
     images = pipe(
         ["a photo of a sneaker", "a dress"],

@@ -121,6 +121,25 @@ def test_sid_trains_exports_and_pipeline_reproduces_ema(tmp_path, teacher_dir):
     torch.testing.assert_close(got, want_images)
 
 
+def test_raw_generator_is_evaluated_next_to_its_ema(tmp_path, teacher_dir):
+    """``eval_raw_generator``: ``raw_`` metrics are G's own weights on the same fixed noise, the plain ones stay
+    the EMA's, and only the EMA is tracked as the best."""
+    trainer = make(tmp_path, teacher_dir, max_steps=3, eval_raw_generator=True, eval_samples=64)
+    metrics = trainer.fit()
+    recipe = trainer.recipe
+    gen = trainer.accelerator.unwrap_model(trainer.trained["generator"].module)
+    sigmas = trainer.config.step_sigmas
+    raw = recipe.quality.evaluate(lambda z, c: student_sample(gen, z, sigmas, c), "check", track=False)
+    ema = recipe.quality.evaluate(
+        lambda z, c: student_sample(trainer.models.ema("generator"), z, sigmas, c), "check", track=False
+    )
+    assert metrics["raw_fd"] == pytest.approx(raw["fd"])
+    assert metrics["fd"] == pytest.approx(ema["fd"])
+    assert metrics["raw_fd"] != pytest.approx(metrics["fd"])  # 3 steps apart: the EMA lags G
+    assert [h["fd"] for h in recipe.quality.history] == [pytest.approx(metrics["fd"])]
+    assert gen.training  # back in training mode after its evaluation
+
+
 def test_class_conditional_two_step_student_with_guidance(tmp_path):
     teacher = tiny_edm_teacher(tmp_path / "teacher_c", num_classes=10)
     trainer = make(tmp_path / "run", teacher, guidance_scale=2.0, step_sigmas=[2.5, 0.8])

@@ -275,7 +275,9 @@ def test_shipped_fashion_sd_teacher_generates_its_prompted_class(tmp_path, monke
 
 @pytest.mark.slow
 def test_sid_runs_two_steps_on_the_shipped_teacher(tmp_path, monkeypatch):
-    """``--teacher fashion-sd --prompts FILE``: SiD-LSG's case, on the shipped teacher, end to end."""
+    """``--teacher fashion-sd --prompts FILE``: SiD-LSG's case, on the shipped teacher, end to end; the student
+    declares the Fashion-MNIST metrics and its one-step sampler."""
+    from distill.evaluation.text2image import declared_call_defaults, declared_metrics
     from distill.fashion_mnist import all_captions
     from distill.text2image.pipeline import SHIPPED_SD_TEACHER
     from recipes.sid import main
@@ -291,3 +293,5 @@ def test_sid_runs_two_steps_on_the_shipped_teacher(tmp_path, monkeypatch):
          "--output_dir", str(out), "--progress_bar", "false", "--eval_every", "0"]
     )  # fmt: skip
     assert (out / "samples").is_dir() and any((out / "samples").iterdir())
+    assert declared_metrics(out / "student") == "fashion"
+    assert declared_call_defaults(out / "student") == {"num_inference_steps": 1, "guidance_scale": 1.0}

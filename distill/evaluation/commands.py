@@ -35,6 +35,7 @@ from distill.evaluation.quality import (
     samples_needed,
 )
 from distill.pipelines import student_pipeline_class
+from distill.teachers.families import describe_teacher_source
 from distill.teachers.latents import LatentCodec
 from distill.teachers.loading import load_teacher, resolve_teacher_path
 from engine.images import save_grid
@@ -92,6 +93,18 @@ def generate(
                 )
                 bar.update(n)
         return torch.cat(chunks), spent
+    family = describe_teacher_source(path)
+    if family.conditioning.startswith("text"):
+        raise ValueError(
+            f"--model {model!r} is a text-to-image pipeline ({family.pipeline_class}): it samples from prompts, "
+            f"which `onestep {verb}` does not pass outside the Fashion-MNIST metrics; "
+            + (
+                "evaluate it with --metrics fashion (Fashion-MNIST prompts; add --num-inference-steps and "
+                "--guidance-scale for a student)"
+                if verb == "eval"
+                else "call the pipeline itself: pipe(prompt=..., num_inference_steps=..., guidance_scale=...)"
+            )
+        )
     say(f"{verb}: loading teacher {path}")
     teacher = load_teacher(model).eval()
     codec = LatentCodec.from_teacher(path)  # None for pixel-space teachers

@@ -262,8 +262,13 @@ class QualityTracker:
 
     @torch.no_grad()
     def evaluate(
-        self, sample_fn: Callable[[torch.Tensor, Condition | None], torch.Tensor], tag: str
+        self,
+        sample_fn: Callable[[torch.Tensor, Condition | None], torch.Tensor],
+        tag: str,
+        track: bool = True,
     ) -> dict[str, float]:
+        """Metrics of ``sample_fn`` on the fixed noise; ``track=False`` leaves :attr:`history`, :attr:`best` and
+        :attr:`last_grid` alone (a side measurement, e.g. the raw generator next to its EMA)."""
         acc = self.trainer.accelerator
         rank, world = acc.process_index, acc.num_processes
         per = -(-len(self.noise) // world)
@@ -291,6 +296,8 @@ class QualityTracker:
             return {}
         metrics = metrics_for(images.cpu(), self.evaluator, self.sample_labels)
         path = self.trainer.log_images(tag, images[:100], upscale=4)
+        if not track:
+            return metrics
         self.last_grid = str(path) if path else None
         self.history.append(
             {**metrics, "images_seen": float(self.trainer.images_seen), "step": float(self.trainer.step)}

@@ -355,33 +355,55 @@ def inception_fid_fashion(
 
 
 # --- sampling a text-to-image pipeline ------------------------------------------------------------------------
-#: optional file in a pipeline folder naming the metrics that fit it: ``{"metrics": "fashion"}``
+#: optional file in a pipeline folder naming the metrics that fit it and, for students, how to call it:
+#: ``{"metrics": "fashion", "num_inference_steps": 1, "guidance_scale": 1.0}``
 EVAL_INFO_FILE = "onestep_eval.json"
 METRICS_KINDS = ("fashion",)
+#: the pipeline-call keywords :data:`EVAL_INFO_FILE` may set (defaults of ``evaluate_pipeline`` and ``onestep eval``)
+DECLARED_CALL_KEYS = ("num_inference_steps", "guidance_scale")
+
+
+def _eval_info(folder: str | Path) -> dict | None:
+    file = Path(folder) / EVAL_INFO_FILE
+    if not file.is_file():
+        return None
+    info = json.loads(file.read_text())
+    kind = info.get("metrics")
+    if kind not in METRICS_KINDS:
+        raise ValueError(f"{file}: 'metrics' is {kind!r}, expected one of {list(METRICS_KINDS)}")
+    return info
 
 
 def declared_metrics(folder: str | Path) -> str | None:
     """The metrics a pipeline folder declares in :data:`EVAL_INFO_FILE` (``None`` without the file)."""
-    file = Path(folder) / EVAL_INFO_FILE
-    if not file.is_file():
-        return None
-    kind = json.loads(file.read_text()).get("metrics")
-    if kind not in METRICS_KINDS:
-        raise ValueError(f"{file}: 'metrics' is {kind!r}, expected one of {list(METRICS_KINDS)}")
-    return kind
+    info = _eval_info(folder)
+    return None if info is None else info["metrics"]
+
+
+def declared_call_defaults(folder: str | Path) -> dict[str, float | int]:
+    """The sampler settings a folder declares in :data:`EVAL_INFO_FILE` (e.g. a one-step student's 1 step at
+    CFG 1, where its pipeline class would default to 50 steps at CFG 7.5); ``{}`` without them."""
+    info = _eval_info(folder) if Path(folder).is_dir() else None
+    return {k: info[k] for k in DECLARED_CALL_KEYS if info is not None and k in info}
 
 
 #: teacher names (``resolve_teacher_path`` specs) that are Fashion-MNIST text-to-image teachers
 FASHION_TEACHER_SPECS = ("fashion-sd", "fashion-flow")
 
 
-def declare_metrics(folder: str | Path, kind: str = "fashion") -> Path:
+def declare_metrics(folder: str | Path, kind: str = "fashion", **call_defaults: float | int) -> Path:
     """Write :data:`EVAL_INFO_FILE` into an exported pipeline folder, so ``onestep eval`` and recipes' ``auto``
-    metrics pick the ``kind`` metrics for it (teacher and student exports of Fashion-MNIST models)."""
+    metrics pick the ``kind`` metrics for it (teacher and student exports of Fashion-MNIST models), and sample it
+    with ``call_defaults`` (``num_inference_steps``, ``guidance_scale``) unless told otherwise."""
     if kind not in METRICS_KINDS:
         raise ValueError(f"kind must be one of {list(METRICS_KINDS)}, got {kind!r}")
+    unknown = sorted(set(call_defaults) - set(DECLARED_CALL_KEYS))
+    if unknown:
+        raise ValueError(
+            f"declare_metrics: unknown call defaults {unknown}; expected {list(DECLARED_CALL_KEYS)}"
+        )
     file = Path(folder) / EVAL_INFO_FILE
-    file.write_text(json.dumps({"metrics": kind}) + "\n")
+    file.write_text(json.dumps({"metrics": kind, **call_defaults}) + "\n")
     return file
 
 
@@ -493,13 +515,19 @@ def evaluate_pipeline(
     """Fashion-MNIST metrics of a text-to-image pipeline (a folder, or a pipeline object already loaded, e.g. a
     teacher recipe's EMA pipeline) and its (training-wording) samples: prompts from :func:`eval_prompts`, fixed
     seeds; ``heldout`` also samples the held-out wording with the same noise for ``align_heldout``.
-    ``num_inference_steps`` / ``guidance_scale``: the pipeline's defaults when None."""
+    ``num_inference_steps`` / ``guidance_scale``: when None, those the folder declares in :data:`EVAL_INFO_FILE`
+    (exported students: their step count at CFG 1), else the pipeline's defaults."""
     from distill.evaluation.progress import samples_bar, say, threads_note
 
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (a covariance needs them), got {num_samples}")
     evaluator = fashion_evaluator()  # before the long part: a missing asset fails at once
     if isinstance(folder, (str, Path)):
+        declared = declared_call_defaults(folder)  # e.g. a one-step student's 1 step at CFG 1
+        num_inference_steps = (
+            declared.get("num_inference_steps") if num_inference_steps is None else num_inference_steps
+        )
+        guidance_scale = declared.get("guidance_scale") if guidance_scale is None else guidance_scale
         pipe = load_prompt_pipeline(folder, device)
         say(f"eval: {type(pipe).__name__} from {folder}")
     else:

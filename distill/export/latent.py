@@ -280,4 +280,17 @@ def export_latent_student(
         pipeline_tag=TEXT_TO_IMAGE if family.conditioning.startswith("text") else UNCONDITIONAL,
         license=license,
     )
+    _declare_teacher_metrics(folder, teacher, len(steps))
     return folder
+
+
+def _declare_teacher_metrics(folder: Path, teacher: str, num_steps: int) -> None:
+    """A student of a Fashion-MNIST teacher declares those metrics and its own sampler (``num_steps`` at CFG 1:
+    guidance is folded in) in ``onestep_eval.json``, so ``onestep eval --model STUDENT`` needs no flags."""
+    from distill.evaluation.text2image import EVAL_INFO_FILE, declare_metrics, metrics_kind
+
+    kind = metrics_kind(teacher)
+    if kind is None:
+        (folder / EVAL_INFO_FILE).unlink(missing_ok=True)  # a re-export over another teacher's student
+        return
+    declare_metrics(folder, kind, num_inference_steps=num_steps, guidance_scale=1.0)
