@@ -278,6 +278,18 @@ def test_text_file_one_prompt_a_line(tmp_path):
     assert load_prompts(str(path)) == load_prompts(path)
 
 
+def test_fashion_captions_name_the_shipped_teachers_training_captions(tmp_path, monkeypatch):
+    from distill.fashion_mnist import FASHION_CLASSES, all_captions
+
+    got = load_prompts(P.FASHION_CAPTIONS)
+    assert got == [c for k in range(len(FASHION_CLASSES)) for c in all_captions(k)]
+    assert len(got) == len(set(got)) == 132 and "a photo of a sneaker" in got
+    monkeypatch.chdir(tmp_path)  # a local folder of that name is read as the data it holds
+    (tmp_path / P.FASHION_CAPTIONS).mkdir()
+    (tmp_path / P.FASHION_CAPTIONS / "prompts.txt").write_text("a red apple\n")
+    assert load_prompts(P.FASHION_CAPTIONS) == ["a red apple"]
+
+
 def test_saved_and_data_file_folders(tmp_path):
     ds = datasets.Dataset.from_dict({"caption": ["x one", "x two"], "text": ["t one", "t two"]})
     ds.save_to_disk(str(tmp_path / "saved"))

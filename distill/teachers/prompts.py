@@ -1,6 +1,7 @@
 """Prompts for text-to-image teachers: read them from any source, encode them once, keep them on disk.
 
-* :func:`load_prompts`: a list of prompt strings from a text file (one prompt a line, blank lines skipped), a
+* :func:`load_prompts`: a list of prompt strings from ``"fashion-captions"`` (the shipped Fashion-MNIST
+  teachers' training captions), a text file (one prompt a line, blank lines skipped), a
   ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file, a local ``datasets`` folder (``save_to_disk`` output, or
   a folder of data files / an imagefolder with captions) or a hub dataset id. Local-path detection is
   ``finetune.data.load_text_splits``'s: a local path that does not exist is a ``FileNotFoundError``, never a hub
@@ -59,6 +60,7 @@ from distill.teachers.loading import resolve_teacher_path
 from finetune.data import load_text_splits
 
 __all__ = [
+    "FASHION_CAPTIONS",
     "PROMPT_COLUMNS",
     "TEXT_PIPELINES",
     "PromptEmbeddings",
@@ -69,6 +71,9 @@ __all__ = [
     "prompt_cache_key",
 ]
 
+#: the named source of the Fashion-MNIST teachers' training captions (every template x class name, in class
+#: order: ``distill.fashion_mnist.all_captions``), so their configs need no prompts file
+FASHION_CAPTIONS = "fashion-captions"
 #: columns tried, in order, when ``prompt_column`` is not given
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 FORMAT = "onestep-prompt-embeddings/1"
@@ -93,7 +98,9 @@ _ARROW_DTYPES = {
 def load_prompts(
     source: str | os.PathLike[str], prompt_column: str | None = None, split: str = "train"
 ) -> list[str]:
-    """The prompts of ``source`` (see the module docstring), in file order.
+    """The prompts of ``source`` (see the module docstring), in file order; ``"fashion-captions"``
+    (:data:`FASHION_CAPTIONS`, unless a local path has that name) is the shipped Fashion-MNIST teachers' training
+    captions.
 
     The column is ``prompt_column`` or the first of :data:`PROMPT_COLUMNS` present; a dataset with several
     splits is read from ``split`` (a dataset with a single split from that one). In a ``.txt`` file every
@@ -102,6 +109,10 @@ def load_prompts(
     naming the columns when no prompt column is found.
     """
     spec = str(source)
+    if spec == FASHION_CAPTIONS and not Path(spec).exists():
+        from distill.fashion_mnist import FASHION_CLASSES, all_captions
+
+        return [c for label in range(len(FASHION_CLASSES)) for c in all_captions(label)]
     path = Path(spec).expanduser()
     splits = load_text_splits(spec)
     if split in splits:
