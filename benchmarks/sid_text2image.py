@@ -1,7 +1,7 @@
 """Distil a shipped Fashion-MNIST text-to-image teacher with SiD-LSG for M minutes and compare: ``--teacher sd``
 (the SD-format UNet, VP) or ``--teacher flow`` (the PixArt-format flow-matching transformer, ``fashion-flow``).
 
-1. writes the training captions (every template x class name, ``all_captions``) as SiD's prompts file;
+1. starts from ``recipes/configs/sid_fashion.yaml`` (prompts: the 132 training captions, ``fashion-captions``);
 2. measures the teacher pipeline with ``evaluate_pipeline`` (its own scheduler: DDIM for sd, DPM-Solver on flow
    sigmas for flow; at ``--teacher_steps`` steps, CFG = the student's ``--guidance_scale``): FD in a Fashion-MNIST classifier's features, prompt
    alignment (training and held-out wording), precision / recall;
@@ -21,14 +21,23 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import time
 from pathlib import Path
 
 import torch
 from common import parse_overrides, print_result, reset_accelerate, settings_argv
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from distill.evaluation.text2image import evaluate_pipeline
-from distill.fashion_mnist import FASHION_CLASSES, all_captions
+from distill.evaluation.text2image import (
+    FASHION_REFERENCE,
+    FASHION_WEIGHTS,
+    evaluate_pipeline,
+    file_sha256,
+)
 from distill.teachers.loading import resolve_teacher_path
 from engine.config import parse_config
 from engine.images import save_grid
@@ -37,25 +46,11 @@ from recipes.sid import SiDConfig, SiDRecipe
 
 #: --teacher NAME -> the recipes' teacher spec
 TEACHERS = {"sd": "fashion-sd", "flow": "fashion-flow"}
-#: a small-model SiD setting for the few-million-parameter teachers (the rest are SiD-LSG's defaults)
-SMALL_MODEL = dict(
-    batch_size=32,
-    lr_generator=1e-4,
-    lr_fake_score=1e-4,
-    ema_halflife_images=20_000,
-    log_every=50,
-    checkpoint_every=0,
-    eval_every=0,  # one in-training evaluation, at the end (the benchmark's own one follows)
-)
-
-
-def write_prompts(path: Path) -> Path:
-    """The training captions, one a line (every template x name of every class)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [c for label in range(len(FASHION_CLASSES)) for c in all_captions(label)]
-    path.write_text("\n".join(lines) + "\n")
-    print(f"prompts: {len(lines)} training captions -> {path}", flush=True)
-    return path
+#: the SiD settings for these teachers (recipes/configs/sid_fashion.yaml); the benchmark fixes only its own
+#: parts (teacher, guidance, student, wall time, evaluation at the end) on top
+CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "sid_fashion.yaml"
+#: images of each model in the teacher-vs-student grid (two rows of ten classes)
+GRID_IMAGES = 20
 
 
 def measure(
@@ -66,12 +61,52 @@ def measure(
     metrics, images = evaluate_pipeline(
         pipe, samples, seed=seed, num_inference_steps=steps, guidance_scale=cfg, progress_bar=False
     )
+    say_measured(name, steps, cfg, metrics, f"wall_s={time.perf_counter() - start:.0f}")
+    return metrics, images
+
+
+def say_measured(name: str, steps: int, cfg: float, metrics: dict, note: str) -> None:
     print(
         f"{name} steps={steps} cfg={cfg:g} fd={metrics['fd']:.3f} align={metrics['align']:.3f} "
         f"align_heldout={metrics['align_heldout']:.3f} precision={metrics['precision']:.3f} "
-        f"recall={metrics['recall']:.3f} wall_s={time.perf_counter() - start:.0f}",
+        f"recall={metrics['recall']:.3f} {note}",
         flush=True,
     )
+
+
+def measure_teacher(
+    folder: str, samples: int, seed: int, steps: int, cfg: float, cache: Path | None
+) -> tuple[dict, torch.Tensor]:
+    """:func:`measure` of the teacher, kept in ``cache`` (when given) under a key of everything the figures
+    depend on: the teacher folder (its name carries its content hash), samples, seed, steps, CFG and the metric's
+    classifier and reference files. A 5,000-sample teacher measurement is ~25 CPU minutes; a run at the same scale
+    reuses it. Only the metrics and the grid's first images are kept."""
+    if cache is None:
+        return measure("teacher", folder, samples, seed, steps, cfg)
+    key = {
+        "teacher": str(Path(folder).resolve()),
+        "samples": samples,
+        "seed": seed,
+        "steps": steps,
+        "cfg": cfg,
+        "classifier": file_sha256(FASHION_WEIGHTS),
+        "reference": file_sha256(FASHION_REFERENCE),
+    }
+    path = (
+        cache
+        / f"teacher_{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.safetensors"
+    )
+    if path.is_file():
+        with safe_open(str(path), "pt") as kept:
+            metrics, images = json.loads(kept.metadata()["metrics"]), kept.get_tensor("images")
+        say_measured("teacher", steps, cfg, metrics, f"(cached: {path})")
+        return metrics, images
+    metrics, images = measure("teacher", folder, samples, seed, steps, cfg)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    meta = {"metrics": json.dumps(metrics), "key": json.dumps(key)}
+    save_file({"images": images[:GRID_IMAGES].contiguous()}, str(partial), metadata=meta)
+    os.replace(partial, path)
     return metrics, images
 
 
@@ -91,6 +126,12 @@ def main() -> None:
     )
     parser.add_argument("--student", choices=["full", "lora"], default="full")
     parser.add_argument("--output_dir", default="outputs/bench_sid_text2image")
+    parser.add_argument(
+        "--teacher_cache",
+        type=Path,
+        default=None,
+        help="folder keeping teacher measurements for reuse by runs at the same scale (off by default)",
+    )
     parser.add_argument("overrides", nargs="*", help="SiD config overrides, e.g. lr_generator=3e-4 alpha=1.2")
     args = parser.parse_args()
     try:
@@ -101,21 +142,21 @@ def main() -> None:
         raise SystemExit(f"--teacher_steps {args.teacher_steps!r} must name steps >= 1")
 
     out = Path(args.output_dir)
-    prompts = write_prompts(out / "prompts.txt")
     spec = TEACHERS[args.teacher]
     fixed = dict(
-        SMALL_MODEL,
         teacher=spec,
-        prompts=prompts,
         guidance_scale=args.guidance_scale,
         student=args.student,
         output_dir=out,
         max_steps=10**9,
         max_minutes=args.minutes,
+        eval_every=0,  # one in-training evaluation, at the end (the benchmark's own one follows)
         eval_samples=min(args.eval_samples, 500),
+        checkpoint_every=0,
     )
     # the config first: bad keys or values fail here, before the teacher is measured
-    config = parse_config(SiDConfig, [*settings_argv(fixed), *parse_overrides(args.overrides)])
+    argv = ["--config", str(CONFIG), *settings_argv(fixed), *parse_overrides(args.overrides)]
+    config = parse_config(SiDConfig, argv)
 
     if args.student == "lora" and not config.lora_export_merged:
         raise SystemExit(
@@ -125,8 +166,8 @@ def main() -> None:
     teacher_path = resolve_teacher_path(spec)
     teacher = {}
     for steps in teacher_steps:
-        teacher[steps] = measure(
-            "teacher", teacher_path, args.eval_samples, args.eval_seed, steps, args.guidance_scale
+        teacher[steps] = measure_teacher(
+            teacher_path, args.eval_samples, args.eval_seed, steps, args.guidance_scale, args.teacher_cache
         )
 
     start = time.perf_counter()
@@ -146,7 +187,10 @@ def main() -> None:
     ref_steps = teacher_steps[0]
     ref, teacher_images = teacher[ref_steps]
     grid = save_grid(
-        torch.cat([teacher_images[:20], student_images[:20]]), out / "teacher_vs_student.png", 10, 3
+        torch.cat([teacher_images[:GRID_IMAGES], student_images[:GRID_IMAGES]]),
+        out / "teacher_vs_student.png",
+        10,
+        3,
     )
     print(f"grid: {grid} (rows 1-2 teacher, {ref_steps} steps; rows 3-4 one-step student; a class a column)")
     extra = {f"teacher_fd_{s}steps": teacher[s][0]["fd"] for s in teacher_steps[1:]}

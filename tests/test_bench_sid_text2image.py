@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distill.fashion_mnist import FASHION_CLASSES, all_captions
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "sid_text2image.py"
@@ -25,12 +25,26 @@ def load_script():
     return module
 
 
-def test_prompts_file_holds_every_training_caption(tmp_path):
-    path = load_script().write_prompts(tmp_path / "p.txt")
-    lines = path.read_text().splitlines()
-    expected = [c for label in range(len(FASHION_CLASSES)) for c in all_captions(label)]
-    assert lines == expected
-    assert not set(lines) & {c for label in range(len(FASHION_CLASSES)) for c in all_captions(label, True)}
+def test_teacher_measurements_are_kept_and_reused_by_key(tmp_path, monkeypatch):
+    script = load_script()
+    calls = []
+
+    def fake_measure(name, folder, samples, seed, steps, cfg):
+        calls.append((steps, cfg))
+        metrics = {"fd": 10.0 + cfg, "align": 0.9, "align_heldout": 0.8, "precision": 0.7, "recall": 0.6}
+        return metrics, torch.full((30, 3, 4, 4), float(cfg))
+
+    monkeypatch.setattr(script, "measure", fake_measure)
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    first = script.measure_teacher(str(folder), 30, 0, 25, 1.5, tmp_path / "cache")
+    again = script.measure_teacher(str(folder), 30, 0, 25, 1.5, tmp_path / "cache")
+    assert calls == [(25, 1.5)]  # the second is read back
+    assert again[0] == first[0] and torch.equal(again[1], first[1][: script.GRID_IMAGES])
+    script.measure_teacher(str(folder), 30, 0, 25, 3.0, tmp_path / "cache")  # another scale: measured
+    script.measure_teacher(str(folder), 30, 0, 25, 1.5, None)  # no cache: always measured
+    assert calls == [(25, 1.5), (25, 3.0), (25, 1.5)]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
 
 def test_help_parses():
@@ -44,4 +58,4 @@ def test_help_parses():
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "--guidance_scale" in out.stdout and "--teacher_steps" in out.stdout
+    assert "--guidance_scale" in out.stdout and "--teacher_cache" in out.stdout
