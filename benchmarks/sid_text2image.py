@@ -117,7 +117,10 @@ def main() -> None:
     parser.add_argument("--teacher", choices=sorted(TEACHERS), default="sd")
     parser.add_argument("--minutes", type=float, default=30.0, help="wall minutes of SiD training")
     parser.add_argument(
-        "--guidance_scale", type=float, default=3.0, help="SiD-LSG's kappa = the teacher's CFG"
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="SiD-LSG's kappa = the teacher's CFG (default: the config's, 1.5)",
     )
     parser.add_argument("--eval_samples", type=int, default=2000, help="samples per wording and model")
     parser.add_argument("--eval_seed", type=int, default=0)
@@ -145,7 +148,6 @@ def main() -> None:
     spec = TEACHERS[args.teacher]
     fixed = dict(
         teacher=spec,
-        guidance_scale=args.guidance_scale,
         student=args.student,
         output_dir=out,
         max_steps=10**9,
@@ -155,6 +157,8 @@ def main() -> None:
         checkpoint_every=0,
     )
     # the config first: bad keys or values fail here, before the teacher is measured
+    if args.guidance_scale is not None:
+        fixed["guidance_scale"] = args.guidance_scale
     argv = ["--config", str(CONFIG), *settings_argv(fixed), *parse_overrides(args.overrides)]
     config = parse_config(SiDConfig, argv)
 
@@ -167,7 +171,7 @@ def main() -> None:
     teacher = {}
     for steps in teacher_steps:
         teacher[steps] = measure_teacher(
-            teacher_path, args.eval_samples, args.eval_seed, steps, args.guidance_scale, args.teacher_cache
+            teacher_path, args.eval_samples, args.eval_seed, steps, config.guidance_scale, args.teacher_cache
         )
 
     start = time.perf_counter()
@@ -209,7 +213,7 @@ def main() -> None:
         ratio=student["fd"] / ref["fd"],
         images=images_seen,
         steps=steps_done,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=config.guidance_scale,
         eval_samples=args.eval_samples,
         minutes=args.minutes,
         **extra,
