@@ -88,7 +88,8 @@ def main() -> None:
         teacher_colour, student_colour = colours.get(name, ("0.3", "0.5"))
         ax.scatter([], [], marker="o", color=teacher_colour, label=f"{name} teacher, 25 steps")
         ax.scatter([], [], marker="s", color=student_colour, label=f"{name} one-step student (full)")
-    ax.scatter([], [], marker="^", color="tab:red", label="sd one-step student (LoRA)")
+    if any(r.get("student", "full") == "lora" for r in rows):
+        ax.scatter([], [], marker="^", color="tab:red", label="sd one-step student (LoRA)")
     ax.set_xlabel("prompt alignment (classifier agrees with the prompt)")
     ax.set_ylabel("FD (Fashion-MNIST classifier features, lower is better)")
     ax.legend(fontsize=7)
