@@ -1,6 +1,6 @@
 """InstaFlow on the shipped Fashion-MNIST text-to-image teacher (SD format) in M minutes, measured on prompts.
 
-1. writes the training captions (``sid_text2image.write_prompts``) as the prompts of reflow's pairs;
+1. takes the 132 training captions (``fashion-captions``) as the prompts of reflow's pairs;
 2. runs ``recipes/reflow.py``'s stages (pairs made by the guided teacher at ``--guidance_scale`` -> 2-rectified
    flow trained on each pair's prompt -> one-step student distilled from it), the wall time split as
    ``common.REFLOW_SPLIT`` (pairs 35 %, reflow 35 %, distillation 15 %; the rest is evaluation);
@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 from common import parse_overrides, print_result, reflow_time_budget, run_reflow_stages, settings_argv
-from sid_text2image import measure, write_prompts
+from sid_text2image import measure
 
 from distill.reflow.stages import distill_source
 from distill.teachers.loading import resolve_teacher_path
+from distill.teachers.prompts import FASHION_CAPTIONS
 from engine.config import parse_config
 from engine.images import save_grid
 from recipes.reflow import ReflowConfig
@@ -69,7 +70,7 @@ def main() -> None:
         SMALL_MODEL,
         output_dir=out,
         teacher=TEACHER,
-        prompts=write_prompts(out / "prompts.txt"),
+        prompts=FASHION_CAPTIONS,
         guidance_scale=args.guidance_scale,
         **reflow_time_budget(args.minutes),
         eval_samples=min(args.eval_samples, 500),

@@ -383,8 +383,8 @@ def declared_metrics(folder: str | Path) -> str | None:
 def declared_call_defaults(folder: str | Path) -> dict[str, float | int]:
     """The sampler settings a folder declares in :data:`EVAL_INFO_FILE` (e.g. a one-step student's 1 step at
     CFG 1, where its pipeline class would default to 50 steps at CFG 7.5); ``{}`` without them."""
-    info = _eval_info(folder) if Path(folder).is_dir() else None
-    return {k: info[k] for k in DECLARED_CALL_KEYS if info is not None and k in info}
+    info = _eval_info(folder) or {}
+    return {k: info[k] for k in DECLARED_CALL_KEYS if k in info}
 
 
 #: teacher names (``resolve_teacher_path`` specs) that are Fashion-MNIST text-to-image teachers
