@@ -216,6 +216,7 @@ def main() -> None:
         guidance_scale=config.guidance_scale,
         eval_samples=args.eval_samples,
         minutes=args.minutes,
+        **({"real_data": config.real_data} if config.real_data else {}),  # SiDA
         **extra,
     )
 

@@ -1,11 +1,14 @@
 """Image data as ``datasets.Dataset`` with a ``pixel_values`` column (C x H x W float32 in [-1, 1]) and, when
 the source has classes, an integer ``label`` column.
 
-Three sources, picked by :func:`load_image_dataset`:
+Four sources, picked by :func:`load_image_dataset`:
 
 - ``"digits"``: scikit-learn's 8x8 handwritten digits (1,797 images, shipped inside scikit-learn, so the
   default recipes and tests need no network). Pixels in [0, 16] are mapped to [-1, 1] by ``x / 8 - 1``.
-- a local folder of images, read by ``datasets``' ``imagefolder`` builder (class sub-folders become labels);
+- ``"fashion-mnist"``: Debian's Fashion-MNIST (:mod:`distill.fashion_mnist`), padded to 32x32, with a caption per
+  image in ``text`` (the shipped text-to-image teachers' data);
+- a local folder of images, read by ``datasets``' ``imagefolder`` builder (class sub-folders become labels;
+  a metadata ``text`` column, the captions, is kept);
 - anything else is a Hugging Face Hub dataset name (needs network the first time).
 
 The digits split is fixed so that every teacher, student and metric in the toolkit sees the same held-out
@@ -254,6 +257,9 @@ def images_to_pixel_values(
     }
     if label_column is not None:
         features["label"] = dataset.features[label_column]
+    keep_text = "text" in dataset.column_names  # captions (imagefolder's metadata "text"), for text teachers
+    if keep_text:
+        features["text"] = datasets.Value("string")
 
     def convert(batch: dict[str, list]) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -263,6 +269,8 @@ def images_to_pixel_values(
         }
         if label_column is not None:
             out["label"] = batch[label_column]
+        if keep_text:
+            out["text"] = batch["text"]
         return out
 
     return dataset.map(
@@ -330,7 +338,8 @@ def load_image_dataset(
     channels: int | None = None,
     cache_dir: str | None = None,
 ) -> datasets.Dataset:
-    """Resolve a recipe's ``dataset`` option: ``"digits"``, an existing local folder, or a hub dataset name.
+    """Resolve a recipe's ``dataset`` option: ``"digits"``, ``"fashion-mnist"`` (Debian's package, padded to 32
+    with captions), an existing local folder, or a hub dataset name.
 
     ``split`` is ``"train"``, ``"heldout"`` (a folder's or hub dataset's ``test``/``validation`` split) or
     ``"all"``; for hub datasets any other split string is passed to ``datasets.load_dataset`` unchanged.
@@ -338,6 +347,8 @@ def load_image_dataset(
     if spec == "digits":
         _check_split(split)
         return load_digits_dataset(split, resolution, channels)  # type: ignore[arg-type]
+    if spec == "fashion-mnist":
+        return _fashion_mnist(split, resolution, channels)
     if Path(spec).expanduser().is_dir():
         return load_image_folder_dataset(spec, resolution, channels, split=split, cache_dir=cache_dir)
     if _looks_like_path(spec):
@@ -361,6 +372,24 @@ def load_image_dataset(
     return images_to_pixel_values(dataset, resolution, channels, f"hub dataset {spec!r}")
 
 
+def _fashion_mnist(split: str, resolution: int | None, channels: int | None) -> datasets.Dataset:
+    """``"fashion-mnist"``: Debian's Fashion-MNIST, padded to ``resolution`` (default 32) as the shipped
+    text-to-image teachers saw it, with ``label`` and a training caption in ``text``; ``heldout`` is the test set."""
+    from distill.fashion_mnist import load_fashion_mnist_pixels
+
+    if channels not in (None, 1):
+        raise ValueError(f"fashion-mnist images have 1 channel, channels={channels} was asked for")
+    if resolution is not None and resolution < 28:
+        raise ValueError(
+            f"fashion-mnist images are 28x28 and padded, not cropped: resolution={resolution} < 28"
+        )
+    splits = {"train": ["train"], "heldout": ["test"], "test": ["test"], "all": ["train", "test"]}
+    if split not in splits:
+        raise ValueError(f"fashion-mnist split must be one of {sorted(splits)}, got {split!r}")
+    parts = [load_fashion_mnist_pixels(s, resolution or 32) for s in splits[split]]  # type: ignore[arg-type]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
 # --- torch --------------------------------------------------------------------------------------------------
 def to_torch(dataset: datasets.Dataset) -> datasets.Dataset:
     """A view whose rows are tensors (``pixel_values`` float32 CxHxW, ``label`` int64), for DataLoaders."""
@@ -377,6 +406,14 @@ def torch_collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     batch = {"pixel_values": torch.stack(pixels)}
     if all("label" in r and r["label"] is not None for r in rows):
         batch["label"] = torch.as_tensor([int(r["label"]) for r in rows], dtype=torch.long)
+    return batch
+
+
+def collate_with_captions(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """:func:`torch_collate` plus ``caption_index`` [B] int64: the row of each image's caption among a text
+    teacher's encoded prompts (the SiD recipe's real data for text teachers)."""
+    batch = torch_collate(rows)
+    batch["caption_index"] = torch.as_tensor([int(r["caption_index"]) for r in rows], dtype=torch.long)
     return batch
 
 

@@ -148,6 +148,27 @@ def load_fashion_mnist(
     )
 
 
+def load_fashion_mnist_pixels(
+    split: Split, size: int = 32, root: str | Path | None = None, heldout_captions: bool = False
+) -> datasets.Dataset:
+    """The split as the teachers saw it, for recipes that take real images (SiDA's ``real_data``, LoRA data):
+    ``pixel_values`` (1 x ``size`` x ``size`` float32 in [-1, 1], padded as :func:`pixel_values` pads),
+    ``label`` and ``text``, a training caption of the row's class (the ``i``-th of :func:`all_captions` for row
+    ``i``, so every wording occurs and the column is the same on every load)."""
+    images, labels = load_fashion_mnist_arrays(split, root)
+    captions = [caption(int(c), i, heldout_captions) for i, c in enumerate(labels)]
+    features = datasets.Features(
+        {
+            "pixel_values": datasets.Array3D(shape=(1, size, size), dtype="float32"),
+            "label": datasets.ClassLabel(names=list(FASHION_CLASSES)),
+            "text": datasets.Value("string"),
+        }
+    )
+    return datasets.Dataset.from_dict(
+        {"pixel_values": pixel_values(images, size), "label": labels, "text": captions}, features=features
+    )
+
+
 # --- captions -----------------------------------------------------------------------------------------------
 def caption_templates(split: Literal["train", "heldout"] = "train") -> tuple[str, ...]:
     """The templates (with a ``{name}`` slot) of the training or the held-out wording."""

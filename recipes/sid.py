@@ -28,7 +28,10 @@ differentiable; in evaluation and export with all k.
 ``--real_data DATA`` (SiDA, Zhou et al. 2024b) adds one term to each step: f_psi's encoder is also a
 discriminator (channel mean of its last down block, distill/sid/discriminator.py). Step 1 adds D's loss on real
 images noised like x_g (same sigma and noise); G waits ``generator_freeze_images``, and from
-``adversarial_start_images`` on step 2's loss is 0.5 SiD + 0.5 * weight * adversarial term.
+``adversarial_start_images`` on step 2's loss is 0.5 SiD + 0.5 * weight * adversarial term. Class teachers:
+G draws the real batch's classes in step 1; text teachers: its captions (a ``text`` column, every caption one of
+the prompts; ``--real_data fashion-mnist --prompts fashion-captions`` for the shipped teachers). With guidance
+(SiD-LSG + SiDA) the logits are the conditional branch's of each guided f_psi call.
 
 ``--student lora``: the teacher is loaded once and frozen; f_psi and G are the LoRA adapters "fake_score" and
 "generator" on it (f_phi = the base with adapters disabled; see distill/sid/lora_student.py). Only the adapters are
@@ -51,17 +54,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from distill.data import load_image_dataset, torch_collate
+from distill.data import collate_with_captions, load_image_dataset, torch_collate
 from distill.evaluation.quality import QualityTracker
 from distill.evaluation.text2image import tracker_kwargs
 from distill.export.adapter import export_merged, save_sid_adapter
 from distill.export.generator import export_generator
 from distill.export.latent import check_latent_export, export_latent_student
 from distill.sampling.student import student_sample
-from distill.sid.discriminator import EncoderLogits
+from distill.sid.discriminator import EncoderLogits, conditional_rows
 from distill.sid.lora_student import (
     ADAPTERS,
     AdapterView,
@@ -248,8 +252,8 @@ class SiDConfig(TrainConfig, TeacherInputSettings):
     real_data: str | None = field(
         default=None,
         metadata={
-            "help": "SiDA: real images ('digits', a local image folder or a hub dataset) for f_psi's encoder "
-            "used as a discriminator; None = data-free SiD."
+            "help": "SiDA: real images ('digits', 'fashion-mnist', a local image folder or a hub dataset) for "
+            "f_psi's encoder used as a discriminator; None = data-free SiD."
         },
     )
     adversarial_weight_fake_score: float = field(
@@ -335,13 +339,6 @@ class SiDConfig(TrainConfig, TeacherInputSettings):
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        guided = {k: v for k, v in self.guidance_scales().items() if v != 1.0}
-        if self.real_data is not None and guided:
-            raise ValueError(
-                f"real_data (SiDA) with guidance ({', '.join(f'{k}={v}' for k, v in guided.items())}) is not "
-                "supported: the encoder discriminator is defined for unguided scores; use guidance_scale=1.0 "
-                "or drop real_data"
-            )
         check_adam_betas(self, ("adam_beta1", "adam_beta1_generator", "adam_beta2"))
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
@@ -397,11 +394,6 @@ class SiDRecipe(Recipe):
         # refused by family name and conditioning from its configs alone, before any copy of the teacher exists
         family = check_teacher(cfg.teacher)
         check_conditioning(cfg.teacher, family, cfg.prompts, cfg.prompt_column, cfg.negative_prompt)
-        if cfg.real_data is not None and family.conditioning.startswith("text"):
-            raise ValueError(
-                f"real_data (SiDA) with the text-conditioned teacher {cfg.teacher!r} is not supported: the real "
-                "images carry no prompts; drop real_data"
-            )
         if family.latent and (cfg.student == "full" or cfg.lora_export_merged):
             check_latent_export(family, len(cfg.step_sigmas))  # refused now, not after training
         # prompts are encoded (and the text encoders freed) before the teacher's weights are loaded
@@ -635,9 +627,38 @@ class SiDRecipe(Recipe):
             raise ValueError(
                 f"real_data {cfg.real_data!r} has no 'label' column for the class-conditional teacher"
             )
+        collate = torch_collate
+        if self.conditions.kind == "prompts":
+            dataset = self._caption_indices(dataset)
+            collate = collate_with_captions
         return DataLoader(
-            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=torch_collate
+            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate
         )
+
+    def _caption_indices(self, dataset: datasets.Dataset) -> datasets.Dataset:
+        """A text teacher's real images with ``caption_index``: the row of each caption among the encoded prompts.
+
+        G draws each real image's caption in f_psi's step, so the discriminator compares real and generated
+        images under the same prompt; the text encoders are gone by now, so every caption must be one of the
+        prompts (``prompts`` = the same dataset, or ``fashion-captions`` for ``fashion-mnist``).
+        """
+        cfg = self.config
+        if "text" not in dataset.column_names:
+            raise ValueError(
+                f"real_data {cfg.real_data!r} has no 'text' column (captions): the text-conditioned teacher "
+                f"{cfg.teacher!r} needs each real image's prompt (an imagefolder's metadata 'text', or "
+                "'fashion-mnist')"
+            )
+        row_of = {text: i for i, text in enumerate(self.conditions.all_prompt_texts() or [])}
+        captions = dataset["text"]
+        missing = sorted({c for c in captions if c not in row_of})
+        if missing:
+            raise ValueError(
+                f"real_data {cfg.real_data!r}: {len(missing)} caption(s) are not among the {len(row_of)} prompts "
+                f"from {cfg.prompts!r}, e.g. {missing[0]!r}; pass prompts that hold every caption (the same "
+                "dataset as prompts, or prompts=fashion-captions with real_data=fashion-mnist)"
+            )
+        return dataset.add_column("caption_index", [row_of[c] for c in captions])
 
     def _lora_parts(
         self,
@@ -740,8 +761,10 @@ class SiDRecipe(Recipe):
         cfg = self.config
         z, cond, null = self.latents()
         if self.discriminator is not None and self.conditions.kind == "classes":
-            # SiDA: G draws the real batch's classes
+            # SiDA: G draws the real batch's classes (text teachers: its captions)
             cond = Condition(class_labels=batch["label"].to(z.device))
+        elif self.discriminator is not None and self.conditions.kind == "prompts":
+            cond, null = self.conditions.fixed(batch["caption_index"].to(z.device))
         with torch.no_grad():
             x_g = self.generator_sample(models["generator"], z, cond)
         sigma = self.noise_sigmas(len(z), z.device, "fake_score")
@@ -759,7 +782,8 @@ class SiDRecipe(Recipe):
         extra = {"nonfinite_samples": dropped.float()}
         if self.discriminator is None:
             return loss, extra
-        d_loss = self.discriminator_term(batch, models, sigma, noise, cond, logits_fake[-1])
+        fake_logits = conditional_rows(logits_fake[-1], len(z))
+        d_loss = self.discriminator_term(batch, models, sigma, noise, train_cond, fake_logits)
         total = loss + cfg.adversarial_weight_fake_score * d_loss
         return total, {"score_loss": loss.detach(), "discriminator_loss": d_loss.detach(), **extra}
 
@@ -790,7 +814,7 @@ class SiDRecipe(Recipe):
         extra = {"x_g_std": x_g.detach().float().std()}
         tensors = [x_g, y_real, y_fake] + ([] if y_fake_alpha is y_fake else [y_fake_alpha])
         if adversarial:
-            tensors.append(logits_fake[-1])
+            tensors.append(conditional_rows(logits_fake[-1], len(z)))
         kept, dropped = keep_finite(*tensors)
         x_g, y_real, y_fake = kept[:3]
         y_fake_alpha = kept[3] if len(kept) > 3 + adversarial else None
@@ -816,7 +840,8 @@ class SiDRecipe(Recipe):
         cond: Condition | None,
         logits_fake: torch.Tensor,
     ) -> torch.Tensor:
-        """D's loss: real images noised like x_g (same sigma and noise) against the generated ones."""
+        """D's loss: real images noised like x_g (same sigma and noise, same conditions, unguided: a guided call's
+        conditional branch) against the generated ones."""
         x_real = batch["pixel_values"].to(noise.device, noise.dtype)
         if self.codec is not None:  # the discriminator sees real images as the teacher's latents
             x_real = self.codec.encode(x_real).to(noise.device, noise.dtype)

@@ -101,3 +101,27 @@ def test_caption_draws():
     assert len(fm.class_prompts()) == 10
     with pytest.raises(ValueError, match="label"):
         fm.caption(10, 0)
+
+
+def test_pixel_dataset_is_what_the_teachers_saw_with_captions(tiny_root, monkeypatch):
+    """``load_image_dataset("fashion-mnist")`` (SiDA's and LoRA's real data): padded pixels, labels, and a
+    training caption of each row's class; ``heldout`` is the test split; wrong shapes are refused by name."""
+    from distill.data import load_image_dataset
+
+    root, images, labels = tiny_root
+    monkeypatch.setattr(fm, "FASHION_MNIST_DIR", root)
+    ds = load_image_dataset("fashion-mnist", split="heldout", resolution=32, channels=1)
+    np.testing.assert_allclose(
+        np.asarray(ds.with_format("numpy")["pixel_values"]), fm.pixel_values(images, 32)
+    )
+    assert list(ds["label"]) == labels.tolist()
+    texts = list(ds["text"])
+    assert [t in fm.all_captions(c) for t, c in zip(texts, labels)] == [True] * 7
+    assert texts[3] == fm.all_captions(7)[3] and texts[4] == fm.all_captions(7)[4]  # row i: the i-th caption
+    assert len(load_image_dataset("fashion-mnist", split="test")[0]["pixel_values"]) == 1  # default size 32
+    with pytest.raises(ValueError, match="fashion-mnist images have 1 channel, channels=3"):
+        load_image_dataset("fashion-mnist", split="test", channels=3)
+    with pytest.raises(ValueError, match="resolution=16 < 28"):
+        load_image_dataset("fashion-mnist", split="test", resolution=16)
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        load_image_dataset("fashion-mnist", split="train")  # the tiny folder has no training split

@@ -392,8 +392,6 @@ def test_each_guidance_scale_reaches_its_call(tmp_path, class_teacher_dir):
 def test_guidance_scales_default_to_guidance_scale():
     cfg = sid_recipe.SiDConfig(guidance_scale=2.5, guidance_scale_teacher=1.0)
     assert cfg.guidance_scales() == {**dict.fromkeys(SCALES, 2.5), "guidance_scale_teacher": 1.0}
-    with pytest.raises(ValueError, match=r"real_data \(SiDA\) with guidance \(guidance_scale_teacher=3.0\)"):
-        sid_recipe.SiDConfig(real_data="digits", guidance_scale_teacher=3.0)
 
 
 # ------------------------------------------------------------------------------------- non-finite samples

@@ -1,11 +1,15 @@
 """SiDA: the encoder discriminator's losses, its logits, and the recipe's warm-up and start rules."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tiny_models import sid_trainer
 
-from distill.sid.discriminator import EncoderLogits, find_encoder_end
+from distill.sid.discriminator import EncoderLogits, conditional_rows, find_encoder_end
 from distill.sid.losses import discriminator_loss, fake_score_loss, generator_adversarial_loss
 from distill.teachers.edm import edm_weight, sample_lognormal_sigmas
 from distill.teachers.loading import load_teacher
@@ -118,8 +122,6 @@ def test_fake_score_step_adds_the_discriminator_loss(tmp_path, teacher_dir):
 
 
 def test_bad_sida_settings_fail_before_work(tmp_path, teacher_dir):
-    with pytest.raises(ValueError, match="guidance_scale"):
-        sid_recipe.SiDConfig(real_data="digits", guidance_scale=2.0)
     with pytest.raises(ValueError, match="adversarial_weight_generator"):
         sid_recipe.SiDConfig(adversarial_weight_generator=-1.0)
     with pytest.raises(ValueError, match="fewer than batch_size"):
@@ -175,3 +177,111 @@ def test_fake_score_gradient_values_are_clipped_before_its_step(tmp_path, teache
     assert sid_recipe.SiDConfig(real_data="digits", fake_score_grad_value_clip=0.5).grad_value_clip() == 0.5
     with pytest.raises(ValueError, match="fake_score_grad_value_clip=-1.0 must be >= 0"):
         sid_recipe.SiDConfig(fake_score_grad_value_clip=-1.0)
+
+
+def test_conditional_rows_keep_the_conditional_branch():
+    logits = torch.arange(8.0).view(8, 1, 1, 1)
+    assert conditional_rows(logits, 8) is logits  # unguided call
+    torch.testing.assert_close(conditional_rows(logits, 4), logits[:4])  # guided: [cond; null]
+    with pytest.raises(ValueError, match="logits for 8 rows; expected 3"):
+        conditional_rows(logits, 3)
+
+
+# --- text teachers (SiD-LSG + SiDA) ------------------------------------------------------------------------
+CAPTIONS = ["a photo of a cat", "a red car", "a photo of a cat", "a red car"]
+
+
+def caption_folder(folder, captions, size=16):
+    """An imagefolder of RGB images with a metadata.jsonl ``text`` column (diffusers' training-script layout)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, text in enumerate(captions):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def text_sida(tmp_path, teacher, data, prompts=("a red car", "a blue bird", "a photo of a cat"), **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    settings = dict(
+        prompts=str(prompt_file),
+        prompt_cache_dir=str(tmp_path / "cache"),
+        real_data=str(data),
+        guidance_scale=2.0,
+        label_dropout=0.0,
+        batch_size=2,
+        generator_freeze_images=0,
+        adversarial_start_images=0,
+    )
+    return sid_trainer(tmp_path / "run", teacher, **{**settings, **kw})
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_text_teacher_sida_draws_the_real_captions_and_reads_the_conditional_branch(
+    tmp_path, tiny_pipeline_dir
+):
+    """Guided SiDA on a text teacher: G draws each real image's caption in f_psi's step, and D's loss equals a
+    direct computation with plain (unguided) conditional f_psi calls on generated and real latents."""
+    data = caption_folder(tmp_path / "data", CAPTIONS)
+    trainer = text_sida(tmp_path, tiny_pipeline_dir("sd"), data)
+    recipe, models = trainer.recipe, trainer.models
+    real = recipe._real_images().dataset
+    assert real["caption_index"] == [2, 0, 2, 0] and real["text"] == CAPTIONS  # rows of the prompt file
+
+    seen = {}
+    sample, sigmas, encode = recipe.generator_sample, recipe.noise_sigmas, recipe.codec.encode
+
+    def generator_sample(generator, z, cond):
+        seen["cond"], seen["x_g"] = cond, sample(generator, z, cond)
+        return seen["x_g"]
+
+    def noise_sigmas(n, device, phase):
+        seen["sigma"] = sigmas(n, device, phase)
+        seen["rng"] = torch.get_rng_state()  # the noise is drawn next
+        return seen["sigma"]
+
+    def codec_encode(images, **kw):
+        seen["x_real"] = encode(images, **kw)
+        return seen["x_real"]
+
+    recipe.generator_sample, recipe.noise_sigmas, recipe.codec.encode = (
+        generator_sample,
+        noise_sigmas,
+        codec_encode,
+    )
+    batch = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "caption_index": torch.tensor([2, 0])}
+    loss, extra = recipe.loss("fake_score", batch, models)
+
+    cond, _ = recipe.conditions.fixed(torch.tensor([2, 0]))
+    torch.testing.assert_close(seen["cond"].encoder_hidden_states, cond.encoder_hidden_states)
+    torch.set_rng_state(seen["rng"])
+    noise = torch.randn_like(seen["x_g"])
+    sigma = seen["sigma"]
+    s = sigma.view(-1, 1, 1, 1)
+    with torch.no_grad(), EncoderLogits(models["fake_score"]).capture() as logits:
+        models["fake_score"](seen["x_g"] + s * noise, sigma, cond)
+        models["fake_score"](seen["x_real"] + s * noise, sigma, cond)
+    assert logits[0].shape[0] == 2
+    want = discriminator_loss(logits[1], logits[0], sigma)
+    torch.testing.assert_close(extra["discriminator_loss"], want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, extra["score_loss"] + extra["discriminator_loss"])
+
+    loss, extra = recipe.loss("generator", batch, models)
+    assert torch.isfinite(extra["adversarial_loss"]) and extra["adversarial_loss"] > 0
+    torch.testing.assert_close(loss, 0.5 * extra["sid_loss"] + 0.5 * 1e-4 * extra["adversarial_loss"])
+    logs = trainer.train_step()  # the whole step, from the folder's batches
+    assert torch.isfinite(logs["fake_score/discriminator_loss"]) and torch.isfinite(logs["generator/loss"])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_text_teacher_sida_refuses_uncaptioned_or_unknown_captions(tmp_path, tiny_pipeline_dir):
+    teacher = tiny_pipeline_dir("sd")
+    with pytest.raises(ValueError, match=r"has no 'text' column \(captions\)"):
+        text_sida(tmp_path / "a", teacher, "digits")
+    data = caption_folder(tmp_path / "data", CAPTIONS)
+    with pytest.raises(ValueError, match=r"1 caption\(s\) are not among the 2 prompts .* 'a photo of a cat'"):
+        text_sida(tmp_path / "b", teacher, data, prompts=("a red car", "a blue bird"))

@@ -5,6 +5,12 @@ feature map at the end of its encoder (the lowest resolution, before the decoder
 logit per spatial position. diffusers UNets have no such output, so :class:`EncoderLogits` records it with a
 forward hook on the UNet's last down block while the usual forward runs; the denoised output and the logits
 then come from the same call (no second pass, and gradients flow to both).
+
+Under classifier-free guidance (SiD-LSG + SiDA) f_psi's guided call runs the conditional and null branches as
+one batch, conditional rows first (:meth:`~distill.teachers.denoiser.Denoiser._guided`, the recipe's own
+multi-scale call): :func:`conditional_rows` keeps the conditional branch's logits, so the discriminator is the
+same conditional network with or without guidance, and real images (an unguided conditional call) meet
+generated ones under the same prompt.
 """
 
 from __future__ import annotations
@@ -48,3 +54,16 @@ class EncoderLogits:
             yield captured
         finally:
             handle.remove()
+
+
+def conditional_rows(logits: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The conditional branch's logits of a call on ``batch_size`` samples: all of them for an unguided call,
+    the first half of a guided call's batched ``[cond; null]`` forward."""
+    if logits.shape[0] == batch_size:
+        return logits
+    if logits.shape[0] == 2 * batch_size:
+        return logits[:batch_size]
+    raise ValueError(
+        f"encoder logits for {logits.shape[0]} rows; expected {batch_size} (unguided) or {2 * batch_size} "
+        "(guided: conditional and null branches)"
+    )
