@@ -16,6 +16,12 @@
     python benchmarks/sid_text2image.py --teacher flow --minutes 30
     python benchmarks/sid_text2image.py --teacher sd --minutes 8 --eval_samples 500 --guidance_scale 2
     python benchmarks/sid_text2image.py --teacher sd --minutes 30 --student lora lr_generator=3e-4
+
+SiD then SiDA (SiD^2A: the authors' fastest route past the teacher): resume a SiD run's checkpoint with real data
+(the RESULT line then ends with ``real_data=``; ``images`` counts both stages, ``--minutes`` this one):
+
+    python benchmarks/sid_text2image.py --minutes 25 --output_dir outputs/sida resume_from=CHECKPOINT \
+        real_data=fashion-mnist generator_freeze_images=0 adversarial_start_images=0
 """
 
 from __future__ import annotations

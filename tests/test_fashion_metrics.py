@@ -307,6 +307,34 @@ def test_quality_tracker_with_the_fashion_evaluator(tmp_path, evaluator) -> None
     assert dropped["align"] == evaluator.evaluate(broken[1:], tracker.sample_labels[1:])["align"]
 
 
+def test_quality_tracker_gives_each_fixed_sample_its_balanced_prompt(tmp_path, evaluator) -> None:
+    """With ``sample_prompts`` the conditions and the alignment labels both follow the balanced prompt order."""
+    trainer = SimpleNamespace(
+        accelerator=Accelerator(cpu=True),
+        device=torch.device("cpu"),
+        config=SimpleNamespace(progress_bar=False),
+        images_seen=10,
+        step=1,
+        log_images=lambda tag, images, upscale=1: tmp_path / f"{tag}.png",
+    )
+    prompts = [fm.caption(3, 0), fm.caption(3, 1), fm.caption(1, 0)]  # two dresses, one trouser
+    asked = []
+
+    def conditions(indices):
+        asked.append(indices.clone())
+        return None
+
+    kwargs = text2image.tracker_kwargs(None, prompts, "fashion")
+    tracker = QualityTracker(
+        trainer, num_samples=100, seed=2, shape=(1, 32, 32), conditions=conditions, **kwargs
+    )
+    assert tracker.sample_labels.tolist()[:4] == [1, 3, 1, 3]  # trouser, dress, in class order
+    tracker.evaluate(lambda z, cond: torch.tanh(z), tag="fashion")
+    assert torch.cat(asked).tolist()[:4] == [2, 0, 2, 1]  # the trouser prompt, then the dresses in turn
+    with pytest.raises(ValueError, match="sample_prompts needs conditions"):
+        QualityTracker(trainer, num_samples=100, seed=2, shape=(1, 32, 32), **kwargs)
+
+
 def test_quality_without_evaluator_is_unchanged_for_other_shapes(tmp_path) -> None:
     assert quality.samples_needed(5000, (1, 32, 32)) == quality.GRID_SAMPLES
     assert quality.samples_needed(5000, (1, 32, 32), evaluator=object()) == 5000
@@ -364,7 +392,11 @@ def test_tracker_kwargs_follow_the_flag_or_the_teacher_folder(tmp_path, evaluato
         forced["sample_labels"](torch.arange(3)), torch.arange(3)
     )
     (tmp_path / text2image.EVAL_INFO_FILE).write_text(json.dumps({"metrics": "fashion"}))
-    assert set(text2image.tracker_kwargs(tmp_path, prompts)) == {"evaluator", "sample_labels"}
+    assert set(text2image.tracker_kwargs(tmp_path, prompts)) == {
+        "evaluator",
+        "sample_labels",
+        "sample_prompts",
+    }
     (tmp_path / text2image.EVAL_INFO_FILE).write_text(json.dumps({"metrics": "cifar"}))
     with pytest.raises(ValueError, match="'metrics' is 'cifar'"):
         text2image.tracker_kwargs(tmp_path, prompts)
@@ -441,3 +473,31 @@ def test_evaluate_pipeline_separates_a_good_sampler_from_broken_ones(test_slice,
     assert good["align"] > 0.8 and good["align_heldout"] > 0.8  # the classifier's accuracy, on both wordings
     assert ignoring["align"] < 0.2 and ignoring["align_heldout"] < 0.2 and ignoring["fd"] < 3 * good["fd"]
     assert noise["fd"] > 50 * good["fd"] and noise["precision"] < 0.1
+
+
+def test_balanced_prompt_order_gives_every_class_its_turn() -> None:
+    """The in-training evaluation's prompt order: classes take turns whatever their caption counts, each class
+    through all of its own prompts; file order would weight t-shirts 3:1 against dresses."""
+    from distill.teachers.prompts import FASHION_CAPTIONS, load_prompts
+
+    prompts = load_prompts(FASHION_CAPTIONS)
+    classes = text2image.prompt_classes(prompts)
+    prompt_index = text2image.balanced_prompt_order(prompts)
+    order = prompt_index(torch.arange(180))
+    assert classes[order[:10]].tolist() == list(range(10))
+    assert torch.bincount(classes[order], minlength=10).tolist() == [18] * 10
+    assert set(order.tolist()) == set(range(len(prompts)))  # every caption is used
+    assert torch.bincount(classes[prompt_index(torch.arange(500))], minlength=10).tolist() == [50] * 10
+    in_file_order = classes[torch.arange(132)]
+    assert torch.bincount(in_file_order, minlength=10).tolist() != [in_file_order.numel() // 10] * 10
+    two = text2image.balanced_prompt_order(["a photo of a bag", "a photo of a dress", "a bag, product photo"])
+    assert two(torch.arange(6)).tolist() == [
+        1,
+        0,
+        1,
+        2,
+        1,
+        0,
+    ]  # dress (3) before bag (8); bag's captions alternate
+    with pytest.raises(ValueError, match="'a red fox' is not a Fashion-MNIST caption"):
+        text2image.balanced_prompt_order(["a red fox"])

@@ -228,13 +228,18 @@ class QualityTracker:
         conditions: Callable[[torch.Tensor], Condition | None] | None = None,
         evaluator: SampleEvaluator | None = None,
         sample_labels: SampleLabels | None = None,
+        sample_prompts: Callable[[Tensor], Tensor] | None = None,
     ):
         """``conditions`` (fixed sample indices -> their condition, e.g. ``ConditionSource.fixed(i)[0]``)
         replaces the labels cycling through ``num_classes`` when given (prompts).
 
         ``evaluator`` (e.g. ``FashionEvaluator``) computes the metrics instead of the digits rule; it gets the
         class of every sample, for prompt alignment, from ``sample_labels`` (fixed sample indices -> class ids,
-        e.g. ``text2image.prompt_labels(prompts)``), else from the labels cycling through ``num_classes``."""
+        e.g. ``text2image.prompt_labels(prompts)``), else from the labels cycling through ``num_classes``.
+
+        ``sample_prompts`` (fixed sample indices -> prompt indices, e.g. ``text2image.balanced_prompt_order``)
+        picks which prompt each fixed sample gets; ``conditions`` and ``sample_labels`` then see prompt indices.
+        Without it sample ``i`` is passed on as is."""
         self.trainer = trainer
         self.device = trainer.device
         self.shape = tuple(shape)
@@ -250,10 +255,16 @@ class QualityTracker:
             None if num_classes is None or conditions is not None else torch.arange(count) % num_classes
         )
         self.conditions = conditions
+        if sample_prompts is not None and conditions is None:
+            raise ValueError("sample_prompts needs conditions (prompt indices -> their condition)")
+        # what conditions and sample_labels are asked about for each fixed sample
+        self.condition_index = torch.arange(count)
+        if sample_prompts is not None:
+            self.condition_index = torch.as_tensor(sample_prompts(self.condition_index)).long().cpu()
         self.sample_labels: Tensor | None = None  # the class of each fixed sample, for the evaluator
         if evaluator is not None:
             if sample_labels is not None:
-                self.sample_labels = torch.as_tensor(sample_labels(torch.arange(count))).long().cpu()
+                self.sample_labels = torch.as_tensor(sample_labels(self.condition_index)).long().cpu()
             elif self.labels is not None:
                 self.sample_labels = self.labels
         self.best: dict[str, float] = {}
@@ -281,7 +292,7 @@ class QualityTracker:
             for chunk in idx.split(500):
                 z = self.noise[chunk].to(self.device)
                 if self.conditions is not None:
-                    cond = self.conditions(chunk)
+                    cond = self.conditions(self.condition_index[chunk])
                     cond = None if cond is None else cond.to(self.device)
                 else:
                     labels = None if self.labels is None else self.labels[chunk].to(self.device)

@@ -219,6 +219,26 @@ def prompt_labels(prompts: Sequence[str]):
     return labels
 
 
+def balanced_prompt_order(prompts: Sequence[str]):
+    """For :class:`~distill.evaluation.quality.QualityTracker`'s ``sample_prompts``: fixed sample index ``i`` -> the
+    index of its prompt, the classes taking turns (class 0, 1, ..., 9, each through its own prompts in file order),
+    so an in-training evaluation has the class balance of the test set its FD compares against. File order
+    (prompt ``i % len(prompts)``) weights each class by its number of captions (``fashion-captions``: 18 t-shirt
+    captions to 6 dress ones) and roughly doubled the in-training FD of a balanced one. Classes without a prompt
+    are left out; ``ValueError`` as :func:`prompt_classes` for a prompt that is no Fashion-MNIST caption."""
+    classes = prompt_classes(prompts)
+    per_class = [torch.nonzero(classes == c).flatten() for c in range(len(FASHION_CLASSES))]
+    per_class = [rows for rows in per_class if len(rows)]
+    rounds = max(len(rows) for rows in per_class)
+    # round r: the r-th prompt (cycling) of every class, in class order
+    order = torch.stack([rows[torch.arange(rounds) % len(rows)] for rows in per_class], dim=1).flatten()
+
+    def prompt_index(indices: torch.Tensor) -> torch.Tensor:
+        return order[torch.as_tensor(indices).long().cpu() % len(order)]
+
+    return prompt_index
+
+
 # --- the evaluator --------------------------------------------------------------------------------------------
 class FashionEvaluator(FeatureEvaluator):
     """All offline metrics of generated Fashion-MNIST-like images against the shipped test-set statistics.
@@ -421,11 +441,12 @@ def metrics_kind(model: str | Path | None) -> str | None:
 def tracker_kwargs(
     teacher: str | Path | None, prompts: Sequence[str] | None, metrics: str = "auto"
 ) -> dict[str, object]:
-    """The ``evaluator`` / ``sample_labels`` keywords of :class:`~distill.evaluation.quality.QualityTracker` for
-    a recipe: the Fashion-MNIST metrics when ``metrics == "fashion"``, or ``"auto"`` and the ``teacher`` (name or
-    folder) is one (:func:`metrics_kind`); ``{}`` otherwise (``"none"``, other teachers). ``prompts`` are the
-    recipe's prompts in file order (sample ``i`` gets prompt ``i % len(prompts)``); without them, or (``auto``)
-    when one is not a Fashion-MNIST caption, there is no ``align`` (``fashion`` refuses such prompts)."""
+    """The ``evaluator`` / ``sample_labels`` / ``sample_prompts`` keywords of
+    :class:`~distill.evaluation.quality.QualityTracker` for a recipe: the Fashion-MNIST metrics when
+    ``metrics == "fashion"``, or ``"auto"`` and the ``teacher`` (name or folder) is one (:func:`metrics_kind`); ``{}``
+    otherwise (``"none"``, other teachers). ``prompts`` are the recipe's prompts in file order; the fixed samples
+    take them in :func:`balanced_prompt_order`. Without prompts, or (``auto``) when one is not a Fashion-MNIST
+    caption, there is no ``align`` (``fashion`` refuses such prompts)."""
     if metrics not in ("auto", "none", *METRICS_KINDS):
         raise ValueError(f"metrics must be 'auto', 'none' or one of {list(METRICS_KINDS)}, got {metrics!r}")
     if metrics == "none":
@@ -436,6 +457,7 @@ def tracker_kwargs(
     if prompts is not None:
         try:
             kwargs["sample_labels"] = prompt_labels(prompts)
+            kwargs["sample_prompts"] = balanced_prompt_order(prompts)
         except ValueError as err:
             if metrics == "fashion":
                 raise
