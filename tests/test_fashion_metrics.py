@@ -274,10 +274,9 @@ def test_a_pipeline_without_prompt_is_refused(tmp_path) -> None:
 
 
 # --- during training ----------------------------------------------------------------------------------------------
-def test_quality_tracker_with_the_fashion_evaluator(tmp_path, evaluator) -> None:
-    """An explicit evaluator gets every sample (not just a grid's worth) and the class of each fixed sample's
-    prompt (prompt i % len(prompts), as ConditionSource.fixed), so the tracker reports align and FD."""
-    trainer = SimpleNamespace(
+def tracking_trainer(tmp_path):
+    """The part of a Trainer a QualityTracker uses: one CPU process, image logging into ``tmp_path``."""
+    return SimpleNamespace(
         accelerator=Accelerator(cpu=True),
         device=torch.device("cpu"),
         config=SimpleNamespace(progress_bar=False),
@@ -285,6 +284,12 @@ def test_quality_tracker_with_the_fashion_evaluator(tmp_path, evaluator) -> None
         step=1,
         log_images=lambda tag, images, upscale=1: tmp_path / f"{tag}.png",
     )
+
+
+def test_quality_tracker_with_the_fashion_evaluator(tmp_path, evaluator) -> None:
+    """An explicit evaluator gets every sample (not just a grid's worth) and the class of each fixed sample's
+    prompt (prompt i % len(prompts), as ConditionSource.fixed), so the tracker reports align and FD."""
+    trainer = tracking_trainer(tmp_path)
     prompts = [fm.caption(c, 0) for c in (3, 1, 4)]  # a prompt file's order, not the class order
     tracker = QualityTracker(
         trainer,
@@ -309,14 +314,7 @@ def test_quality_tracker_with_the_fashion_evaluator(tmp_path, evaluator) -> None
 
 def test_quality_tracker_gives_each_fixed_sample_its_balanced_prompt(tmp_path, evaluator) -> None:
     """With ``sample_prompts`` the conditions and the alignment labels both follow the balanced prompt order."""
-    trainer = SimpleNamespace(
-        accelerator=Accelerator(cpu=True),
-        device=torch.device("cpu"),
-        config=SimpleNamespace(progress_bar=False),
-        images_seen=10,
-        step=1,
-        log_images=lambda tag, images, upscale=1: tmp_path / f"{tag}.png",
-    )
+    trainer = tracking_trainer(tmp_path)
     prompts = [fm.caption(3, 0), fm.caption(3, 1), fm.caption(1, 0)]  # two dresses, one trouser
     asked = []
 
