@@ -149,14 +149,14 @@ def load_fashion_mnist(
 
 
 def load_fashion_mnist_pixels(
-    split: Split, size: int = 32, root: str | Path | None = None, heldout_captions: bool = False
+    split: Split, size: int = 32, root: str | Path | None = None
 ) -> datasets.Dataset:
     """The split as the teachers saw it, for recipes that take real images (SiDA's ``real_data``, LoRA data):
     ``pixel_values`` (1 x ``size`` x ``size`` float32 in [-1, 1], padded as :func:`pixel_values` pads),
     ``label`` and ``text``, a training caption of the row's class (the ``i``-th of :func:`all_captions` for row
     ``i``, so every wording occurs and the column is the same on every load)."""
     images, labels = load_fashion_mnist_arrays(split, root)
-    captions = [caption(int(c), i, heldout_captions) for i, c in enumerate(labels)]
+    captions = [caption(int(c), i) for i, c in enumerate(labels)]
     features = datasets.Features(
         {
             "pixel_values": datasets.Array3D(shape=(1, size, size), dtype="float32"),

@@ -1,4 +1,5 @@
-"""Fast checks of benchmarks/sid_text2image.py (the benchmark itself runs for minutes and is not run here)."""
+"""Fast checks of benchmarks/sid_text2image.py (the benchmark itself runs for minutes and is not run here), and
+that benchmarks/reflow_text2image.py, which imports from it, parses its options."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +49,19 @@ def test_teacher_measurements_are_kept_and_reused_by_key(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
 
-def test_help_parses():
+@pytest.mark.parametrize(
+    "script, options",
+    [
+        (SCRIPT, ("--guidance_scale", "--teacher_cache")),
+        # reflow_text2image.py imports what it shares with this script: a broken import fails here
+        (SCRIPT.parent / "reflow_text2image.py", ("--guidance_scale", "--minutes")),
+    ],
+    ids=["sid", "reflow"],
+)
+def test_help_parses(script, options):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--help"],
+        [sys.executable, str(script), "--help"],
         capture_output=True,
         text=True,
         env=env,
@@ -58,4 +69,4 @@ def test_help_parses():
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "--guidance_scale" in out.stdout and "--teacher_cache" in out.stdout
+    assert all(option in out.stdout for option in options), out.stdout
