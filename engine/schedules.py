@@ -38,3 +38,8 @@ def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> Non
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
         group["lr"] = group["initial_lr"] * factor
+
+
+def base_learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Each parameter group's undecayed lr: ``initial_lr`` once :func:`scale_learning_rates` has run, else ``lr``."""
+    return [float(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]

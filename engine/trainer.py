@@ -57,7 +57,7 @@ from engine.fsdp import (
 from engine.images import make_grid, save_grid
 from engine.log import get_logger
 from engine.recipe import Recipe, RecipeParts, TrainedModel
-from engine.schedules import lr_factor, scale_learning_rates
+from engine.schedules import base_learning_rates, lr_factor, scale_learning_rates
 from engine.seeding import seed_setup_then_processes, training_rng_kept
 from engine.threads import configure_threads
 
@@ -898,11 +898,13 @@ class Trainer:
                 f"Checkpoint {folder} was written by {state['num_processes']} processes, this run has "
                 f"{self.num_processes}: data position and per-process RNG states would not match"
             )
+        configured = {name: base_learning_rates(tm.optimizer) for name, tm in self.trained.items()}
         self.accelerator.load_state(str(folder))
         for name, ema in self.emas.items():
             ema.load(folder / f"ema_{name}.safetensors")
         for name in self._sharded_trained:
             load_sharded_state(folder, name, self.trained[name].module, self.trained[name].optimizer)
+        self._apply_configured_learning_rates(configured)
         for name, tm in self.trained.items():
             if tm.sync == "all_reduce":
                 named = dict(self.accelerator.unwrap_model(tm.module).named_parameters())
@@ -916,6 +918,32 @@ class Trainer:
             self.stream.load_state_dict(state["data"])
         if self.is_main:
             tqdm.write(f"Resumed from {folder} at step {self.step}")
+
+    def _apply_configured_learning_rates(self, configured: dict[str, list[float]]) -> None:
+        """A resumed optimiser's state carries the checkpoint's learning rates; a run resumed with other ones
+        (a second stage at a lower lr) means them, so they replace the checkpoint's, with a line that says so.
+        The same lr resumes bit for bit."""
+        for name, lrs in configured.items():
+            optimizer = self.trained[name].optimizer
+            saved = base_learning_rates(optimizer)
+            if saved == lrs:
+                continue
+            for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+                if "initial_lr" in group:
+                    group["initial_lr"] = lr
+            scheduler = self.trained[name].lr_scheduler
+            if scheduler is not None and hasattr(scheduler, "base_lrs"):  # a recipe's own torch schedule
+                scheduler.base_lrs = list(lrs)
+            if self.is_main:
+                tqdm.write(
+                    f"[engine] {name}: learning rate {_rates(saved)} in the checkpoint, {_rates(lrs)} from "
+                    "this run's configuration, which is used"
+                )
+
+
+def _rates(lrs: list[float]) -> str:
+    return "/".join(f"{lr:g}" for lr in lrs)
 
 
 def _flat_scalars(values: dict[str, Any]) -> dict[str, Any]:

@@ -323,6 +323,28 @@ def test_lr_decays_linearly_over_the_run_and_resumes_exactly(tmp_path):
     assert timed.trained["critic"].optimizer.param_groups[0]["lr"] == pytest.approx(lr * (1 - 0.9 * 0.5))
 
 
+def test_resume_with_another_lr_uses_the_configured_one(tmp_path, capsys):
+    """A second stage resumed at a lower lr trains at that lr (the checkpoint's optimiser state holds the old
+    one), under the engine's decay too, and says so; Adam's moments still come from the checkpoint."""
+    common = dict(max_steps=8, checkpoint_every=4, lr_decay_start=0.5, lr_decay_final=0.1, dataset_size=64)
+    make(tmp_path, **common).fit()
+    step_4 = str(tmp_path / "checkpoints/step_4")
+    resumed = make(tmp_path, resume_from=step_4, **{**common, "lr": 0.01})
+    assert (
+        "learning rate 0.05 in the checkpoint, 0.01 from this run's configuration" in capsys.readouterr().out
+    )
+    moments = resumed.trained["critic"].optimizer.state_dict()["state"]
+    assert moments and all(int(v["step"]) == 4 for v in moments.values())  # Adam's state was resumed
+    used = []
+    for _ in range(4):
+        resumed.train_step()
+        used.append(resumed.trained["critic"].optimizer.param_groups[0]["lr"])
+    assert used == pytest.approx([0.01 * (1 - 0.9 * (k / 8 - 0.5) / 0.5) for k in range(4, 8)])
+    # the same lr keeps the checkpoint's state as it was and prints nothing
+    make(tmp_path, resume_from=step_4, **common)
+    assert "learning rate" not in capsys.readouterr().out
+
+
 def test_lr_decay_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="lr_decay_start=1.5"):
         make(tmp_path, lr_decay_start=1.5)
