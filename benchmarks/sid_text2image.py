@@ -17,6 +17,9 @@
     python benchmarks/sid_text2image.py --teacher sd --minutes 8 --eval_samples 500 --guidance_scale 2
     python benchmarks/sid_text2image.py --teacher sd --minutes 30 --student lora lr_generator=3e-4
 
+``export_best=true eval_every=N`` also keeps and measures the EMA student of the in-training evaluation with the
+lowest FD (``best_student_fd``, ``best_ratio``, ``best_images``; the in-training evaluation uses other noise).
+
 SiD then SiDA (SiD^2A: the authors' fastest route past the teacher): resume a SiD run's checkpoint with real data
 (the RESULT line then ends with ``real_data=``; ``images`` counts both stages, ``--minutes`` this one):
 
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import torch
 from common import parse_overrides, print_result, reset_accelerate, settings_argv
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -189,10 +193,21 @@ def main() -> None:
     reset_accelerate()
     print(f"train wall minutes={train_minutes:.1f} steps={steps_done} images={images_seen}", flush=True)
 
-    student_dir = config.export_dir or str(out / "student")
-    if args.student == "lora":  # the merged pipeline folder (checked above)
-        student_dir = str(Path(student_dir).parent / f"{Path(student_dir).name}_merged")
-    student, student_images = measure("student", student_dir, args.eval_samples, args.eval_seed, 1, 1.0)
+    student_dir = Path(config.export_dir or out / "student")
+    student, student_images = measure(
+        "student", pipeline_folder(student_dir, args.student), args.eval_samples, args.eval_seed, 1, 1.0
+    )
+    best = {}
+    if (
+        config.export_best
+    ):  # the EMA of the in-training evaluation with the lowest FD (its own noise and seed)
+        best_dir = student_dir.with_name(f"{student_dir.name}_best")
+        metrics, _ = measure(
+            "student_best", pipeline_folder(best_dir, args.student), args.eval_samples, args.eval_seed, 1, 1.0
+        )
+        facts = ModelCard.load(best_dir / "README.md").data.to_dict()["onestep"]
+        best = {"best_student_fd": metrics["fd"], "best_student_align": metrics["align"]}
+        best |= {"best_images": facts["generated_images_seen"]}
 
     ref_steps = teacher_steps[0]
     ref, teacher_images = teacher[ref_steps]
@@ -224,7 +239,14 @@ def main() -> None:
         minutes=args.minutes,
         **({"real_data": config.real_data} if config.real_data else {}),  # SiDA
         **extra,
+        **best,
+        **({"best_ratio": best["best_student_fd"] / ref["fd"]} if best else {}),
     )
+
+
+def pipeline_folder(export: Path, student: str) -> str:
+    """The pipeline folder of an export: itself, or for a LoRA student its merged twin (checked above)."""
+    return str(export.with_name(f"{export.name}_merged") if student == "lora" else export)
 
 
 if __name__ == "__main__":

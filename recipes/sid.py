@@ -62,6 +62,7 @@ from distill.data import collate_with_captions, load_image_dataset, torch_collat
 from distill.evaluation.quality import QualityTracker
 from distill.evaluation.text2image import tracker_kwargs
 from distill.export.adapter import export_merged, save_sid_adapter
+from distill.export.folders import write_then_replace
 from distill.export.generator import export_generator
 from distill.export.latent import check_latent_export, export_latent_student
 from distill.sampling.student import student_sample
@@ -312,6 +313,14 @@ class SiDConfig(TrainConfig, TeacherInputSettings):
     export_dir: str | None = field(
         default=None, metadata={"help": "Where to export the EMA student (default: output_dir/student)."}
     )
+    export_best: bool = field(
+        default=False,
+        metadata={
+            "help": "Also keep the EMA student of the evaluation with the lowest FD so far in "
+            "<export folder>_best (rewritten whenever an evaluation beats it): SiD and SiDA drift, and the "
+            "authors report the best checkpoint."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -344,6 +353,11 @@ class SiDConfig(TrainConfig, TeacherInputSettings):
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
         if self.loraplus_ratio < 1:
             raise ValueError(f"loraplus_ratio={self.loraplus_ratio} must be >= 1 (lr_B / lr_A)")
+        if self.export_best and not self.eval_every:
+            raise ValueError(
+                "export_best=true keeps the student of the best evaluation, but eval_every=0 never evaluates; "
+                "set eval_every > 0"
+            )
         if self.student == "lora" and self.lora_init == "lora_ga":
             raise ValueError(
                 "lora_init='lora_ga' is not available with student='lora': LoRA-GA keeps the model's output "
@@ -888,9 +902,20 @@ class SiDRecipe(Recipe):
             finally:
                 raw.train(was_training)
             metrics.update({f"raw_{k}": v for k, v in side.items()})
+        if self.config.export_best and self.is_new_best(trainer, metrics):
+            self.export(trainer, self.export_folder().with_name(f"{self.export_folder().name}_best"), metrics)
         return metrics
 
-    def card_facts(self, trainer: Trainer, metrics: dict[str, float]) -> dict[str, Any]:
+    def is_new_best(self, trainer: Trainer, metrics: dict[str, float]) -> bool:
+        """Whether this evaluation (main process) set the tracker's best FD."""
+        best = self.quality.best
+        return (
+            "fd" in metrics and best.get("images_seen") == trainer.images_seen and best["fd"] == metrics["fd"]
+        )
+
+    def card_facts(
+        self, trainer: Trainer, metrics: dict[str, float], metrics_name: str = "final"
+    ) -> dict[str, Any]:
         """The exported model card's facts: the settings that define the student and how far it trained."""
         cfg = self.config
         sida = cfg.real_data is not None
@@ -928,7 +953,7 @@ class SiDRecipe(Recipe):
             else "none",
             "ema_halflife_images": cfg.ema_halflife_images,
             **({"real_data": cfg.real_data} if sida else {}),
-            **{f"final_{k}": v for k, v in metrics.items()},
+            **{f"{metrics_name}_{k}": v for k, v in metrics.items()},
             **{f"best_{k}": v for k, v in self.quality.best.items()},
         }
         if cfg.student == "lora":
@@ -940,11 +965,25 @@ class SiDRecipe(Recipe):
         return facts
 
     def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if not trainer.is_main:
-            return
+        if trainer.is_main:
+            self.export(trainer, self.export_folder(), metrics)
+
+    def export_folder(self) -> Path:
+        return Path(self.config.export_dir or Path(self.config.output_dir) / "student")
+
+    def export(self, trainer: Trainer, out: Path, metrics: dict[str, float]) -> None:
+        """Write the EMA student to ``out`` (main process) through a sibling ``.partial`` folder, so a crash
+        mid-export leaves the previous export whole; ``lora_export_merged`` adds ``<out>_merged``."""
+        facts = self.card_facts(trainer, metrics, "final" if out == self.export_folder() else "best")
+        write_then_replace(out, lambda folder: self.write_student(trainer, folder, facts))
+        if self.config.student == "lora" and self.config.lora_export_merged:
+            merged = out.with_name(f"{out.name}_merged")
+            write_then_replace(merged, lambda folder: export_merged(out, folder, facts=facts))
+
+    def write_student(self, trainer: Trainer, out: Path, facts: dict[str, Any]) -> None:
+        """The exported folder: a LoRA adapter, the teacher's pipeline with the student's denoiser, or a
+        generator folder, with a model card holding ``facts``."""
         cfg = self.config
-        out = Path(cfg.export_dir or Path(cfg.output_dir) / "student")
-        facts = self.card_facts(trainer, metrics)
         sida = cfg.real_data is not None
         name = "Adversarial Score identity Distillation (SiDA)" if sida else "Score identity Distillation"
         if cfg.student == "lora":
@@ -959,8 +998,6 @@ class SiDRecipe(Recipe):
                     facts=facts,
                     sample_grid=self.quality.last_grid,
                 )
-            if cfg.lora_export_merged:
-                export_merged(out, out.parent / f"{out.name}_merged", facts=facts)
             return
         if self.codec is not None:  # the teacher's own pipeline class with the student's denoiser
             export_latent_student(

@@ -140,6 +140,47 @@ def test_raw_generator_is_evaluated_next_to_its_ema(tmp_path, teacher_dir):
     assert gen.training  # back in training mode after its evaluation
 
 
+def test_export_best_keeps_the_student_of_the_lowest_fd(tmp_path, teacher_dir):
+    """``export_best``: student_best holds the EMA of the evaluation with the lowest FD (here the second of
+    three, FD forced), its card that evaluation's figures; student holds the last EMA."""
+    trainer = make(tmp_path, teacher_dir, max_steps=3, eval_every=1, export_best=True)
+    recipe, forced, ema_at = trainer.recipe, iter([3.0, 1.0, 2.0]), {}
+    real_evaluate = recipe.quality.evaluate
+
+    def evaluate(sample_fn, tag, track=True):
+        metrics = real_evaluate(sample_fn, tag, track=False)
+        metrics["fd"] = next(forced)
+        if track:
+            recipe.quality.history.append(metrics)
+            if metrics["fd"] < recipe.quality.best.get("fd", float("inf")):
+                recipe.quality.best = {**metrics, "images_seen": float(trainer.images_seen)}
+        ema_at[trainer.step] = {
+            k: v.clone() for k, v in trainer.models.ema("generator").model.state_dict().items()
+        }
+        return metrics
+
+    recipe.quality.evaluate = evaluate
+    trainer.fit()
+    best = OneStepPipeline.from_pretrained(str(tmp_path / "student_best"))
+    last = OneStepPipeline.from_pretrained(str(tmp_path / "student"))
+    for key, value in best.unet.state_dict().items():
+        assert torch.equal(value, ema_at[2][key].to(value.dtype)), key
+    assert any(not torch.equal(v, ema_at[2][k].to(v.dtype)) for k, v in last.unet.state_dict().items())
+    facts = ModelCard.load(tmp_path / "student_best" / "README.md").data.to_dict()["onestep"]
+    assert facts["best_fd"] == 1.0 and facts["training_steps"] == 2 and "final_fd" not in facts
+    card = (tmp_path / "student_best" / "README.md").read_text()
+    assert ".partial" not in card and str((tmp_path / "student_best").resolve()) in card
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("student")) == [
+        "student",
+        "student_best",
+    ]
+
+
+def test_export_best_needs_evaluations(tmp_path, teacher_dir):
+    with pytest.raises(ValueError, match="export_best=true .* eval_every=0"):
+        make(tmp_path, teacher_dir, export_best=True, eval_every=0)
+
+
 def test_class_conditional_two_step_student_with_guidance(tmp_path):
     teacher = tiny_edm_teacher(tmp_path / "teacher_c", num_classes=10)
     trainer = make(tmp_path / "run", teacher, guidance_scale=2.0, step_sigmas=[2.5, 0.8])
