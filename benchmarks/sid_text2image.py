@@ -198,9 +198,8 @@ def main() -> None:
         "student", pipeline_folder(student_dir, args.student), args.eval_samples, args.eval_seed, 1, 1.0
     )
     best = {}
-    if (
-        config.export_best
-    ):  # the EMA of the in-training evaluation with the lowest FD (its own noise and seed)
+    # export_best: the EMA of the in-training evaluation with the lowest FD (that evaluation used other noise)
+    if config.export_best:
         best_dir = student_dir.with_name(f"{student_dir.name}_best")
         metrics, _ = measure(
             "student_best", pipeline_folder(best_dir, args.student), args.eval_samples, args.eval_seed, 1, 1.0

@@ -903,7 +903,8 @@ class SiDRecipe(Recipe):
                 raw.train(was_training)
             metrics.update({f"raw_{k}": v for k, v in side.items()})
         if self.config.export_best and self.is_new_best(trainer, metrics):
-            self.export(trainer, self.export_folder().with_name(f"{self.export_folder().name}_best"), metrics)
+            final = self.export_folder()
+            self.export(trainer, final.with_name(f"{final.name}_best"), metrics, "best")
         return metrics
 
     def is_new_best(self, trainer: Trainer, metrics: dict[str, float]) -> bool:
@@ -966,15 +967,16 @@ class SiDRecipe(Recipe):
 
     def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if trainer.is_main:
-            self.export(trainer, self.export_folder(), metrics)
+            self.export(trainer, self.export_folder(), metrics, "final")
 
     def export_folder(self) -> Path:
         return Path(self.config.export_dir or Path(self.config.output_dir) / "student")
 
-    def export(self, trainer: Trainer, out: Path, metrics: dict[str, float]) -> None:
+    def export(self, trainer: Trainer, out: Path, metrics: dict[str, float], metrics_name: str) -> None:
         """Write the EMA student to ``out`` (main process) through a sibling ``.partial`` folder, so a crash
-        mid-export leaves the previous export whole; ``lora_export_merged`` adds ``<out>_merged``."""
-        facts = self.card_facts(trainer, metrics, "final" if out == self.export_folder() else "best")
+        mid-export leaves the previous export whole; ``lora_export_merged`` adds ``<out>_merged``. The card
+        records ``metrics`` as ``<metrics_name>_*`` (final, or best)."""
+        facts = self.card_facts(trainer, metrics, metrics_name)
         write_then_replace(out, lambda folder: self.write_student(trainer, folder, facts))
         if self.config.student == "lora" and self.config.lora_export_merged:
             merged = out.with_name(f"{out.name}_merged")
