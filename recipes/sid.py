@@ -718,12 +718,17 @@ class SiDRecipe(Recipe):
         return step(batch, models)
 
     # the generator's samples -------------------------------------------------------------------------
-    def latents(self) -> tuple[torch.Tensor, Condition | None, Condition | None]:
+    def latents(self, real: Any = None) -> tuple[torch.Tensor, Condition | None, Condition | None]:
         """A batch of G's input noise z, and for conditional teachers random conditions (labels or prompts)
-        and their null (None without a null class)."""
+        and their null (None without a null class). SiDA's f_psi step passes its ``real`` batch: G then draws
+        that batch's classes (text teachers: its captions), so the discriminator compares like with like."""
         n, device = self.config.batch_size, self.quality.device
         z = torch.randn(n, *self.shape, device=device)
-        cond, null = self.conditions.sample(n, device)
+        if real is not None and self.discriminator is not None and self.conditions.kind != "none":
+            key = "caption_index" if self.conditions.kind == "prompts" else "label"
+            cond, null = self.conditions.fixed(real[key].to(device))
+        else:
+            cond, null = self.conditions.sample(n, device)
         return z, cond, null
 
     def generator_sample(self, generator: Denoiser, z: torch.Tensor, cond: Condition | None) -> torch.Tensor:
@@ -773,12 +778,7 @@ class SiDRecipe(Recipe):
     def fake_score_step(self, batch: Any, models: Mapping[str, torch.nn.Module]) -> LossOutput:
         """f_psi learns the denoiser of G's current samples: EDM's loss at x_g + sigma n, sigma ~ LogNormal."""
         cfg = self.config
-        z, cond, null = self.latents()
-        if self.discriminator is not None and self.conditions.kind == "classes":
-            # SiDA: G draws the real batch's classes (text teachers: its captions)
-            cond = Condition(class_labels=batch["label"].to(z.device))
-        elif self.discriminator is not None and self.conditions.kind == "prompts":
-            cond, null = self.conditions.fixed(batch["caption_index"].to(z.device))
+        z, cond, null = self.latents(real=batch)
         with torch.no_grad():
             x_g = self.generator_sample(models["generator"], z, cond)
         sigma = self.noise_sigmas(len(z), z.device, "fake_score")
