@@ -1,0 +1,68 @@
+"""benchmarks/sid_curves_plot.py reads the in-training evaluations a run and its resumed stage log to TensorBoard."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "sid_curves_plot.py"
+
+
+def write_events(folder: Path, scalars: dict[str, list[tuple[int, float]]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(folder))
+    for tag, points in scalars.items():
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def test_curves_merge_a_resumed_stage_and_map_steps_to_images(tmp_path):
+    run = tmp_path / "run"
+    # first stage: batch 32; the resumed stage (another event file) doubles the batch and rewrites step 100's FD
+    write_events(run / "logs" / "a", {"images_seen": [(50, 1600), (100, 3200)], "eval/fd": [(100, 40.0)]})
+    write_events(
+        run / "logs" / "b",
+        {
+            "images_seen": [(150, 6400), (200, 9600)],
+            "eval/fd": [(100, 30.0), (200, 25.0)],
+            "eval/raw_fd": [(200, 20.0)],
+        },
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--run",
+            f"chain={run}",
+            "--reference",
+            "teacher=14.6",
+            "--plot",
+            str(tmp_path / "curves.png"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "chain (EMA): 3200:30.0 9600:25.0" in out  # the resumed file's value of step 100 wins
+    assert "chain (EMA): best FD 25.00 at 9600 images (step 200)" in out
+    assert "chain (raw G): best FD 20.00 at 9600 images (step 200)" in out
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_run_without_logs_is_named(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--run", f"x={tmp_path / 'missing'}"], capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "has no TensorBoard events" in out.stderr and "missing" in out.stderr
+
+
+@pytest.mark.parametrize("bad", ["no-label", "label-only="])
+def test_bad_run_options_are_refused(tmp_path, bad):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--run", bad], capture_output=True, text=True)
+    assert out.returncode != 0
