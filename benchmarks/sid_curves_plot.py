@@ -41,12 +41,20 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def images_at(scalars: dict[str, list[tuple[int, float]]], steps: list[int]) -> np.ndarray:
-    """Images seen at each step: ``images_seen`` where logged, linear between log steps (a constant batch)."""
+    """Images seen at each step: ``images_seen`` where logged, linear between log steps (a constant batch), and
+    outside the logged steps at the nearest batch size (a resumed run evaluates before its first log step, and
+    a run's final evaluation falls after its last)."""
     seen = scalars.get("images_seen")
     if not seen:
         raise SystemExit("the run's logs have no 'images_seen' scalar")
-    known_steps, known_images = zip(*seen)
-    return np.interp(steps, known_steps, known_images)
+    known_steps, known_images = (np.asarray(column, dtype=float) for column in zip(*seen))
+    at = np.asarray(steps, dtype=float)
+    images = np.interp(at, known_steps, known_images)
+    if len(known_steps) > 1:
+        for end, inner, outside in ((-1, -2, at > known_steps[-1]), (0, 1, at < known_steps[0])):
+            per_step = (known_images[end] - known_images[inner]) / (known_steps[end] - known_steps[inner])
+            images[outside] = known_images[end] + (at[outside] - known_steps[end]) * per_step
+    return images
 
 
 def parse_pair(text: str, what: str) -> tuple[str, str]:
