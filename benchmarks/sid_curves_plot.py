@@ -58,10 +58,18 @@ def images_at(scalars: dict[str, list[tuple[int, float]]], steps: list[int]) -> 
 
 
 def parse_pair(text: str, what: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise SystemExit(f"{what} {text!r} must be LABEL=VALUE")
-    label, value = text.rsplit("=", 1)
+    label, _, value = text.rpartition("=")
+    if not label.strip() or not value.strip():
+        raise SystemExit(f"{what} {text!r} must be LABEL=VALUE, both non-empty")
     return label, value
+
+
+def parse_reference(text: str) -> tuple[str, float]:
+    label, value = parse_pair(text, "--reference")
+    try:
+        return label, float(value)
+    except ValueError:
+        raise SystemExit(f"--reference {text!r}: {value!r} is not a number (LABEL=FD)") from None
 
 
 def main() -> None:
@@ -75,9 +83,7 @@ def main() -> None:
     parser.add_argument("--plot", default="outputs/sid_curves.png")
     args = parser.parse_args()
     runs = [parse_pair(text, "--run") for text in args.run]
-    references = [
-        (label, float(value)) for label, value in (parse_pair(t, "--reference") for t in args.reference)
-    ]
+    references = [parse_reference(text) for text in args.reference]
 
     import matplotlib
 

@@ -76,7 +76,15 @@ def test_a_run_without_logs_is_named(tmp_path):
     assert out.returncode != 0 and "has no TensorBoard events" in out.stderr and "missing" in out.stderr
 
 
-@pytest.mark.parametrize("bad", ["no-label", "label-only="])
-def test_bad_run_options_are_refused(tmp_path, bad):
-    out = subprocess.run([sys.executable, str(SCRIPT), "--run", bad], capture_output=True, text=True)
-    assert out.returncode != 0
+@pytest.mark.parametrize(
+    ("option", "bad", "message"),
+    [
+        ("--run", "no-label", "must be LABEL=VALUE"),
+        ("--run", "label-only=", "must be LABEL=VALUE"),
+        ("--reference", "teacher=low", "'low' is not a number"),
+    ],
+)
+def test_bad_options_are_refused_by_name(tmp_path, option, bad, message):
+    args = ["--run", f"x={tmp_path}"] if option == "--reference" else []
+    out = subprocess.run([sys.executable, str(SCRIPT), *args, option, bad], capture_output=True, text=True)
+    assert out.returncode != 0 and message in out.stderr and repr(bad) in out.stderr
