@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from distill.teachers.denoiser import Denoiser
 
 #: unit noise of the teacher / flow figures of the SiD and reflow benchmarks, so a teacher figure means the same in
@@ -194,13 +196,20 @@ def plot_panels(
         ax.set_title(panel.title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig: Figure, path: str | Path) -> None:
+    """Lay out, write (folders made) and close a benchmark's figure at the benchmarks' one resolution, and say where."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"plot: {path}")
-    return True
 
 
 def plot_curves(

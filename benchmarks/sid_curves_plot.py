@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from common import save_figure
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -121,10 +122,7 @@ def main() -> None:
     ax.set_ylabel("in-training FD (classifier features)")
     ax.legend(fontsize=7)
     ax.set_title("SiD / SiDA in-training FD", fontsize=9)
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
-    print(f"plot: {args.plot}")
+    save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

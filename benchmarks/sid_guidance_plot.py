@@ -15,6 +15,8 @@ import argparse
 import shlex
 from pathlib import Path
 
+from common import save_figure
+
 
 def read_results(paths: list[Path]) -> list[dict[str, str]]:
     """Every ``RESULT teacher=..`` line of the logs as a dict (key=value pairs), with the log's name."""
@@ -94,10 +96,7 @@ def main() -> None:
     ax.set_ylabel("FD (Fashion-MNIST classifier features, lower is better)")
     ax.legend(fontsize=7)
     ax.set_title("SiD-LSG on the Fashion-MNIST teachers: guidance trade-off", fontsize=9)
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
-    print(f"plot: {args.plot}")
+    save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":
