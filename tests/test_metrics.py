@@ -19,6 +19,7 @@ from distill.evaluation.metrics import (
     DigitsEvaluator,
     frechet_distance,
     frechet_distance_from_statistics,
+    frechet_distance_terms,
     inception_fid,
     label_histogram,
     mode_coverage,
@@ -48,6 +49,23 @@ def test_fd_of_diagonal_gaussians_matches_the_closed_form() -> None:
     a = mu1 + s1 * rng.standard_normal((100_000, 6))
     b = mu2 + s2 * rng.standard_normal((100_000, 6))
     assert frechet_distance(a, b) == pytest.approx(closed, rel=0.03)
+
+
+def test_fd_terms_split_diagonal_gaussians_into_their_closed_form_parts() -> None:
+    """Mean term ||mu1 - mu2||^2 and covariance term sum (s1 - s2)^2 for diagonal Gaussians; they add to fd."""
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.5, 2.0, size=5), rng.uniform(0.5, 2.0, size=5)
+    terms = frechet_distance_terms(mu1, np.diag(s1**2), mu2, np.diag(s2**2))
+    assert terms["fd_mean"] == pytest.approx(float(((mu1 - mu2) ** 2).sum()), rel=1e-12)
+    assert terms["fd_covariance"] == pytest.approx(float(((s1 - s2) ** 2).sum()), rel=1e-9)
+    assert terms["fd"] == pytest.approx(
+        frechet_distance_from_statistics(mu1, np.diag(s1**2), mu2, np.diag(s2**2))
+    )
+    shifted = frechet_distance_terms(mu1, np.diag(s1**2), mu1 + 3.0, np.diag(s1**2))  # same spread, moved
+    assert shifted["fd_mean"] == pytest.approx(45.0) and shifted["fd_covariance"] == pytest.approx(
+        0.0, abs=1e-9
+    )
 
 
 def _fd_by_eigh(x: np.ndarray, y: np.ndarray) -> float:

@@ -80,6 +80,17 @@ def frechet_distance_from_statistics(
     return float(max(fd, 0.0))  # tiny negative values are round-off; the distance itself is >= 0
 
 
+def frechet_distance_terms(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> dict[str, float]:
+    """The Frechet distance and its two parts: ``fd_mean`` = ||mu1 - mu2||^2 (where the samples sit) and
+    ``fd_covariance`` = the trace term (their spread and shape, e.g. missing diversity); they sum to ``fd``."""
+    fd = frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2, eps)
+    diff = np.atleast_1d(mu1).astype(np.float64) - np.atleast_1d(mu2).astype(np.float64)
+    mean = float(diff @ diff)
+    return {"fd": fd, "fd_mean": mean, "fd_covariance": fd - mean}
+
+
 def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike, eps: float = 1e-6) -> float:
     """Frechet distance between Gaussians fitted to two feature sets ([N, D] and [M, D]), in float64."""
     a, b = _as_matrix(feats_a, "feats_a"), _as_matrix(feats_b, "feats_b")
