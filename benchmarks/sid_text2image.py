@@ -3,14 +3,17 @@
 
 1. starts from ``recipes/configs/sid_fashion.yaml`` (prompts: the 132 training captions, ``fashion-captions``);
 2. measures the teacher pipeline with ``evaluate_pipeline`` (its own scheduler: DDIM for sd, DPM-Solver on flow
-   sigmas for flow; at ``--teacher_steps`` steps, CFG = the student's ``--guidance_scale``): FD in a Fashion-MNIST classifier's features, prompt
-   alignment (training and held-out wording), precision / recall;
+   sigmas for flow; at ``--teacher_steps`` steps, CFG = the student's ``--guidance_scale``, or its
+   ``guidance_scale_teacher`` when that is overridden: the guided teacher in G's loss is the one the student is
+   compared with): FD in a Fashion-MNIST classifier's features, prompt alignment (training and held-out wording),
+   precision / recall;
 3. trains SiD for ``--minutes`` of wall time (guidance folded into the student, SiD-LSG);
 4. measures the exported one-step student folder the same way: 1 step, CFG 1, same prompts and seeds (sd: the
    plain StableDiffusionPipeline; flow: the folder's OneStepPixArtSigmaPipeline, as the toolkit's own class);
 5. prints ``RESULT teacher=sd teacher_fd=.. teacher_align=.. student_fd=.. student_align=..
    student_align_heldout=.. ratio=.. images=.. guidance_scale=..`` (ratio = student_fd / teacher_fd at the
-   first of ``--teacher_steps``) and writes a grid of teacher (top) vs. student (bottom) samples.
+   first of ``--teacher_steps``; ``guidance_scales=k1,k2,k3,k4`` when the four SiD-LSG scales differ) and writes a
+   grid of teacher (top) vs. student (bottom) samples.
 
     python benchmarks/sid_text2image.py --teacher sd --minutes 30
     python benchmarks/sid_text2image.py --teacher flow --minutes 30
@@ -177,11 +180,12 @@ def main() -> None:
             "--student lora: pass lora_export_merged=true (the evaluation needs a pipeline folder)"
         )
 
+    kappa, scales = compared_scale(config)
     teacher_path = resolve_teacher_path(spec)
     teacher = {}
     for steps in teacher_steps:
         teacher[steps] = measure_teacher(
-            teacher_path, args.eval_samples, args.eval_seed, steps, config.guidance_scale, args.teacher_cache
+            teacher_path, args.eval_samples, args.eval_seed, steps, kappa, args.teacher_cache
         )
 
     start = time.perf_counter()
@@ -233,7 +237,8 @@ def main() -> None:
         ratio=student["fd"] / ref["fd"],
         images=images_seen,
         steps=steps_done,
-        guidance_scale=config.guidance_scale,
+        guidance_scale=kappa,
+        **({"guidance_scales": scales} if scales else {}),
         eval_samples=args.eval_samples,
         minutes=args.minutes,
         **({"real_data": config.real_data} if config.real_data else {}),  # SiDA
@@ -241,6 +246,15 @@ def main() -> None:
         **best,
         **({"best_ratio": best["best_student_fd"] / ref["fd"]} if best else {}),
     )
+
+
+def compared_scale(config: SiDConfig) -> tuple[float, str | None]:
+    """The CFG scale the teacher is measured at: that of the guided teacher in G's loss, the one the student is
+    distilled from (SiD-LSG's kappa4: ``guidance_scale`` unless ``guidance_scale_teacher`` overrides it); and
+    the four scales as ``"k1,k2,k3,k4"`` when they are not all equal (None when they are)."""
+    scales = config.guidance_scales()
+    listed = None if len(set(scales.values())) == 1 else ",".join(f"{v:g}" for v in scales.values())
+    return scales["guidance_scale_teacher"], listed
 
 
 def pipeline_folder(export: Path, student: str) -> str:

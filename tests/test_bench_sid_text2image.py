@@ -50,6 +50,25 @@ def test_teacher_measurements_are_kept_and_reused_by_key(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], (1.5, None)),
+        (["--guidance_scale", "2"], (2.0, None)),
+        (["--guidance_scale_teacher", "1.25"], (1.25, "1.5,1.5,1.5,1.25")),
+        (["--guidance_scale", "1", "--guidance_scale_fake_train", "1.5"], (1.0, "1.5,1,1,1")),
+    ],
+)
+def test_the_teacher_is_compared_at_the_scale_the_student_is_distilled_from(overrides, expected):
+    """A student trained against the teacher at kappa4 = guidance_scale_teacher is measured against that teacher,
+    not the one at --guidance_scale; differing scales are named in the RESULT line."""
+    from engine.config import parse_config
+
+    script = load_script()
+    config = parse_config(script.SiDConfig, ["--config", str(script.CONFIG), *overrides])
+    assert script.compared_scale(config) == expected
+
+
+@pytest.mark.parametrize(
     "script, options",
     [
         (SCRIPT, ("--guidance_scale", "--teacher_cache")),
