@@ -69,7 +69,13 @@ def main() -> None:
         ax.plot(*zip(teacher, one_step), color="0.7", lw=1, zorder=1)
         ax.scatter(*teacher, marker="o", color=teacher_colour, zorder=2)
         ax.scatter(*one_step, marker="s" if student == "full" else "^", color=student_colour, zorder=2)
-        label = f"{r['teacher']} {student} CFG {float(r['guidance_scale']):g}, {float(r['minutes']):g} min"
+        # a run that only measured a checkpoint (--minutes 0) is named by the images its student saw
+        length = (
+            f"{float(r['minutes']):g} min"
+            if float(r["minutes"]) > 0
+            else f"{int(r['images']) // 1000}k images"
+        )
+        label = f"{r['teacher']} {student} CFG {float(r['guidance_scale']):g}, {length}"
         offset = (4, 4) if student == "full" else (-8, 8)  # LoRA rows sit on the full ones' scale
         ax.annotate(
             label,
