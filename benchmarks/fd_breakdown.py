@@ -53,14 +53,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.teacher_steps < 1:
         parser.error(f"--teacher_steps must be >= 1, got {args.teacher_steps}")
-    models = [] if args.teacher == "none" else [("teacher", args.teacher)]
+    # (label, model, sampler settings): the teacher at --teacher_steps / --guidance_scale, students as they declare
+    models = (
+        []
+        if args.teacher == "none"
+        else [("teacher", args.teacher, (args.teacher_steps, args.guidance_scale))]
+    )
     for spec in args.student:
         label, sep, folder = spec.partition("=")
-        if not sep or not label.strip() or not folder.strip():
+        label = label.strip()
+        if not sep or not label or not folder.strip():
             parser.error(f"--student takes LABEL=FOLDER, got {spec!r}")
         if not Path(folder).is_dir():
             parser.error(f"--student {label!r}: no folder at {folder!r}")
-        models.append((label.strip(), folder))
+        if label in [m[0] for m in models]:
+            parser.error(
+                f"--student {spec!r}: the label {label!r} is taken (labels name the rows of the results)"
+            )
+        models.append((label, folder, (None, None)))
     if not models:
         parser.error("nothing to evaluate: give --student LABEL=FOLDER or a --teacher")
     args.models = models
@@ -99,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = (evaluator.reference_mu, evaluator.reference_sigma)
     _, prompted = eval_prompts(args.num_samples)
     results = {}
-    for label, model in args.models:
-        steps, scale = (args.teacher_steps, args.guidance_scale) if label == "teacher" else (None, None)
+    for label, model, (steps, scale) in args.models:
         _, images = evaluate_pipeline(
             resolve_teacher_path(model),
             num_samples=args.num_samples,

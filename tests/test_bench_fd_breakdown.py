@@ -56,6 +56,9 @@ def test_breakdown_finds_the_class_whose_samples_moved(fd_breakdown):
         (["--student", "s=/no/such/folder"], "no folder at '/no/such/folder'"),
         (["--num_samples", "10"], "--num_samples must be >= 20"),
         (["--teacher", "none"], "nothing to evaluate"),
+        # a student may not take the teacher's row (it would be sampled with the teacher's steps and scale)
+        (["--student", f"teacher={ROOT}"], "the label 'teacher' is taken"),
+        (["--teacher", "none", "--student", f"a={ROOT}", "--student", f"a={ROOT}"], "the label 'a' is taken"),
     ],
 )
 def test_bad_options_are_refused_by_name(args, message):
